@@ -1,0 +1,91 @@
+"""`python -m rollout_side serve`: boot an engine and serve WeightSync + Generate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from rollout_side.engines.base import Engine
+
+__all__ = ["main"]
+
+logger = logging.getLogger("rollout_side")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rollout_side",
+        description="A weightsync rollout: serves Generate only after a trainer has pushed a complete, "
+        "checksummed weight version over WeightSync (or with --weights, from disk).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="boot the engine and serve",
+        description="Boots the engine with dummy (random) weights and serves on HOST:PORT. Generate answers "
+        "UNAVAILABLE until a trainer commits a version; with --weights, real weights are loaded at boot.",
+    )
+    serve.add_argument("--model", type=Path, default=Path("models/tiny"),
+                       help="Hugging Face model folder: config and tokenizer, weights not needed (default: %(default)s)")
+    serve.add_argument("--engine", choices=["vllm", "torch"], default="vllm",
+                       help="vllm (batched, the production engine) or torch (light reference engine)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 in containers")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--weights", type=Path,
+                       help="standalone mode: a .safetensors file or folder of them to load at boot, no trainer needed")
+    serve.add_argument("--weights-version", type=int, default=1, help="version the --weights are served as")
+    serve.add_argument("--device", default="cpu", help="torch engine device, e.g. cuda:0")
+    serve.add_argument("--max-model-len", type=int, default=512, help="vllm: longest prompt + completion")
+    serve.add_argument("--gpu-memory-utilization", type=float, help="vllm: fraction of GPU memory to use")
+    serve.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine")
+    serve.add_argument("--kv-cache-gib", type=float, help="vllm on CPU: KV cache size in GiB")
+    serve.add_argument("--idle-timeout", type=float, default=60.0,
+                       help="abort an update that sends nothing for this many seconds")
+    serve.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def make_engine(args: argparse.Namespace) -> Engine:
+    if args.engine == "torch":
+        from rollout_side.engines.torch_engine import TorchEngine
+
+        return TorchEngine(args.model, device=args.device)
+    from rollout_side.engines.vllm_engine import VllmEngine
+
+    return VllmEngine(
+        args.model,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_space_gib=args.kv_cache_gib,
+    )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from rollout_side.receiver import Receiver
+    from rollout_side.server import create_server
+
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"error: {args.model}/config.json not found; run `make model` or pass --model DIR")
+    engine = make_engine(args)
+    receiver = Receiver(engine, idle_timeout=args.idle_timeout)
+    await receiver.start(args.weights, args.weights_version)
+    rollout = await create_server(receiver, address=f"{args.host}:{args.port}", model=str(args.model))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    state = "serving version %d" % args.weights_version if args.weights else "dummy weights, waiting for a push"
+    logger.info("ready on %s:%d: %s", args.host, rollout.port, state)
+    await stop.wait()
+    logger.info("shutting down")
+    await rollout.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    asyncio.run(serve(args))

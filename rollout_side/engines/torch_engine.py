@@ -1,0 +1,199 @@
+"""The reference engine: a Hugging Face transformers model run with plain torch.
+
+Light and dependency-free beyond transformers, it serves machines without vLLM and is the
+yardstick the tests hold the weight path against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling
+from weightsync.checkpoint import load_checkpoint
+from weightsync.manifest import Manifest
+
+__all__ = ["TorchEngine", "model_param_specs"]
+
+logger = logging.getLogger(__name__)
+
+
+def model_param_specs(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, ParamSpec]:
+    """Every state-dict tensor of `model`; tied tensors share the key of the first name seen."""
+    keys: dict[int, str] = {}
+    specs = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not tensor.is_floating_point() or not isinstance(tensor, torch.nn.Parameter):
+            continue
+        key = keys.setdefault(id(tensor), name)
+        specs[name] = ParamSpec(shape=tuple(tensor.shape), dtype=dtype, key=key)
+    return specs
+
+
+class TorchEngine(Engine):
+    """Runs one request at a time on a single worker thread.
+
+    The swap runs on that same thread, between requests, so no request ever sees two versions.
+    Parameters become views into the staging buffer that was committed: the swap copies nothing,
+    and the previous buffer goes back to the receiver for the next version.
+    """
+
+    name = "torch"
+
+    def __init__(self, model_dir: Path, *, device: str = "cpu", seed: int = 0) -> None:
+        super().__init__(model_dir)
+        self.device = torch.device(device)
+        self.seed = seed
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
+        self._version = 0
+        self._live: torch.Tensor | None = None  # the staging buffer the parameters point into
+        self.config = AutoConfig.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model: PreTrainedModel | None = None
+
+    async def start(self, weights: Path | None = None, version: int = 0) -> None:
+        await self._run(self._boot, weights, version)
+
+    def _boot(self, weights: Path | None, version: int) -> None:
+        torch.manual_seed(self.seed)
+        model = AutoModelForCausalLM.from_config(self.config, dtype=torch.bfloat16)
+        if weights is not None:
+            state = {k: v.to(torch.bfloat16) for k, v in load_checkpoint(weights).items()}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing = [m for m in missing if m not in _tied_names(model)]
+            if missing or unexpected:
+                raise ValueError(f"{weights} does not fit {self.model_dir}: missing {missing}, unexpected {unexpected}")
+            model.tie_weights()
+            self._version = version
+        self.model = model.to(self.device).eval()
+        logger.info("torch engine up on %s (%s weights)", self.device, "real" if weights else "dummy")
+
+    def param_specs(self) -> Mapping[str, ParamSpec]:
+        with torch.device("meta"):
+            return model_param_specs(AutoModelForCausalLM.from_config(self.config))
+
+    def allocate_staging(self, nbytes: int) -> torch.Tensor:
+        # Pinned host memory makes the host-to-device copy of the swap several times faster.
+        pin = self.device.type == "cuda"
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+    async def load(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
+        return await self._run(self._swap, staging, manifest, version)
+
+    def _swap(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
+        assert self.model is not None
+        self._version = 0  # until the swap completes, nothing trustworthy is held
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            if self.device.type == "cpu":
+                for name, view in manifest.views(staging):
+                    params[name].data = view
+                previous, self._live = self._live, staging
+            else:
+                for name, view in manifest.views(staging):
+                    params[name].data.copy_(view, non_blocking=True)
+                torch.cuda.synchronize(self.device)
+                previous = staging
+        self._version = version
+        return previous
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def generate(self, prompt_ids: list[int], sampling: Sampling) -> Completion:
+        tokens: list[int] = []
+        finish, version = "length", 0
+        async for piece in self.generate_stream(prompt_ids, sampling):
+            tokens += piece.token_ids
+            finish, version = piece.finish_reason or finish, piece.weight_version
+        return Completion(token_ids=tokens, text=self._decode(tokens), weight_version=version, finish_reason=finish)
+
+    async def generate_stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Completion]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Completion | BaseException] = asyncio.Queue()
+
+        def produce() -> None:
+            try:
+                for piece in self._decode_loop(prompt_ids, sampling):
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except BaseException as error:  # noqa: BLE001 - handed to the consumer, re-raised there
+                loop.call_soon_threadsafe(queue.put_nowait, error)
+
+        task = loop.run_in_executor(self._worker, produce)
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason:
+                break
+        await task
+
+    def _decode_loop(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[Completion]:
+        """Greedy or sampled decoding with a KV cache; runs wholly on the worker thread."""
+        assert self.model is not None
+        version = self._version
+        generator = torch.Generator(device=self.device)
+        if sampling.seed is not None:
+            generator.manual_seed(sampling.seed)
+        else:
+            generator.seed()
+        eos = set(_eos_ids(self.model))
+        ids = torch.tensor([prompt_ids], device=self.device)
+        past = None
+        emitted: list[int] = []
+        with torch.no_grad():
+            for step in range(sampling.max_tokens):
+                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                token = _pick(out.logits[0, -1].float(), sampling, generator)
+                emitted.append(token)
+                last = token in eos or step == sampling.max_tokens - 1
+                finish = ("stop" if token in eos else "length") if last else ""
+                text = self._decode(emitted) if last else ""
+                yield Completion(token_ids=[token], text=text, weight_version=version, finish_reason=finish)
+                if last:
+                    return
+                ids = torch.tensor([[token]], device=self.device)
+
+    def _decode(self, tokens: list[int]) -> str:
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    async def _run(self, fn: Callable[..., object], *args: object):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def shutdown(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    if sampling.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _eos_ids(model: PreTrainedModel) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _tied_names(model: PreTrainedModel) -> set[str]:
+    specs = model_param_specs(model)
+    return {name for name, spec in specs.items() if spec.key != name}

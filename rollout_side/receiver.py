@@ -1,0 +1,330 @@
+"""The rollout's side of the version handshake: validate, stage, verify, then swap atomically.
+
+Nothing here knows about protobuf or gRPC. An update moves through begin -> chunks -> commit;
+any refusal raises a `WeightSyncError` and leaves the served version untouched, because bytes
+are only ever written into a staging buffer the engine does not read until `commit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rollout_side.engines.base import Engine, ParamSpec
+from weightsync.checkpoint import load_checkpoint
+from weightsync.errors import (
+    BadManifest,
+    BusyError,
+    ChunkCorrupt,
+    EngineUnavailable,
+    IncompleteUpdate,
+    StaleVersion,
+    TooLarge,
+    UnknownUpdate,
+    VersionNotReached,
+)
+from weightsync.manifest import Manifest, manifest_of_state, tensor_bytes, tensor_checksum
+from weightsync.wire import chunk_checksum, chunk_count, chunk_span
+
+__all__ = ["Phase", "Receiver", "Status"]
+
+logger = logging.getLogger(__name__)
+
+MIN_CHUNK_BYTES = 4 << 10
+MAX_CHUNK_BYTES = 64 << 20
+
+
+class Phase(enum.Enum):
+    """Mirrors weightsync.v1.RolloutState."""
+
+    BOOTING = 1
+    DUMMY = 2
+    RECEIVING = 3
+    SERVING = 4
+    FAILED = 5
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Status:
+    phase: Phase
+    weight_version: int
+    fingerprint: str
+    update_id: str = ""
+    receiving_version: int = 0
+    received_bytes: int = 0
+    detail: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class _Update:
+    id: str
+    version: int
+    manifest: Manifest
+    chunk_bytes: int
+    expected_fingerprint: str
+    staging: torch.Tensor
+    received: bytearray
+    received_chunks: int = 0
+    received_bytes: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.received)
+
+
+class Receiver:
+    """Owns the update in progress and the committed version's identity for one engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_chunk_bytes: int = MAX_CHUNK_BYTES,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        self.engine = engine
+        self.max_chunk_bytes = max_chunk_bytes
+        self.idle_timeout = idle_timeout
+        self._listeners: list[Callable[[Phase], Awaitable[None]]] = []
+        self._notifications: set[asyncio.Task[None]] = set()
+        self._phase = Phase.BOOTING
+        self._update: _Update | None = None
+        self._spare: torch.Tensor | None = None
+        self._fingerprint = ""
+        self._high_water = 0  # highest version ever committed: versions only move forward
+        self._detail = ""
+        self._committing = False
+        self._committed = asyncio.Condition()
+        self._specs = engine.param_specs()
+        self._expected_bytes = _unique_bytes(self._specs)
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self, weights: Path | None = None, version: int = 1) -> None:
+        """Boots the engine: dummy weights, or (standalone) real ones committed as `version`."""
+        if weights is None:
+            await self.engine.start()
+            self._set_phase(Phase.DUMMY)
+            return
+        manifest = manifest_of_state(load_checkpoint(weights))
+        self._check_names(manifest)
+        await self.engine.start(weights, version)
+        self._fingerprint, self._high_water = manifest.fingerprint, version
+        logger.info("standalone: serving %s as version %d (%s)", weights, version, self._fingerprint)
+        self._set_phase(Phase.SERVING)
+
+    def status(self) -> Status:
+        update = self._update
+        return Status(
+            phase=self._phase,
+            weight_version=self.engine.weight_version,
+            fingerprint=self._fingerprint if self.engine.weight_version else "",
+            update_id=update.id if update else "",
+            receiving_version=update.version if update else 0,
+            received_bytes=update.received_bytes if update else 0,
+            detail=self._detail,
+        )
+
+    # -- the handshake ------------------------------------------------------------------------
+
+    def begin(
+        self, version: int, manifest: Manifest, chunk_bytes: int, fingerprint: str = "", update_id: str = ""
+    ) -> _Update:
+        """Accepts or refuses an announced version; on success bytes may start to flow."""
+        self._reap_idle()
+        if self._update is not None or self._committing:
+            raise BusyError(
+                f"update {self._update.id if self._update else '(committing)'} is in progress; "
+                "one update at a time per rollout"
+            )
+        if version <= self._high_water:
+            raise StaleVersion(
+                f"version {version} is not newer than committed version {self._high_water}"
+            )
+        if manifest.total_bytes > self._expected_bytes:
+            raise TooLarge(
+                f"update is {manifest.total_bytes} bytes; this model takes {self._expected_bytes}"
+            )
+        if not MIN_CHUNK_BYTES <= chunk_bytes <= self.max_chunk_bytes:
+            raise TooLarge(
+                f"chunk_bytes {chunk_bytes} outside [{MIN_CHUNK_BYTES}, {self.max_chunk_bytes}]"
+            )
+        self._check_names(manifest)
+        if fingerprint and fingerprint != manifest.fingerprint:
+            raise BadManifest("announced fingerprint does not match the manifest")
+        staging = self._take_staging(manifest.total_bytes)
+        update = _Update(
+            id=update_id or uuid.uuid4().hex,
+            version=version,
+            manifest=manifest,
+            chunk_bytes=chunk_bytes,
+            expected_fingerprint=manifest.fingerprint,
+            staging=staging,
+            received=bytearray(chunk_count(manifest.total_bytes, chunk_bytes)),
+        )
+        self._update = update
+        self._set_phase(Phase.RECEIVING)
+        logger.info(
+            "update %s: receiving version %d, %d tensors, %.1f MB",
+            update.id, version, len(manifest), manifest.total_bytes / 1e6,
+        )
+        return update
+
+    def put_chunk(self, update_id: str, index: int, checksum: int, data: memoryview) -> int:
+        """Verifies one chunk and copies it into staging; any fault aborts the whole update."""
+        update = self._current(update_id)
+        try:
+            if index >= update.chunk_count:
+                raise ChunkCorrupt(f"chunk {index} is outside the layout ({update.chunk_count} chunks)")
+            start, end = chunk_span(index, update.manifest.total_bytes, update.chunk_bytes)
+            if data.nbytes != end - start:
+                raise ChunkCorrupt(f"chunk {index} has {data.nbytes} bytes, expected {end - start}")
+            if update.received[index]:
+                raise ChunkCorrupt(f"chunk {index} arrived twice")
+            if chunk_checksum(data) != checksum:
+                raise ChunkCorrupt(f"chunk {index} failed its checksum")
+        except ChunkCorrupt as error:
+            self.abort(update.id, str(error))
+            raise
+        tensor_bytes(update.staging[start:end])[:] = data
+        update.received[index] = 1
+        update.received_chunks += 1
+        update.received_bytes += data.nbytes
+        update.last_activity = time.monotonic()
+        return data.nbytes
+
+    async def commit(self, update_id: str) -> tuple[int, str, float]:
+        """Verifies the staged version and swaps it in; returns (version, fingerprint, seconds)."""
+        update = self._current(update_id)
+        started = time.perf_counter()
+        self._committing = True
+        self._update = None
+        try:
+            self._verify(update)
+            self._spare = None
+            try:
+                self._spare = await self.engine.load(update.staging, update.manifest, update.version)
+            except Exception as error:
+                self._detail = f"loading version {update.version} into the engine failed: {error}"
+                logger.exception("update %s: %s", update.id, self._detail)
+                self._set_phase(Phase.FAILED)
+                raise EngineUnavailable(self._detail) from error
+        except IncompleteUpdate as error:
+            logger.warning("update %s refused at commit: %s", update.id, error)
+            self._spare = update.staging
+            self._set_phase(self._resting_phase())
+            raise
+        finally:
+            self._committing = False
+        self._fingerprint, self._high_water, self._detail = update.manifest.fingerprint, update.version, ""
+        self._set_phase(Phase.SERVING)
+        seconds = time.perf_counter() - started
+        logger.info("update %s: committed version %d in %.3f s (%s)", update.id, update.version, seconds,
+                    self._fingerprint)
+        async with self._committed:
+            self._committed.notify_all()
+        return update.version, self._fingerprint, seconds
+
+    def abort(self, update_id: str, reason: str) -> None:
+        """Drops the update in progress; the served version is untouched."""
+        update = self._current(update_id)
+        logger.warning("update %s (version %d) aborted: %s", update.id, update.version, reason)
+        self._update = None
+        self._spare = update.staging
+        self._set_phase(self._resting_phase())
+
+    async def wait_for_version(self, version: int, timeout: float | None) -> None:
+        """Waits until `version` or newer is served; raises VersionNotReached at the deadline."""
+        async with self._committed:
+            try:
+                await asyncio.wait_for(
+                    self._committed.wait_for(lambda: self.engine.weight_version >= version), timeout
+                )
+            except TimeoutError:
+                raise VersionNotReached(
+                    f"version {version} was not committed before the deadline "
+                    f"(serving {self.engine.weight_version})"
+                ) from None
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _current(self, update_id: str) -> _Update:
+        update = self._update
+        if update is None or update.id != update_id:
+            raise UnknownUpdate(f"no update {update_id!r} in progress; begin a new one")
+        return update
+
+    def _check_names(self, manifest: Manifest) -> None:
+        covered: dict[str, str] = {}
+        for entry in manifest:
+            spec = self._specs.get(entry.name)
+            if spec is None:
+                raise BadManifest(f"unknown tensor {entry.name!r}: this model has no such parameter")
+            if entry.shape != spec.shape:
+                raise BadManifest(
+                    f"tensor {entry.name!r} has shape {list(entry.shape)}, model expects {list(spec.shape)}"
+                )
+            if entry.dtype != spec.dtype:
+                raise BadManifest(f"tensor {entry.name!r} is {entry.dtype}, this rollout takes {spec.dtype}")
+            if spec.key in covered:
+                raise BadManifest(f"tensors {covered[spec.key]!r} and {entry.name!r} are the same parameter")
+            covered[spec.key] = entry.name
+        missing = sorted({s.key for s in self._specs.values()} - covered.keys())
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise BadManifest(f"missing tensors: {shown}; a full version must carry every parameter")
+
+    def _verify(self, update: _Update) -> None:
+        missing = update.chunk_count - update.received_chunks
+        if missing:
+            raise IncompleteUpdate(f"{missing} of {update.chunk_count} chunks have not arrived")
+        for entry in update.manifest:
+            staged = tensor_bytes(update.staging[entry.offset : entry.end])
+            if tensor_checksum(staged) != entry.checksum:
+                raise IncompleteUpdate(f"tensor {entry.name!r} does not match its checksum")
+
+    def _take_staging(self, nbytes: int) -> torch.Tensor:
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.numel() == nbytes:
+            return spare
+        return self.engine.allocate_staging(nbytes)
+
+    def _reap_idle(self) -> None:
+        update = self._update
+        if update is not None and time.monotonic() - update.last_activity > self.idle_timeout:
+            self.abort(update.id, f"no activity for {self.idle_timeout:.0f} s")
+
+    def _resting_phase(self) -> Phase:
+        if self.engine.weight_version:
+            return Phase.SERVING
+        return Phase.FAILED if self._high_water else Phase.DUMMY
+
+    def add_listener(self, listener: Callable[[Phase], Awaitable[None]]) -> None:
+        """Calls `listener` (e.g. the health service) on every phase change, in order."""
+        self._listeners.append(listener)
+
+    def _set_phase(self, phase: Phase) -> None:
+        self._phase = phase
+        for listener in self._listeners:
+            task = asyncio.get_running_loop().create_task(listener(phase))
+            self._notifications.add(task)
+            task.add_done_callback(self._notifications.discard)
+
+
+def _unique_bytes(specs: Mapping[str, ParamSpec]) -> int:
+    sizes = {}
+    for spec in specs.values():
+        numel = 1
+        for d in spec.shape:
+            numel *= d
+        sizes[spec.key] = numel * spec.dtype.itemsize
+    return sum(sizes.values())

@@ -1,0 +1,81 @@
+"""Wires a rollout together: engine -> receiver -> servicers, health and reflection on one port."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rollout_side.receiver import Phase, Receiver
+from rollout_side.servicers.generate import GenerateServicer
+from rollout_side.servicers.weight_sync import WeightSyncServicer, add_weight_sync
+from weightsync.v1 import weightsync_pb2 as pb
+from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+
+__all__ = ["GENERATE_SERVICE", "WEIGHT_SYNC_SERVICE", "RolloutServer", "create_server"]
+
+logger = logging.getLogger(__name__)
+
+GENERATE_SERVICE = pb.DESCRIPTOR.services_by_name["Generate"].full_name
+WEIGHT_SYNC_SERVICE = pb.DESCRIPTOR.services_by_name["WeightSync"].full_name
+# A chunk plus its header; the receiver refuses chunk sizes above its own limit first.
+MAX_MESSAGE_BYTES = 65 << 20
+
+
+class RolloutServer:
+    """A started gRPC server and what it serves; `stop` shuts down in the safe order."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, receiver: Receiver, health: health.aio.HealthServicer):
+        self.server = server
+        self.port = port
+        self.receiver = receiver
+        self.health = health
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Reports NOT_SERVING first, so load balancers drain, then stops the server and the engine."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.receiver.engine.shutdown()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def create_server(receiver: Receiver, *, address: str = "127.0.0.1:0", model: str = "") -> RolloutServer:
+    """Starts serving on `address` (port 0 picks a free one) and returns the server and its port.
+
+    WeightSync is SERVING as soon as the server is up; Generate only while the engine holds a
+    committed version, so a readiness probe on weightsync.v1.Generate gates traffic.
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_weight_sync(WeightSyncServicer(receiver, model), server)
+    pb_grpc.add_GenerateServicer_to_server(GenerateServicer(receiver), server)
+    reflection.enable_server_reflection(
+        (GENERATE_SERVICE, WEIGHT_SYNC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: is the port taken?")
+    await server.start()
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    await health_servicer.set("", serving)
+    await health_servicer.set(WEIGHT_SYNC_SERVICE, serving)
+
+    async def publish(phase: Phase) -> None:
+        ready = receiver.engine.weight_version > 0 and phase in (Phase.SERVING, Phase.RECEIVING)
+        await health_servicer.set(GENERATE_SERVICE, serving if ready else not_serving)
+
+    receiver.add_listener(publish)
+    await publish(receiver.status().phase)
+    logger.info("rollout listening on %s (engine %s)", address.rsplit(":", 1)[0] + f":{port}", receiver.engine.name)
+    return RolloutServer(server, port, receiver, health_servicer)

@@ -1,0 +1,108 @@
+"""weightsync.v1.WeightSync: proto in, receiver call, proto out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from rollout_side.receiver import Receiver
+from rollout_side.servicers.errors import grpc_errors
+from weightsync import wire
+from weightsync.v1 import weightsync_pb2 as pb
+from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+
+__all__ = ["WeightSyncServicer", "add_weight_sync"]
+
+logger = logging.getLogger(__name__)
+
+
+class WeightSyncServicer(pb_grpc.WeightSyncServicer):
+    def __init__(self, receiver: Receiver, model: str) -> None:
+        self.receiver = receiver
+        self.model = model
+
+    @grpc_errors
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
+        s = self.receiver.status()
+        return pb.GetStatusResponse(
+            weight_version=s.weight_version,
+            fingerprint=s.fingerprint,
+            state=s.phase.value,  # type: ignore[arg-type]
+            engine=self.receiver.engine.name,
+            model=self.model,
+            update_id=s.update_id,
+            receiving_version=s.receiving_version,
+            received_bytes=s.received_bytes,
+            detail=s.detail,
+        )
+
+    @grpc_errors
+    async def BeginUpdate(
+        self, request: pb.BeginUpdateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BeginUpdateResponse:
+        manifest = wire.manifest_from_proto(request.manifest)
+        update = self.receiver.begin(
+            request.version, manifest, request.chunk_bytes, request.fingerprint, request.update_id
+        )
+        return pb.BeginUpdateResponse(update_id=update.id, chunk_count=update.chunk_count)
+
+    @grpc_errors
+    async def PushChunks(
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> pb.PushChunksResponse:
+        chunks = size = 0
+        update_id = ""
+        try:
+            async for raw in request_iterator:
+                chunk = wire.decode_chunk(raw)
+                update_id = chunk.update_id
+                size += self.receiver.put_chunk(chunk.update_id, chunk.index, chunk.checksum, chunk.data)
+                chunks += 1
+        except BaseException as error:
+            # Whatever broke the stream (bad chunk, cancelled call, dead trainer), the update is void.
+            self._drop(update_id, f"the chunk stream failed: {error or type(error).__name__}")
+            raise
+        return pb.PushChunksResponse(chunks=chunks, bytes=size)
+
+    @grpc_errors
+    async def Commit(self, request: pb.CommitRequest, context: grpc.aio.ServicerContext) -> pb.CommitResponse:
+        version, fingerprint, seconds = await self.receiver.commit(request.update_id)
+        return pb.CommitResponse(weight_version=version, fingerprint=fingerprint, swap_seconds=seconds)
+
+    @grpc_errors
+    async def AbortUpdate(
+        self, request: pb.AbortUpdateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortUpdateResponse:
+        self.receiver.abort(request.update_id, "the trainer aborted it")
+        return pb.AbortUpdateResponse()
+
+    def _drop(self, update_id: str, reason: str) -> None:
+        if update_id and self.receiver.status().update_id == update_id:
+            self.receiver.abort(update_id, reason)
+
+
+def add_weight_sync(servicer: WeightSyncServicer, server: grpc.aio.Server) -> None:
+    """Registers the service like the generated helper, but with the zero-copy chunk decoder."""
+    generic = pb_grpc.WeightSyncServicer
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+        for name, request, response in [
+            ("GetStatus", pb.GetStatusRequest, pb.GetStatusResponse),
+            ("BeginUpdate", pb.BeginUpdateRequest, pb.BeginUpdateResponse),
+            ("Commit", pb.CommitRequest, pb.CommitResponse),
+            ("AbortUpdate", pb.AbortUpdateRequest, pb.AbortUpdateResponse),
+        ]
+    }
+    handlers["PushChunks"] = grpc.stream_unary_rpc_method_handler(
+        servicer.PushChunks,
+        request_deserializer=None,  # raw bytes: decoded in the handler without copying the payload
+        response_serializer=pb.PushChunksResponse.SerializeToString,
+    )
+    assert set(handlers) == {m for m in dir(generic) if not m.startswith("_")}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", handlers),))

@@ -1,0 +1,96 @@
+"""`python -m trainer_side`: push a checkpoint, run the demo trainer, or show rollouts' status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer_side",
+        description="The trainer side of weightsync: streams bf16 weights to rollout servers, which serve "
+        "Generate only once a complete, checksummed version has committed.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    push = sub.add_parser(
+        "push",
+        help="push a checkpoint to rollouts",
+        description="Pushes a safetensors checkpoint (Hugging Face names, any float dtype; bf16 on the wire) as "
+        "version N. Exits 0 only when every rollout confirmed N with a fingerprint equal to ours.",
+    )
+    push.add_argument("--checkpoint", type=Path, required=True, help="a .safetensors file or a folder of them")
+    push.add_argument("--version", type=int, required=True, help="must be newer than what rollouts serve")
+    _add_rollouts(push)
+    push.add_argument("--chunk-mib", type=float, default=1.0, help="chunk size on the wire (default: %(default)s)")
+
+    train = sub.add_parser(
+        "train",
+        help="the demo trainer",
+        description="Trains the tiny model on a built-in task, pushes after every step and checks that each "
+        "rollout's greedy answer equals the trainer's own.",
+    )
+    _add_rollouts(train)
+    train.add_argument("--steps", type=int, default=3)
+    train.add_argument("--model", type=Path, default=Path("models/tiny"))
+
+    status = sub.add_parser("status", help="show each rollout's version, fingerprint and state")
+    _add_rollouts(status)
+
+    for p in (push, train, status):
+        p.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+def _add_rollouts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rollouts", required=True, type=lambda s: [a for a in s.split(",") if a],
+                        help="comma-separated HOST:PORT list, e.g. 127.0.0.1:50051")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    if args.command == "push":
+        return _push(args)
+    if args.command == "train":
+        from trainer_side.train import run_demo
+
+        return 0 if run_demo(args.model, args.rollouts, args.steps) else 1
+    return _status(args)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from trainer_side.publisher import Publisher
+    from weightsync.checkpoint import load_checkpoint
+
+    try:
+        state = load_checkpoint(args.checkpoint)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot read checkpoint: {error}", file=sys.stderr)
+        return 2
+    with Publisher(args.rollouts, chunk_bytes=int(args.chunk_mib * (1 << 20))) as publisher:
+        results = publisher.push(state, args.version)
+    for result in results:
+        print(result.line(), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from trainer_side.publisher import Publisher
+    from weightsync.v1 import weightsync_pb2 as pb
+
+    with Publisher(args.rollouts) as publisher:
+        rows = publisher.status()
+    print(f"{'ROLLOUT':24} {'STATE':10} {'VERSION':>7}  FINGERPRINT")
+    for address, status in rows.items():
+        if isinstance(status, str):
+            print(f"{address:24} {'UNREACHABLE':10} {'-':>7}  {status}")
+            continue
+        state = pb.RolloutState.Name(status.state).removeprefix("ROLLOUT_STATE_")
+        print(f"{address:24} {state:10} {status.weight_version:>7}  {status.fingerprint or '-'}")
+    return 0 if all(not isinstance(s, str) for s in rows.values()) else 1

@@ -1,0 +1,206 @@
+"""The wire format: manifests to and from protobuf, and a zero-copy codec for weight chunks.
+
+`PushChunksRequest` is a plain protobuf message any language can read. Python's generated
+classes copy the payload twice on each side and refuse memoryviews, so chunks are encoded and
+decoded here by hand, byte-compatible with the generated code (tests check both directions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from weightsync.errors import BadManifest, ChunkCorrupt
+from weightsync.manifest import Manifest, TensorEntry, tensor_bytes
+from weightsync.v1 import weightsync_pb2 as pb
+
+__all__ = [
+    "Chunk",
+    "chunk_checksum",
+    "chunk_count",
+    "chunk_span",
+    "decode_chunk",
+    "encode_chunk",
+    "iter_chunk_payloads",
+    "manifest_from_proto",
+    "manifest_to_proto",
+]
+
+_TO_PROTO: dict[torch.dtype, int] = {
+    torch.bfloat16: pb.ELEMENT_TYPE_BFLOAT16,
+    torch.float16: pb.ELEMENT_TYPE_FLOAT16,
+    torch.float32: pb.ELEMENT_TYPE_FLOAT32,
+}
+_FROM_PROTO: dict[int, torch.dtype] = {v: k for k, v in _TO_PROTO.items()}
+
+# Field tags of PushChunksRequest: (field_number << 3) | wire_type.
+_TAG_UPDATE_ID = 0x0A  # 1, length-delimited
+_TAG_INDEX = 0x10  # 2, varint
+_TAG_CHECKSUM = 0x18  # 3, varint
+_TAG_DATA = 0x22  # 4, length-delimited
+
+
+def manifest_to_proto(manifest: Manifest) -> pb.Manifest:
+    return pb.Manifest(
+        tensors=[
+            pb.TensorSpec(
+                name=e.name,
+                dtype=_TO_PROTO[e.dtype],  # type: ignore[arg-type]
+                shape=e.shape,
+                offset=e.offset,
+                byte_size=e.byte_size,
+                checksum=e.checksum,
+            )
+            for e in manifest
+        ],
+        total_bytes=manifest.total_bytes,
+    )
+
+
+def manifest_from_proto(message: pb.Manifest) -> Manifest:
+    """Validates and converts; raises BadManifest with the first problem found."""
+    entries = []
+    for spec in message.tensors:
+        dtype = _FROM_PROTO.get(spec.dtype)
+        if dtype is None:
+            raise BadManifest(f"tensor {spec.name!r} has unsupported element type {spec.dtype}")
+        entries.append(
+            TensorEntry(
+                name=spec.name,
+                dtype=dtype,
+                shape=tuple(spec.shape),
+                offset=spec.offset,
+                byte_size=spec.byte_size,
+                checksum=spec.checksum,
+            )
+        )
+    manifest = Manifest(entries=tuple(entries))
+    if manifest.total_bytes != message.total_bytes:
+        raise BadManifest(f"total_bytes {message.total_bytes} != sum of tensor sizes {manifest.total_bytes}")
+    return manifest
+
+
+def chunk_count(total_bytes: int, chunk_bytes: int) -> int:
+    return -(-total_bytes // chunk_bytes)
+
+
+def chunk_span(index: int, total_bytes: int, chunk_bytes: int) -> tuple[int, int]:
+    """The [start, end) bytes of chunk `index` in the flat layout."""
+    start = index * chunk_bytes
+    return start, min(start + chunk_bytes, total_bytes)
+
+
+def chunk_checksum(data: bytes | memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def iter_chunk_payloads(
+    tensors: Sequence[torch.Tensor], manifest: Manifest, chunk_bytes: int
+) -> Iterator[tuple[int, list[memoryview]]]:
+    """Yields (index, pieces) per chunk: zero-copy views of the tensors' bytes it spans."""
+    views = [tensor_bytes(t) for t in tensors]
+    entries = manifest.entries
+    total = manifest.total_bytes
+    t = 0
+    for index in range(chunk_count(total, chunk_bytes)):
+        start, end = chunk_span(index, total, chunk_bytes)
+        pieces = []
+        while start < end:
+            while entries[t].end <= start:
+                t += 1
+            entry = entries[t]
+            stop = min(end, entry.end)
+            pieces.append(views[t][start - entry.offset : stop - entry.offset])
+            start = stop
+        yield index, pieces
+
+
+def encode_chunk(update_id: bytes, index: int, pieces: Sequence[memoryview]) -> bytes:
+    """Serializes one PushChunksRequest with a single copy of the payload."""
+    size = sum(p.nbytes for p in pieces)
+    digest = xxhash.xxh3_64()
+    for piece in pieces:
+        digest.update(piece)
+    header = bytearray()
+    if update_id:
+        header.append(_TAG_UPDATE_ID)
+        _put_varint(header, len(update_id))
+        header += update_id
+    if index:
+        header.append(_TAG_INDEX)
+        _put_varint(header, index)
+    checksum = digest.intdigest()
+    if checksum:
+        header.append(_TAG_CHECKSUM)
+        _put_varint(header, checksum)
+    if size:
+        header.append(_TAG_DATA)
+        _put_varint(header, size)
+    return b"".join([header, *pieces])
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A decoded PushChunksRequest; `data` is a view into the received message, not a copy."""
+
+    update_id: str
+    index: int
+    checksum: int
+    data: memoryview
+
+
+def decode_chunk(message: bytes) -> Chunk:
+    """Parses any valid encoding of PushChunksRequest (fields in any order, unknown ones skipped)."""
+    view = memoryview(message)
+    update_id, index, checksum, data = "", 0, 0, view[0:0]
+    pos, size = 0, len(view)
+    while pos < size:
+        key, pos = _get_varint(view, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _get_varint(view, pos)
+            if field == 2:
+                index = value
+            elif field == 3:
+                checksum = value
+        elif wire_type == 2:
+            length, pos = _get_varint(view, pos)
+            if pos + length > size:
+                raise ChunkCorrupt("chunk message is truncated")
+            if field == 1:
+                update_id = bytes(view[pos : pos + length]).decode("utf-8", "replace")
+            elif field == 4:
+                data = view[pos : pos + length]
+            pos += length
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 1:
+            pos += 8
+        else:
+            raise ChunkCorrupt(f"chunk message has invalid wire type {wire_type}")
+    if pos != size:
+        raise ChunkCorrupt("chunk message is truncated")
+    return Chunk(update_id, index, checksum, data)
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _get_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(view) or shift > 63:
+            raise ChunkCorrupt("chunk message has a malformed varint")
+        byte = view[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
