@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,7 +32,7 @@ from weightsync.errors import (
     UnknownUpdate,
     VersionNotReached,
 )
-from weightsync.manifest import Manifest, manifest_of_state, tensor_bytes, tensor_checksum
+from weightsync.manifest import Manifest, TensorEntry, manifest_of_state, tensor_bytes, tensor_checksum
 from weightsync.wire import chunk_checksum, chunk_count, chunk_span
 
 __all__ = ["Phase", "Receiver", "Status"]
@@ -105,7 +106,7 @@ class Receiver:
         self._committing = False
         self._committed = asyncio.Condition()
         self._specs = engine.param_specs()
-        self._expected_bytes = _unique_bytes(self._specs)
+        self._max_bytes = _max_bytes(self._specs)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -150,9 +151,9 @@ class Receiver:
             raise StaleVersion(
                 f"version {version} is not newer than committed version {self._high_water}"
             )
-        if manifest.total_bytes > self._expected_bytes:
+        if manifest.total_bytes > self._max_bytes:
             raise TooLarge(
-                f"update is {manifest.total_bytes} bytes; this model takes {self._expected_bytes}"
+                f"update is {manifest.total_bytes} bytes; this model takes {self._max_bytes}"
             )
         if not MIN_CHUNK_BYTES <= chunk_bytes <= self.max_chunk_bytes:
             raise TooLarge(
@@ -264,7 +265,7 @@ class Receiver:
         return update
 
     def _check_names(self, manifest: Manifest) -> None:
-        covered: dict[str, str] = {}
+        covered: dict[str, TensorEntry] = {}
         for entry in manifest:
             spec = self._specs.get(entry.name)
             if spec is None:
@@ -275,9 +276,9 @@ class Receiver:
                 )
             if entry.dtype != spec.dtype:
                 raise BadManifest(f"tensor {entry.name!r} is {entry.dtype}, this rollout takes {spec.dtype}")
-            if spec.key in covered:
-                raise BadManifest(f"tensors {covered[spec.key]!r} and {entry.name!r} are the same parameter")
-            covered[spec.key] = entry.name
+            first = covered.setdefault(spec.key, entry)
+            if first.checksum != entry.checksum:
+                raise BadManifest(f"tensors {first.name!r} and {entry.name!r} are tied in this model but differ")
         missing = sorted({s.key for s in self._specs.values()} - covered.keys())
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -320,11 +321,6 @@ class Receiver:
             task.add_done_callback(self._notifications.discard)
 
 
-def _unique_bytes(specs: Mapping[str, ParamSpec]) -> int:
-    sizes = {}
-    for spec in specs.values():
-        numel = 1
-        for d in spec.shape:
-            numel *= d
-        sizes[spec.key] = numel * spec.dtype.itemsize
-    return sum(sizes.values())
+def _max_bytes(specs: Mapping[str, ParamSpec]) -> int:
+    """The largest valid update: every name once, tied aliases included."""
+    return sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs.values())

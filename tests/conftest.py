@@ -1,0 +1,116 @@
+"""Shared fixtures: the tiny model, a briefly trained checkpoint, and real rollout servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from rollout_side.engines.torch_engine import TorchEngine  # noqa: E402
+from rollout_side.receiver import Receiver  # noqa: E402
+from rollout_side.server import RolloutServer, create_server  # noqa: E402
+from trainer_side.train import new_model, train_iterations  # noqa: E402
+from weightsync.v1 import weightsync_pb2_grpc as pb_grpc  # noqa: E402
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models/tiny as `make model` builds it (built here if a test run skipped make)."""
+    built = ROOT / "models" / "tiny"
+    if (built / "config.json").is_file():
+        return built
+    import build_tiny_model
+
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    build_tiny_model.build(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path):  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_state(model_dir: Path, tokenizer) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """A deterministically, briefly trained float32 state dict (clear argmax margins), ties kept."""
+    model = new_model(model_dir)
+    train_iterations(model, tokenizer, 60)
+    return model.state_dict()
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(trained_state: dict[str, torch.Tensor], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """trained_state saved as bf16 safetensors, tied lm_head dropped (as Hugging Face saves it)."""
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in trained_state.items() if k != "lm_head.weight"}
+    save_file(state, path)
+    return path
+
+
+class LoopThread:
+    """An asyncio loop on its own thread: the rollout's grpc.aio server lives there, tests stay sync."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Rollout:
+    """A real rollout server on a loopback port, with channels for tests."""
+
+    def __init__(self, loop: LoopThread, server: RolloutServer) -> None:
+        self.loop = loop
+        self.server = server
+        self.receiver = server.receiver
+        self.address = f"127.0.0.1:{server.port}"
+        self.channel = grpc.insecure_channel(self.address, options=[("grpc.max_send_message_length", 256 << 20)])
+        self.weight_sync = pb_grpc.WeightSyncStub(self.channel)
+        self.generate = pb_grpc.GenerateStub(self.channel)
+
+
+def start_rollout(loop: LoopThread, model_dir: Path, weights: Path | None = None, **receiver_args: Any) -> Rollout:
+    async def boot() -> RolloutServer:
+        receiver = Receiver(TorchEngine(model_dir), **receiver_args)
+        await receiver.start(weights, 1)
+        return await create_server(receiver, address="127.0.0.1:0", model=str(model_dir))
+
+    return Rollout(loop, loop.run(boot()))
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def rollout(loop_thread: LoopThread, model_dir: Path) -> Iterator[Rollout]:
+    """A fresh torch-engine rollout with dummy weights (boots in about a second)."""
+    r = start_rollout(loop_thread, model_dir)
+    yield r
+    r.channel.close()
+    loop_thread.run(r.server.stop(grace=0))
