@@ -105,6 +105,7 @@ class Receiver:
         self._detail = ""
         self._committing = False
         self._committed = asyncio.Condition()
+        self._reaper: asyncio.Task[None] | None = None
         self._specs = engine.param_specs()
         self._max_bytes = _max_bytes(self._specs)
 
@@ -112,6 +113,7 @@ class Receiver:
 
     async def start(self, weights: Path | None = None, version: int = 1) -> None:
         """Boots the engine: dummy weights, or (standalone) real ones committed as `version`."""
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
         if weights is None:
             await self.engine.start()
             self._set_phase(Phase.DUMMY)
@@ -122,6 +124,12 @@ class Receiver:
         self._fingerprint, self._high_water = manifest.fingerprint, version
         logger.info("standalone: serving %s as version %d (%s)", weights, version, self._fingerprint)
         self._set_phase(Phase.SERVING)
+
+    async def close(self) -> None:
+        """Stops background work and the engine."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await self.engine.shutdown()
 
     def status(self) -> Status:
         update = self._update
@@ -298,6 +306,12 @@ class Receiver:
         if spare is not None and spare.numel() == nbytes:
             return spare
         return self.engine.allocate_staging(nbytes)
+
+    async def _reap_forever(self) -> None:
+        """Aborts an update whose trainer went silent, so it never blocks the next one for long."""
+        while True:
+            await asyncio.sleep(min(self.idle_timeout / 4, 5.0))
+            self._reap_idle()
 
     def _reap_idle(self) -> None:
         update = self._update

@@ -37,7 +37,7 @@ class RolloutServer:
         """Reports NOT_SERVING first, so load balancers drain, then stops the server and the engine."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        await self.receiver.engine.shutdown()
+        await self.receiver.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from torch import nn
 
 __all__ = ["LayoutEntry", "WeightsyncWorkerExtension"]
 
@@ -24,34 +21,30 @@ class WeightsyncWorkerExtension:
     """Mixed into vLLM's worker class (engine arg `worker_extension_cls`); called by `collective_rpc`.
 
     The tensors never travel through the RPC: the engine passes the path of a /dev/shm file it staged
-    the version in, and each worker maps that file and hands typed views of it to the model's own
-    `load_weights`, which knows how Hugging Face names map onto vLLM's fused parameters.
+    the version in, and each worker maps that file and hands typed views of it (Hugging Face names)
+    to vLLM's in-place weight reload.
     """
 
     # Set by vLLM's worker; declared here for type checkers.
-    model_runner: object
+    model_runner: Any
 
     _weightsync_map: tuple[str, int, torch.Tensor] | None = None
 
     def weightsync_load(self, path: str, nbytes: int, layout: list[LayoutEntry]) -> int:
         """Copies every tensor in `layout` from the shared file into the model; returns how many.
 
-        Raises RuntimeError if some model parameter received no tensor: a partial load leaves the
-        model holding two versions at once, which the engine must then treat as unusable.
+        Goes through vLLM's in-place reload rather than `model.load_weights` alone: backends repack
+        weights after loading (the CPU backend moves linear weights into oneDNN handles and leaves
+        empty parameters behind), and the reload restores checkpoint format layer by layer, loads
+        through the model's own name mapping (fused qkv / gate_up, tied embeddings), then repacks.
         """
         started = time.perf_counter()
         flat = self._weightsync_flat(path, nbytes)
-        model = self._weightsync_model()
         weights = (
             (name, flat[offset : offset + size].view(getattr(torch, dtype)).view(shape))
             for name, dtype, shape, offset, size in layout
         )
-        loaded = model.load_weights(weights=weights)
-        if loaded is not None:  # models without a return value cannot be checked
-            missing = {name for name, _ in model.named_parameters()} - set(loaded)
-            if missing:
-                raise RuntimeError(f"weightsync load left {len(missing)} parameters untouched: "
-                                   f"{sorted(missing)[:5]}")
+        self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         logger.info("weightsync: loaded %d tensors (%.1f MB) in %.3f s", len(layout), nbytes / 1e6,
                     time.perf_counter() - started)
         return len(layout)
@@ -66,9 +59,3 @@ class WeightsyncWorkerExtension:
         flat = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         self._weightsync_map = (path, nbytes, flat)
         return flat
-
-    def _weightsync_model(self) -> nn.Module:
-        runner = self.model_runner
-        # get_model() unwraps compiled / graph-captured wrappers where vLLM adds them.
-        get_model = getattr(runner, "get_model", None)
-        return get_model() if callable(get_model) else runner.model  # type: ignore[attr-defined]

@@ -1,0 +1,257 @@
+"""Every bad input is refused with a specific status, and what Generate serves never changes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+import raw
+from conftest import ROOT, Rollout
+from trainer_side.publisher import Publisher
+from trainer_side.train import new_model
+from weightsync.manifest import Manifest, build_manifest
+from weightsync.v1 import weightsync_pb2 as pb
+
+PROBE = pb.GenerateRequest(prompt="the cat sat", max_tokens=8)
+
+
+@dataclass
+class Served:
+    rollout: Rollout
+    state: dict[str, torch.Tensor]
+    fingerprint: str
+    answer: list[int]
+
+    def assert_unchanged(self, receiving: bool = False) -> None:
+        """Version 1 still served; no update left open unless one is legitimately `receiving`."""
+        status = self.rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
+        assert (status.weight_version, status.fingerprint) == (1, self.fingerprint)
+        phase = pb.ROLLOUT_STATE_RECEIVING if receiving else pb.ROLLOUT_STATE_SERVING
+        assert (status.state, bool(status.update_id)) == (phase, receiving)
+        answer = self.rollout.generate.Generate(PROBE, timeout=30)
+        assert (answer.weight_version, list(answer.token_ids)) == (1, self.answer)
+
+    def assert_next_push_works(self, version: int = 2) -> None:
+        with Publisher([self.rollout.address], progress=False) as publisher:
+            [result] = publisher.push(self.state, version)
+        assert result.ok, result.error
+
+
+@pytest.fixture
+def served(rollout: Rollout, trained_state: dict[str, torch.Tensor]) -> Served:
+    """A rollout serving version 1 of the trained weights."""
+    with Publisher([rollout.address], progress=False) as publisher:
+        [result] = publisher.push(trained_state, 1)
+    assert result.ok
+    answer = list(rollout.generate.Generate(PROBE, timeout=30).token_ids)
+    return Served(rollout, trained_state, result.fingerprint, answer)
+
+
+@pytest.fixture
+def other_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    return new_model(model_dir, seed=5).state_dict()
+
+
+def refused(call, code: grpc.StatusCode, text: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, info.value.details()
+    assert text in info.value.details()
+
+
+def edit(manifest: Manifest, entries: list) -> Manifest:  # type: ignore[type-arg]
+    """Re-lays out `entries` back to back (offsets recomputed) so only the intended fault remains."""
+    out, offset = [], 0
+    for e in entries:
+        out.append(replace(e, offset=offset))
+        offset += e.byte_size
+    return Manifest(entries=tuple(out))
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_stale_or_repeated_version(served: Served, version: int) -> None:
+    _, manifest = raw.prepare(served.state)
+    refused(lambda: raw.begin(served.rollout.weight_sync, version, manifest), grpc.StatusCode.FAILED_PRECONDITION,
+            "not newer than committed version 1")
+    served.assert_unchanged()
+
+
+def test_unknown_tensor_name(served: Served) -> None:
+    _, manifest = raw.prepare({**served.state, "model.layers.99.mlp.up_proj.weight": torch.zeros(4, 4)})
+    refused(lambda: raw.begin(served.rollout.weight_sync, 2, manifest), grpc.StatusCode.INVALID_ARGUMENT,
+            "unknown tensor 'model.layers.99.mlp.up_proj.weight'")
+    served.assert_unchanged()
+
+
+def test_missing_tensor(served: Served) -> None:
+    state = {k: v for k, v in served.state.items() if k != "model.layers.2.self_attn.o_proj.weight"}
+    _, manifest = raw.prepare(state)
+    refused(lambda: raw.begin(served.rollout.weight_sync, 2, manifest), grpc.StatusCode.INVALID_ARGUMENT,
+            "missing tensors: model.layers.2.self_attn.o_proj.weight")
+    served.assert_unchanged()
+
+
+def test_wrong_shape(served: Served) -> None:
+    _, manifest = raw.prepare(served.state)
+    entries = [replace(e, shape=e.shape[::-1]) if e.name.endswith("gate_proj.weight") else e for e in manifest]
+    refused(lambda: raw.begin(served.rollout.weight_sync, 2, edit(manifest, entries)),
+            grpc.StatusCode.INVALID_ARGUMENT, "model expects [512, 256]")
+    served.assert_unchanged()
+
+
+def test_wrong_dtype(served: Served) -> None:
+    manifest = build_manifest((k, v.to(torch.float16)) for k, v in served.state.items() if k != "lm_head.weight")
+    refused(lambda: raw.begin(served.rollout.weight_sync, 2, manifest), grpc.StatusCode.INVALID_ARGUMENT,
+            "this rollout takes torch.bfloat16")
+    served.assert_unchanged()
+
+
+def test_oversized_update_and_chunks(served: Served) -> None:
+    fp32 = build_manifest((k, v.float()) for k, v in served.state.items() if k != "lm_head.weight")
+    refused(lambda: raw.begin(served.rollout.weight_sync, 2, fp32), grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "this model takes")
+    _, manifest = raw.prepare(served.state)
+    refused(lambda: raw.begin(served.rollout.weight_sync, 2, manifest, chunk_bytes=1 << 30),
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "chunk_bytes")
+    # A message over the server's limit never reaches the handler; the silent update is reaped.
+    update_id = raw.begin(served.rollout.weight_sync, 2, manifest).update_id
+    huge = pb.PushChunksRequest(update_id=update_id, index=0, data=bytes(70 << 20)).SerializeToString()
+    refused(lambda: raw.push_chunks(served.rollout.channel, [huge]), grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+    _wait_no_update(served.rollout)
+    served.assert_unchanged()
+    served.assert_next_push_works()
+
+
+def test_forged_fingerprint_or_checksum(served: Served, other_state: dict[str, torch.Tensor]) -> None:
+    tensors, manifest = raw.prepare(served.state)
+    stub = served.rollout.weight_sync
+    forged = pb.BeginUpdateRequest(version=2, manifest=raw.wire.manifest_to_proto(manifest), chunk_bytes=raw.CHUNK,
+                                   fingerprint="sha256:" + "0" * 64)
+    refused(lambda: stub.BeginUpdate(forged, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "fingerprint")
+    # The manifest promises one set of tensors; chunks (each self-consistent) carry another.
+    other_tensors, _ = raw.prepare(other_state)
+    update_id = raw.begin(stub, 2, manifest).update_id
+    raw.push_chunks(served.rollout.channel, raw.encoded_chunks(update_id, other_tensors, manifest))
+    refused(lambda: stub.Commit(pb.CommitRequest(update_id=update_id), timeout=10),
+            grpc.StatusCode.FAILED_PRECONDITION, "does not match its checksum")
+    served.assert_unchanged()
+    served.assert_next_push_works()
+
+
+def test_tied_alias_that_differs(served: Served) -> None:
+    state = {**served.state, "lm_head.weight": served.state["model.embed_tokens.weight"] + 1}
+    _, manifest = raw.prepare(state)
+    refused(lambda: raw.begin(served.rollout.weight_sync, 2, manifest), grpc.StatusCode.INVALID_ARGUMENT,
+            "tied in this model but differ")
+    served.assert_unchanged()
+
+
+def test_corrupted_chunk_aborts_the_update(served: Served) -> None:
+    tensors, manifest = raw.prepare(served.state)
+    update_id = raw.begin(served.rollout.weight_sync, 2, manifest).update_id
+    chunks = raw.encoded_chunks(update_id, tensors, manifest)
+    bad = bytearray(chunks[3])
+    bad[-100] ^= 0x01
+    refused(lambda: raw.push_chunks(served.rollout.channel, [*chunks[:3], bytes(bad), *chunks[4:]]),
+            grpc.StatusCode.DATA_LOSS, "chunk 3 failed its checksum")
+    refused(lambda: served.rollout.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10),
+            grpc.StatusCode.NOT_FOUND, "no update")
+    served.assert_unchanged()
+    served.assert_next_push_works()
+
+
+@pytest.mark.parametrize("fault", ["duplicate", "out_of_range", "wrong_update"])
+def test_misplaced_chunks(served: Served, fault: str) -> None:
+    tensors, manifest = raw.prepare(served.state)
+    update_id = raw.begin(served.rollout.weight_sync, 2, manifest).update_id
+    chunks = raw.encoded_chunks(update_id, tensors, manifest)
+    stream, code, text = {
+        "duplicate": ([chunks[0], chunks[1], chunks[0]], grpc.StatusCode.DATA_LOSS, "chunk 0 arrived twice"),
+        "out_of_range": (
+            [raw.wire.encode_chunk(update_id.encode(), len(chunks), [memoryview(b"x" * 16)])],
+            grpc.StatusCode.DATA_LOSS, "outside the layout",
+        ),
+        "wrong_update": (raw.encoded_chunks("someone-else", tensors, manifest)[:1], grpc.StatusCode.NOT_FOUND,
+                         "no update 'someone-else'"),
+    }[fault]
+    refused(lambda: raw.push_chunks(served.rollout.channel, stream), code, text)
+    served.rollout.weight_sync.AbortUpdate(pb.AbortUpdateRequest(update_id=update_id), timeout=5) if fault == (
+        "wrong_update") else None
+    served.assert_unchanged()
+    served.assert_next_push_works()
+
+
+@pytest.mark.parametrize("sent", [0, 5])
+def test_commit_before_every_byte_arrived(served: Served, sent: int) -> None:
+    tensors, manifest = raw.prepare(served.state)
+    update_id = raw.begin(served.rollout.weight_sync, 2, manifest).update_id
+    chunks = raw.encoded_chunks(update_id, tensors, manifest)
+    raw.push_chunks(served.rollout.channel, chunks[:sent])  # a truncated stream that ended cleanly
+    refused(lambda: served.rollout.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10),
+            grpc.StatusCode.FAILED_PRECONDITION, f"{len(chunks) - sent} of {len(chunks)} chunks have not arrived")
+    served.assert_unchanged()
+    served.assert_next_push_works()
+
+
+def test_second_trainer_is_refused_while_first_pushes(served: Served, other_state: dict[str, torch.Tensor]) -> None:
+    tensors, manifest = raw.prepare(other_state)
+    stub = served.rollout.weight_sync
+    first = raw.begin(stub, 2, manifest).update_id
+    refused(lambda: raw.begin(stub, 3, manifest), grpc.StatusCode.ABORTED, "one update at a time")
+    with Publisher([served.rollout.address], progress=False) as second:
+        [result] = second.push(served.state, 4)
+    assert not result.ok and "ABORTED" in result.error
+    served.assert_unchanged(receiving=True)
+    raw.push_chunks(served.rollout.channel, raw.encoded_chunks(first, tensors, manifest))
+    answer = stub.Commit(pb.CommitRequest(update_id=first), timeout=10)
+    assert (answer.weight_version, answer.fingerprint) == (2, manifest.fingerprint)
+
+
+def test_trainer_killed_mid_stream(served: Served, model_dir: Path) -> None:
+    script = f"""
+import sys, time
+import raw
+from trainer_side.train import new_model
+tensors, manifest = raw.prepare(new_model({str(model_dir)!r}, seed=9).state_dict())
+import grpc
+channel = grpc.insecure_channel({served.rollout.address!r})
+stub = raw.pb_grpc.WeightSyncStub(channel)
+update_id = raw.begin(stub, 2, manifest).update_id
+chunks = raw.encoded_chunks(update_id, tensors, manifest)
+def slow():
+    yield from chunks[: len(chunks) // 2]
+    print("HALF", flush=True)
+    time.sleep(600)
+raw.push_chunks(channel, slow())
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "HALF"
+        status = served.rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
+        assert status.state == pb.ROLLOUT_STATE_RECEIVING and status.received_bytes > 0
+        # Generate still serves version 1 while version 2 is being received.
+        answer = served.rollout.generate.Generate(PROBE, timeout=30)
+        assert (answer.weight_version, list(answer.token_ids)) == (1, served.answer)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    _wait_no_update(served.rollout)
+    served.assert_unchanged()
+    served.assert_next_push_works()
+
+
+def _wait_no_update(rollout: Rollout, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5).update_id:
+        assert time.monotonic() < deadline, "the rollout kept a dead update open"
+        time.sleep(0.1)
