@@ -28,22 +28,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Boots the engine with dummy (random) weights and serves on HOST:PORT. Generate answers "
         "UNAVAILABLE until a trainer commits a version; with --weights, real weights are loaded at boot.",
     )
-    serve.add_argument("--model", type=Path, default=Path("models/tiny"),
-                       help="Hugging Face model folder: config and tokenizer, weights not needed (default: %(default)s)")
-    serve.add_argument("--engine", choices=["vllm", "torch"], default="vllm",
-                       help="vllm (batched, the production engine) or torch (light reference engine)")
+    serve.add_argument(
+        "--model",
+        type=Path,
+        default=Path("models/tiny"),
+        help="Hugging Face model folder: config and tokenizer, weights not needed (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=["vllm", "torch"],
+        default="vllm",
+        help="vllm (batched, the production engine) or torch (light reference engine)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 in containers")
     serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--weights", type=Path,
-                       help="standalone mode: a .safetensors file or folder of them to load at boot, no trainer needed")
+    serve.add_argument(
+        "--weights",
+        type=Path,
+        help="standalone mode: a .safetensors file or folder of them to load at boot, no trainer needed",
+    )
     serve.add_argument("--weights-version", type=int, default=1, help="version the --weights are served as")
     serve.add_argument("--device", default="cpu", help="torch engine device, e.g. cuda:0")
     serve.add_argument("--max-model-len", type=int, default=512, help="vllm: longest prompt + completion")
     serve.add_argument("--gpu-memory-utilization", type=float, help="vllm: fraction of GPU memory to use")
     serve.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per engine")
     serve.add_argument("--kv-cache-gib", type=float, help="vllm on CPU: KV cache size in GiB")
-    serve.add_argument("--idle-timeout", type=float, default=60.0,
-                       help="abort an update that sends nothing for this many seconds")
+    serve.add_argument(
+        "--idle-timeout", type=float, default=60.0, help="abort an update that sends nothing for this many seconds"
+    )
     serve.add_argument("--log-level", default="INFO")
     return parser
 
@@ -78,7 +90,7 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    state = "serving version %d" % args.weights_version if args.weights else "dummy weights, waiting for a push"
+    state = f"serving version {args.weights_version}" if args.weights else "dummy weights, waiting for a push"
     logger.info("ready on %s:%d: %s", args.host, rollout.port, state)
     await stop.wait()
     logger.info("shutting down")

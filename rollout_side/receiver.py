@@ -156,17 +156,11 @@ class Receiver:
                 "one update at a time per rollout"
             )
         if version <= self._high_water:
-            raise StaleVersion(
-                f"version {version} is not newer than committed version {self._high_water}"
-            )
+            raise StaleVersion(f"version {version} is not newer than committed version {self._high_water}")
         if manifest.total_bytes > self._max_bytes:
-            raise TooLarge(
-                f"update is {manifest.total_bytes} bytes; this model takes {self._max_bytes}"
-            )
+            raise TooLarge(f"update is {manifest.total_bytes} bytes; this model takes {self._max_bytes}")
         if not MIN_CHUNK_BYTES <= chunk_bytes <= self.max_chunk_bytes:
-            raise TooLarge(
-                f"chunk_bytes {chunk_bytes} outside [{MIN_CHUNK_BYTES}, {self.max_chunk_bytes}]"
-            )
+            raise TooLarge(f"chunk_bytes {chunk_bytes} outside [{MIN_CHUNK_BYTES}, {self.max_chunk_bytes}]")
         self._check_names(manifest)
         if fingerprint and fingerprint != manifest.fingerprint:
             raise BadManifest("announced fingerprint does not match the manifest")
@@ -184,7 +178,10 @@ class Receiver:
         self._set_phase(Phase.RECEIVING)
         logger.info(
             "update %s: receiving version %d, %d tensors, %.1f MB",
-            update.id, version, len(manifest), manifest.total_bytes / 1e6,
+            update.id,
+            version,
+            len(manifest),
+            manifest.total_bytes / 1e6,
         )
         return update
 
@@ -237,8 +234,9 @@ class Receiver:
         self._fingerprint, self._high_water, self._detail = update.manifest.fingerprint, update.version, ""
         self._set_phase(Phase.SERVING)
         seconds = time.perf_counter() - started
-        logger.info("update %s: committed version %d in %.3f s (%s)", update.id, update.version, seconds,
-                    self._fingerprint)
+        logger.info(
+            "update %s: committed version %d in %.3f s (%s)", update.id, update.version, seconds, self._fingerprint
+        )
         async with self._committed:
             self._committed.notify_all()
         return update.version, self._fingerprint, seconds
@@ -255,13 +253,10 @@ class Receiver:
         """Waits until `version` or newer is served; raises VersionNotReached at the deadline."""
         async with self._committed:
             try:
-                await asyncio.wait_for(
-                    self._committed.wait_for(lambda: self.engine.weight_version >= version), timeout
-                )
+                await asyncio.wait_for(self._committed.wait_for(lambda: self.engine.weight_version >= version), timeout)
             except TimeoutError:
                 raise VersionNotReached(
-                    f"version {version} was not committed before the deadline "
-                    f"(serving {self.engine.weight_version})"
+                    f"version {version} was not committed before the deadline (serving {self.engine.weight_version})"
                 ) from None
 
     # -- helpers ------------------------------------------------------------------------------

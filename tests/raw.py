@@ -35,7 +35,9 @@ def begin(
     )
 
 
-def encoded_chunks(update_id: str, tensors: list[torch.Tensor], manifest: Manifest, chunk_bytes: int = CHUNK) -> list[bytes]:
+def encoded_chunks(
+    update_id: str, tensors: list[torch.Tensor], manifest: Manifest, chunk_bytes: int = CHUNK
+) -> list[bytes]:
     return [
         wire.encode_chunk(update_id.encode(), index, pieces)
         for index, pieces in wire.iter_chunk_payloads(tensors, manifest, chunk_bytes)

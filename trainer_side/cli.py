@@ -48,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_rollouts(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rollouts", required=True, type=lambda s: [a for a in s.split(",") if a],
-                        help="comma-separated HOST:PORT list, e.g. 127.0.0.1:50051")
+    parser.add_argument(
+        "--rollouts",
+        required=True,
+        type=lambda s: [a for a in s.split(",") if a],
+        help="comma-separated HOST:PORT list, e.g. 127.0.0.1:50051",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,8 +93,14 @@ class Publisher:
         payloads = wire.iter_chunk_payloads(list(tensors.values()), manifest, self.chunk_bytes)
         encoded = (wire.encode_chunk(update_id.encode(), index, pieces) for index, pieces in payloads)
         broadcast = _Broadcast(encoded, consumers=len(self.rollouts), window=self.window)
-        logger.info("push %s: version %d, %d tensors, %.1f MB to %d rollout(s)", update_id, version,
-                    len(manifest), manifest.total_bytes / 1e6, len(self.rollouts))
+        logger.info(
+            "push %s: version %d, %d tensors, %.1f MB to %d rollout(s)",
+            update_id,
+            version,
+            len(manifest),
+            manifest.total_bytes / 1e6,
+            len(self.rollouts),
+        )
         with ThreadPoolExecutor(max_workers=len(self.rollouts)) as pool:
             futures = [
                 pool.submit(self._push_one, address, i, broadcast, manifest, version, update_id)
@@ -108,8 +114,15 @@ class Publisher:
         started = time.perf_counter()
         stub = self._stubs[address]
         # progress=None shows bars only on a terminal.
-        bar = tqdm(total=manifest.total_bytes, unit="B", unit_scale=True, desc=address, position=slot,
-                   leave=False, disable=None if self.progress is None else not self.progress)
+        bar = tqdm(
+            total=manifest.total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc=address,
+            position=slot,
+            leave=False,
+            disable=None if self.progress is None else not self.progress,
+        )
         accepted = False
         try:
             stub.BeginUpdate(
@@ -135,13 +148,21 @@ class Publisher:
         seconds = time.perf_counter() - started
         if answer.weight_version != version or answer.fingerprint != manifest.fingerprint:
             return PushResult(
-                address=address, version=version, ok=False, seconds=seconds,
+                address=address,
+                version=version,
+                ok=False,
+                seconds=seconds,
                 error=f"rollout committed version {answer.weight_version} with fingerprint {answer.fingerprint}, "
                 f"expected {version} with {manifest.fingerprint}",
             )
         return PushResult(
-            address=address, version=version, ok=True, fingerprint=answer.fingerprint, seconds=seconds,
-            bytes_sent=sent.bytes, swap_seconds=answer.swap_seconds,
+            address=address,
+            version=version,
+            ok=True,
+            fingerprint=answer.fingerprint,
+            seconds=seconds,
+            bytes_sent=sent.bytes,
+            swap_seconds=answer.swap_seconds,
         )
 
     def status(self) -> dict[str, pb.GetStatusResponse | str]:

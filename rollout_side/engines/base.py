@@ -100,5 +100,6 @@ class Engine(ABC):
     def generate_stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Completion]:
         """The completion in pieces, all produced by one version."""
 
+    @abstractmethod
     async def shutdown(self) -> None:
         """Releases the engine's processes and memory."""

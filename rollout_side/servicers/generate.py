@@ -39,7 +39,9 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         prompt_ids, sampling = await self._admit(request.request, context)
         async for out in self.engine.generate_stream(prompt_ids, sampling):
             yield pb.GenerateStreamResponse(
-                token_ids=out.token_ids, text=out.text, weight_version=out.weight_version,
+                token_ids=out.token_ids,
+                text=out.text,
+                weight_version=out.weight_version,
                 finish_reason=out.finish_reason,
             )
 

@@ -50,7 +50,11 @@ def test_push_then_generate_equals_transformers(rollout, model_dir, tokenizer, t
     assert result.ok, result.error
     assert result.fingerprint == manifest_of_state(trained_state).fingerprint
     status = rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
-    assert (status.weight_version, status.state, status.fingerprint) == (7, pb.ROLLOUT_STATE_SERVING, result.fingerprint)
+    assert (status.weight_version, status.state, status.fingerprint) == (
+        7,
+        pb.ROLLOUT_STATE_SERVING,
+        result.fingerprint,
+    )
     assert health_of(rollout, "weightsync.v1.Generate") == health_pb2.HealthCheckResponse.SERVING
 
     reference = reference_model(model_dir, trained_state)
@@ -135,9 +139,25 @@ def test_concurrent_generate_during_pushes_never_mixes_versions(rollout, model_d
 def test_standalone_mode_serves_real_weights(model_dir, tokenizer, trained_state, trained_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rollout_side", "serve", "--engine", "torch", "--model", str(model_dir),
-         "--port", str(port), "--weights", str(trained_checkpoint), "--weights-version", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "rollout_side",
+            "serve",
+            "--engine",
+            "torch",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--weights",
+            str(trained_checkpoint),
+            "--weights-version",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         address = f"127.0.0.1:{port}"
@@ -149,7 +169,9 @@ def test_standalone_mode_serves_real_weights(model_dir, tokenizer, trained_state
         assert status.weight_version == 3
         assert status.fingerprint == manifest_of_state(trained_state).fingerprint
         ids = tokenizer("monday tuesday", add_special_tokens=False)["input_ids"]
-        answer = pb_grpc.GenerateStub(channel).Generate(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=12), timeout=30)
+        answer = pb_grpc.GenerateStub(channel).Generate(
+            pb.GenerateRequest(prompt_token_ids=ids, max_tokens=12), timeout=30
+        )
         assert answer.weight_version == 3
         assert list(answer.token_ids) == greedy(reference_model(model_dir, trained_state), ids, 12)
         channel.close()
@@ -160,8 +182,16 @@ def test_standalone_mode_serves_real_weights(model_dir, tokenizer, trained_state
 
 
 def test_push_cli_exit_codes(rollout, trained_checkpoint) -> None:  # type: ignore[no-untyped-def]
-    push = [sys.executable, "-m", "trainer_side", "push", "--checkpoint", str(trained_checkpoint),
-            "--rollouts", rollout.address]
+    push = [
+        sys.executable,
+        "-m",
+        "trainer_side",
+        "push",
+        "--checkpoint",
+        str(trained_checkpoint),
+        "--rollouts",
+        rollout.address,
+    ]
     ok = subprocess.run([*push, "--version", "4"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "version 4 committed" in ok.stdout

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
-
 import raw
+import torch
 from conftest import ROOT, Rollout
+
 from trainer_side.publisher import Publisher
 from trainer_side.train import new_model
 from weightsync.manifest import Manifest, build_manifest
@@ -80,48 +80,67 @@ def edit(manifest: Manifest, entries: list) -> Manifest:  # type: ignore[type-ar
 @pytest.mark.parametrize("version", [0, 1])
 def test_stale_or_repeated_version(served: Served, version: int) -> None:
     _, manifest = raw.prepare(served.state)
-    refused(lambda: raw.begin(served.rollout.weight_sync, version, manifest), grpc.StatusCode.FAILED_PRECONDITION,
-            "not newer than committed version 1")
+    refused(
+        lambda: raw.begin(served.rollout.weight_sync, version, manifest),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "not newer than committed version 1",
+    )
     served.assert_unchanged()
 
 
 def test_unknown_tensor_name(served: Served) -> None:
     _, manifest = raw.prepare({**served.state, "model.layers.99.mlp.up_proj.weight": torch.zeros(4, 4)})
-    refused(lambda: raw.begin(served.rollout.weight_sync, 2, manifest), grpc.StatusCode.INVALID_ARGUMENT,
-            "unknown tensor 'model.layers.99.mlp.up_proj.weight'")
+    refused(
+        lambda: raw.begin(served.rollout.weight_sync, 2, manifest),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown tensor 'model.layers.99.mlp.up_proj.weight'",
+    )
     served.assert_unchanged()
 
 
 def test_missing_tensor(served: Served) -> None:
     state = {k: v for k, v in served.state.items() if k != "model.layers.2.self_attn.o_proj.weight"}
     _, manifest = raw.prepare(state)
-    refused(lambda: raw.begin(served.rollout.weight_sync, 2, manifest), grpc.StatusCode.INVALID_ARGUMENT,
-            "missing tensors: model.layers.2.self_attn.o_proj.weight")
+    refused(
+        lambda: raw.begin(served.rollout.weight_sync, 2, manifest),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "missing tensors: model.layers.2.self_attn.o_proj.weight",
+    )
     served.assert_unchanged()
 
 
 def test_wrong_shape(served: Served) -> None:
     _, manifest = raw.prepare(served.state)
     entries = [replace(e, shape=e.shape[::-1]) if e.name.endswith("gate_proj.weight") else e for e in manifest]
-    refused(lambda: raw.begin(served.rollout.weight_sync, 2, edit(manifest, entries)),
-            grpc.StatusCode.INVALID_ARGUMENT, "model expects [512, 256]")
+    refused(
+        lambda: raw.begin(served.rollout.weight_sync, 2, edit(manifest, entries)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "model expects [512, 256]",
+    )
     served.assert_unchanged()
 
 
 def test_wrong_dtype(served: Served) -> None:
     manifest = build_manifest((k, v.to(torch.float16)) for k, v in served.state.items() if k != "lm_head.weight")
-    refused(lambda: raw.begin(served.rollout.weight_sync, 2, manifest), grpc.StatusCode.INVALID_ARGUMENT,
-            "this rollout takes torch.bfloat16")
+    refused(
+        lambda: raw.begin(served.rollout.weight_sync, 2, manifest),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "this rollout takes torch.bfloat16",
+    )
     served.assert_unchanged()
 
 
 def test_oversized_update_and_chunks(served: Served) -> None:
     fp32 = build_manifest((k, v.float()) for k, v in served.state.items() if k != "lm_head.weight")
-    refused(lambda: raw.begin(served.rollout.weight_sync, 2, fp32), grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "this model takes")
+    refused(
+        lambda: raw.begin(served.rollout.weight_sync, 2, fp32), grpc.StatusCode.RESOURCE_EXHAUSTED, "this model takes"
+    )
     _, manifest = raw.prepare(served.state)
-    refused(lambda: raw.begin(served.rollout.weight_sync, 2, manifest, chunk_bytes=1 << 30),
-            grpc.StatusCode.RESOURCE_EXHAUSTED, "chunk_bytes")
+    refused(
+        lambda: raw.begin(served.rollout.weight_sync, 2, manifest, chunk_bytes=1 << 30),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "chunk_bytes",
+    )
     # A message over the server's limit never reaches the handler; the silent update is reaped.
     update_id = raw.begin(served.rollout.weight_sync, 2, manifest).update_id
     huge = pb.PushChunksRequest(update_id=update_id, index=0, data=bytes(70 << 20)).SerializeToString()
@@ -132,17 +151,24 @@ def test_oversized_update_and_chunks(served: Served) -> None:
 
 
 def test_forged_fingerprint_or_checksum(served: Served, other_state: dict[str, torch.Tensor]) -> None:
-    tensors, manifest = raw.prepare(served.state)
+    _, manifest = raw.prepare(served.state)
     stub = served.rollout.weight_sync
-    forged = pb.BeginUpdateRequest(version=2, manifest=raw.wire.manifest_to_proto(manifest), chunk_bytes=raw.CHUNK,
-                                   fingerprint="sha256:" + "0" * 64)
+    forged = pb.BeginUpdateRequest(
+        version=2,
+        manifest=raw.wire.manifest_to_proto(manifest),
+        chunk_bytes=raw.CHUNK,
+        fingerprint="sha256:" + "0" * 64,
+    )
     refused(lambda: stub.BeginUpdate(forged, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "fingerprint")
     # The manifest promises one set of tensors; chunks (each self-consistent) carry another.
     other_tensors, _ = raw.prepare(other_state)
     update_id = raw.begin(stub, 2, manifest).update_id
     raw.push_chunks(served.rollout.channel, raw.encoded_chunks(update_id, other_tensors, manifest))
-    refused(lambda: stub.Commit(pb.CommitRequest(update_id=update_id), timeout=10),
-            grpc.StatusCode.FAILED_PRECONDITION, "does not match its checksum")
+    refused(
+        lambda: stub.Commit(pb.CommitRequest(update_id=update_id), timeout=10),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "does not match its checksum",
+    )
     served.assert_unchanged()
     served.assert_next_push_works()
 
@@ -150,8 +176,11 @@ def test_forged_fingerprint_or_checksum(served: Served, other_state: dict[str, t
 def test_tied_alias_that_differs(served: Served) -> None:
     state = {**served.state, "lm_head.weight": served.state["model.embed_tokens.weight"] + 1}
     _, manifest = raw.prepare(state)
-    refused(lambda: raw.begin(served.rollout.weight_sync, 2, manifest), grpc.StatusCode.INVALID_ARGUMENT,
-            "tied in this model but differ")
+    refused(
+        lambda: raw.begin(served.rollout.weight_sync, 2, manifest),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tied in this model but differ",
+    )
     served.assert_unchanged()
 
 
@@ -161,10 +190,16 @@ def test_corrupted_chunk_aborts_the_update(served: Served) -> None:
     chunks = raw.encoded_chunks(update_id, tensors, manifest)
     bad = bytearray(chunks[3])
     bad[-100] ^= 0x01
-    refused(lambda: raw.push_chunks(served.rollout.channel, [*chunks[:3], bytes(bad), *chunks[4:]]),
-            grpc.StatusCode.DATA_LOSS, "chunk 3 failed its checksum")
-    refused(lambda: served.rollout.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10),
-            grpc.StatusCode.NOT_FOUND, "no update")
+    refused(
+        lambda: raw.push_chunks(served.rollout.channel, [*chunks[:3], bytes(bad), *chunks[4:]]),
+        grpc.StatusCode.DATA_LOSS,
+        "chunk 3 failed its checksum",
+    )
+    refused(
+        lambda: served.rollout.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10),
+        grpc.StatusCode.NOT_FOUND,
+        "no update",
+    )
     served.assert_unchanged()
     served.assert_next_push_works()
 
@@ -178,14 +213,19 @@ def test_misplaced_chunks(served: Served, fault: str) -> None:
         "duplicate": ([chunks[0], chunks[1], chunks[0]], grpc.StatusCode.DATA_LOSS, "chunk 0 arrived twice"),
         "out_of_range": (
             [raw.wire.encode_chunk(update_id.encode(), len(chunks), [memoryview(b"x" * 16)])],
-            grpc.StatusCode.DATA_LOSS, "outside the layout",
+            grpc.StatusCode.DATA_LOSS,
+            "outside the layout",
         ),
-        "wrong_update": (raw.encoded_chunks("someone-else", tensors, manifest)[:1], grpc.StatusCode.NOT_FOUND,
-                         "no update 'someone-else'"),
+        "wrong_update": (
+            raw.encoded_chunks("someone-else", tensors, manifest)[:1],
+            grpc.StatusCode.NOT_FOUND,
+            "no update 'someone-else'",
+        ),
     }[fault]
     refused(lambda: raw.push_chunks(served.rollout.channel, stream), code, text)
     served.rollout.weight_sync.AbortUpdate(pb.AbortUpdateRequest(update_id=update_id), timeout=5) if fault == (
-        "wrong_update") else None
+        "wrong_update"
+    ) else None
     served.assert_unchanged()
     served.assert_next_push_works()
 
@@ -196,8 +236,11 @@ def test_commit_before_every_byte_arrived(served: Served, sent: int) -> None:
     update_id = raw.begin(served.rollout.weight_sync, 2, manifest).update_id
     chunks = raw.encoded_chunks(update_id, tensors, manifest)
     raw.push_chunks(served.rollout.channel, chunks[:sent])  # a truncated stream that ended cleanly
-    refused(lambda: served.rollout.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10),
-            grpc.StatusCode.FAILED_PRECONDITION, f"{len(chunks) - sent} of {len(chunks)} chunks have not arrived")
+    refused(
+        lambda: served.rollout.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"{len(chunks) - sent} of {len(chunks)} chunks have not arrived",
+    )
     served.assert_unchanged()
     served.assert_next_push_works()
 
