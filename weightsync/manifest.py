@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +29,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float32: "F32",
 }
 CHECKSUM_PREFIX = "xxh3_128:"
+_CHECKSUM = re.compile(re.escape(CHECKSUM_PREFIX) + "[0-9a-f]{32}")
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -85,8 +87,8 @@ class Manifest:
                     f"tensor {entry.name!r} starts at byte {entry.offset}, expected {position}: "
                     "tensors must tile the layout without gaps or overlaps"
                 )
-            if not entry.checksum.startswith(CHECKSUM_PREFIX):
-                raise BadManifest(f"tensor {entry.name!r} checksum must start with {CHECKSUM_PREFIX!r}")
+            if not _CHECKSUM.fullmatch(entry.checksum):
+                raise BadManifest(f"tensor {entry.name!r} checksum must be {CHECKSUM_PREFIX!r} and 32 hex digits")
             position = entry.end
 
     def __iter__(self) -> Iterator[TensorEntry]:
@@ -112,6 +114,8 @@ class Manifest:
         """Yields each tensor as a typed view into a flat uint8 buffer holding this layout."""
         for entry in self.entries:
             raw = flat[entry.offset : entry.end]
+            if entry.offset % entry.dtype.itemsize:
+                raw = raw.clone()  # torch views need aligned offsets; only mixed-dtype layouts get here
             yield entry.name, raw.view(entry.dtype).view(entry.shape)
 
 
@@ -146,12 +150,12 @@ def wire_tensors(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch
     Tied weights (embed_tokens / lm_head) share storage; sending them once is both smaller and what
     the receiving model expects, since it ties them again itself.
     """
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[object, ...]] = set()
     for name, tensor in state.items():
         if not tensor.is_floating_point():
             continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+        if tensor.numel() and key in seen:
             continue
         seen.add(key)
         yield name, tensor.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()

@@ -153,7 +153,8 @@ class Chunk:
 
 
 def decode_chunk(message: bytes) -> Chunk:
-    """Parses any valid encoding of PushChunksRequest (fields in any order, unknown ones skipped)."""
+    """Parses any valid proto3 encoding of PushChunksRequest (fields in any order, unknown ones
+    skipped; deprecated groups are refused)."""
     view = memoryview(message)
     update_id, index, checksum, data = "", 0, 0, view[0:0]
     pos, size = 0, len(view)
@@ -194,6 +195,7 @@ def _put_varint(out: bytearray, value: int) -> None:
 
 
 def _get_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    """Reads a varint of at most 10 bytes, truncated to 64 bits as protobuf does."""
     result = shift = 0
     while True:
         if pos >= len(view) or shift > 63:
@@ -202,5 +204,5 @@ def _get_varint(view: memoryview, pos: int) -> tuple[int, int]:
         pos += 1
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            return result, pos
+            return result & 0xFFFF_FFFF_FFFF_FFFF, pos
         shift += 7
