@@ -15,7 +15,7 @@ VENV_STAMP := $(VENV)/.installed
 STUBS := weightsync/v1/weightsync_pb2.py
 MODEL_STAMP := $(MODEL)/config.json
 
-.PHONY: help venv proto model test lint demo run-rollout run-trainer bench clean
+.PHONY: help venv proto model test soak lint demo run-rollout run-trainer bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ model: $(MODEL_STAMP)  ## build models/tiny/ (config + tokenizer, offline, deter
 
 test: $(STUBS) $(MODEL_STAMP)  ## run the test suite (what CI runs)
 	$(BIN)/python -m pytest -m "not gpu" -q
+
+soak: $(STUBS) $(MODEL_STAMP)  ## Generate under load while pushes commit, for SOAK_SECONDS (300)
+	SOAK_SECONDS=$${SOAK_SECONDS:-300} SOAK_REPORT=bench/results/soak.json $(BIN)/python -m pytest tests/soak -q -s
 
 lint: $(STUBS)  ## ruff and buf lint
 	$(BIN)/ruff check .
