@@ -44,7 +44,7 @@ $(MODEL_STAMP): scripts/build_tiny_model.py $(VENV_STAMP)
 
 model: $(MODEL_STAMP)  ## build models/tiny/ (config + tokenizer, offline, deterministic)
 
-test: $(STUBS) $(MODEL_STAMP)  ## run the test suite (what CI runs)
+test: $(STUBS) $(MODEL_STAMP) clients  ## run the test suite (what CI runs)
 	$(BIN)/python -m pytest -m "not gpu" -q
 
 soak: $(STUBS) $(MODEL_STAMP)  ## Generate under load while pushes commit, for SOAK_SECONDS (300)
@@ -69,3 +69,54 @@ bench: $(STUBS) $(MODEL_STAMP)  ## run the benchmarks; results under bench/resul
 
 clean:  ## remove generated stubs, models and caches (keeps .venv/)
 	rm -rf weightsync/v1 models .pytest_cache .ruff_cache
+
+# --- clients in other languages (tests/integration/test_clients.py) ---
+# Node and npm come with the machine; Go, protoc and the Go gRPC libraries come from Debian packages
+# (GOPATH mode over /usr/share/gocode: no Go module proxy needed). Where a toolchain cannot be installed,
+# the reason lands in clients/<lang>/.unavailable and the client's tests skip with it.
+TS_DIR := clients/ts
+TS_STAMP := $(TS_DIR)/node_modules/.installed
+GO_BUILD := clients/go/.build
+GO_CLIENT := $(GO_BUILD)/bin/weightsync-client
+# golang-github-golang-protobuf-1-5-dev by name: grpc-dev also accepts 1-3, whose codec panics on APIv2 messages.
+GO_DEBS := golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev \
+	golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
+GO_ENV := GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH=$(CURDIR)/$(GO_BUILD)/gopath:/usr/share/gocode \
+	GOCACHE=$(CURDIR)/$(GO_BUILD)/cache
+APT := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n) env DEBIAN_FRONTEND=noninteractive apt-get
+
+.PHONY: clients ts-client go-toolchain go-client clean-clients
+
+clients: ts-client go-client  ## install the JavaScript client's packages and build the Go client
+
+$(TS_STAMP): $(TS_DIR)/package.json $(TS_DIR)/package-lock.json
+	@rm -f $(TS_DIR)/.unavailable
+	@if ! command -v npm >/dev/null; then \
+		echo "npm is not installed (node >= 18.3 and npm are expected on the machine)" | tee $(TS_DIR)/.unavailable; \
+	elif npm ci --prefix $(TS_DIR) --no-audit --no-fund; then touch $@; \
+	else echo "npm ci --prefix $(TS_DIR) failed: is the npm registry reachable?" | tee $(TS_DIR)/.unavailable; fi
+
+ts-client: $(TS_STAMP)  ## npm ci the JavaScript client's packages into clients/ts/node_modules
+
+go-toolchain:  ## apt-get install Go, protoc, its Go plugins and the Go gRPC libraries, if missing
+	@rm -f clients/go/.unavailable
+	@if ! dpkg -s $(GO_DEBS) >/dev/null 2>&1; then \
+		echo "installing the Go toolchain: apt-get install $(GO_DEBS)"; \
+		$(APT) install -y -q --no-install-recommends $(GO_DEBS) \
+		|| { $(APT) update -q && $(APT) install -y -q --no-install-recommends $(GO_DEBS); } \
+		|| echo "apt-get install $(GO_DEBS) failed: are the Debian archives reachable, and are we root?" \
+			| tee clients/go/.unavailable; \
+	fi
+
+$(GO_CLIENT): clients/go/main.go proto/weightsync/v1/weightsync.proto | go-toolchain
+	@if [ -f clients/go/.unavailable ]; then cat clients/go/.unavailable; else \
+		set -ex; rm -rf $(GO_BUILD)/gopath; mkdir -p $(GO_BUILD)/gopath/src; \
+		protoc -Iproto --go_out=$(GO_BUILD)/gopath/src --go-grpc_out=$(GO_BUILD)/gopath/src \
+			proto/weightsync/v1/weightsync.proto; \
+		$(GO_ENV) go vet ./clients/go; \
+		$(GO_ENV) go build -o $@ ./clients/go; fi
+
+go-client: $(GO_CLIENT)  ## generate the Go stubs from proto/ and build the Go client (clients/go/.build/)
+
+clean-clients:  ## remove the clients' installed packages and builds
+	rm -rf $(TS_DIR)/node_modules $(TS_DIR)/.unavailable $(GO_BUILD) clients/go/.unavailable
