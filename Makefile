@@ -50,7 +50,7 @@ test: $(STUBS) $(MODEL_STAMP) clients  ## run the test suite (what CI runs)
 soak: $(STUBS) $(MODEL_STAMP)  ## Generate under load while pushes commit, for SOAK_SECONDS (300)
 	SOAK_SECONDS=$${SOAK_SECONDS:-300} SOAK_REPORT=bench/results/soak.json $(BIN)/python -m pytest tests/soak -q -s
 
-lint: $(STUBS)  ## ruff and buf lint
+lint: $(STUBS) proto-breaking  ## ruff, buf lint and buf breaking
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint proto
@@ -70,10 +70,11 @@ bench: $(STUBS) $(MODEL_STAMP)  ## run the benchmarks; results under bench/resul
 clean:  ## remove generated stubs, models and caches (keeps .venv/)
 	rm -rf weightsync/v1 models .pytest_cache .ruff_cache
 
-# --- clients in other languages (tests/integration/test_clients.py) ---
+# --- clients in other languages (tests/integration/test_clients.py) and the released wire contract ---
 # Node and npm come with the machine; Go, protoc and the Go gRPC libraries come from Debian packages
 # (GOPATH mode over /usr/share/gocode: no Go module proxy needed). Where a toolchain cannot be installed,
 # the reason lands in clients/<lang>/.unavailable and the client's tests skip with it.
+PROTO_RELEASE := proto/releases/v0.1.0.binpb
 TS_DIR := clients/ts
 TS_STAMP := $(TS_DIR)/node_modules/.installed
 GO_BUILD := clients/go/.build
@@ -85,7 +86,13 @@ GO_ENV := GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH=$(CURDIR)/$(GO_BUILD)/gopa
 	GOCACHE=$(CURDIR)/$(GO_BUILD)/cache
 APT := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: clients ts-client go-toolchain go-client clean-clients
+.PHONY: proto-breaking proto-release clients ts-client go-toolchain go-client clean-clients
+
+proto-breaking: $(VENV_STAMP)  ## buf breaking: proto/ against the last released image
+	$(BIN)/buf breaking proto --against $(PROTO_RELEASE)
+
+proto-release: $(VENV_STAMP)  ## on a release: snapshot proto/ as the image buf breaking checks against
+	$(BIN)/buf build proto --exclude-source-info -o $(PROTO_RELEASE)
 
 clients: ts-client go-client  ## install the JavaScript client's packages and build the Go client
 
