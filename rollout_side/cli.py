@@ -8,7 +8,9 @@ import logging
 import signal
 from pathlib import Path
 
+from rollout_side.auth import ServerSecurity
 from rollout_side.engines.base import Engine
+from weightsync.security import add_security_arguments, load_token, server_credentials
 
 __all__ = ["main"]
 
@@ -56,8 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--idle-timeout", type=float, default=60.0, help="abort an update that sends nothing for this many seconds"
     )
+    add_security_arguments(serve, server=True)
     serve.add_argument("--log-level", default="INFO")
     return parser
+
+
+def make_security(args: argparse.Namespace) -> ServerSecurity:
+    """Reads tokens and TLS material once; a missing file is a clear start-up error."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+    if args.tls_ca and not args.tls_cert:
+        raise SystemExit("error: --tls-ca (mutual TLS) needs --tls-cert and --tls-key")
+    try:
+        return ServerSecurity(
+            token=load_token(args.auth_token_file),
+            generate_token=load_token(args.generate_token_file, env="WEIGHTSYNC_GENERATE_TOKEN"),
+            tls=server_credentials(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None,
+        )
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def make_engine(args: argparse.Namespace) -> Engine:
@@ -82,10 +101,15 @@ async def serve(args: argparse.Namespace) -> None:
 
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"error: {args.model}/config.json not found; run `make model` or pass --model DIR")
+    security = make_security(args)
+    if security.token is None:
+        logger.warning("the weight path is open: anyone who reaches this port can push weights (--auth-token-file)")
     engine = make_engine(args)
     receiver = Receiver(engine, idle_timeout=args.idle_timeout)
     await receiver.start(args.weights, args.weights_version)
-    rollout = await create_server(receiver, address=f"{args.host}:{args.port}", model=str(args.model))
+    rollout = await create_server(
+        receiver, address=f"{args.host}:{args.port}", model=str(args.model), security=security
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -8,11 +8,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rollout_side.auth import ServerSecurity
 from rollout_side.receiver import Phase, Receiver
 from rollout_side.servicers.generate import GenerateServicer
+from rollout_side.servicers.registry import add_service
 from rollout_side.servicers.weight_sync import WeightSyncServicer, add_weight_sync
+from weightsync.memory import keep_freed_memory
 from weightsync.v1 import weightsync_pb2 as pb
-from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
 __all__ = ["GENERATE_SERVICE", "WEIGHT_SYNC_SERVICE", "RolloutServer", "create_server"]
 
@@ -43,26 +45,31 @@ class RolloutServer:
         await self.server.wait_for_termination()
 
 
-async def create_server(receiver: Receiver, *, address: str = "127.0.0.1:0", model: str = "") -> RolloutServer:
+async def create_server(
+    receiver: Receiver, *, address: str = "127.0.0.1:0", model: str = "", security: ServerSecurity | None = None
+) -> RolloutServer:
     """Starts serving on `address` (port 0 picks a free one) and returns the server and its port.
 
     WeightSync is SERVING as soon as the server is up; Generate only while the engine holds a
     committed version, so a readiness probe on weightsync.v1.Generate gates traffic.
     """
+    keep_freed_memory()  # grpc allocates every received chunk afresh: reuse warm pages, not new ones
+    security = security or ServerSecurity()
     server = grpc.aio.server(
+        interceptors=security.interceptors(),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
+        ],
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     add_weight_sync(WeightSyncServicer(receiver, model), server)
-    pb_grpc.add_GenerateServicer_to_server(GenerateServicer(receiver), server)
+    add_service(GenerateServicer(receiver), server, pb.DESCRIPTOR.services_by_name["Generate"])
     reflection.enable_server_reflection(
         (GENERATE_SERVICE, WEIGHT_SYNC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, security.tls) if security.tls else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}: is the port taken?")
     await server.start()

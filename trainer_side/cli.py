@@ -6,6 +6,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
+
+from weightsync.security import add_security_arguments, channel_credentials, load_token
 
 __all__ = ["main"]
 
@@ -43,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rollouts(status)
 
     for p in (push, train, status):
+        add_security_arguments(p, server=False)
         p.add_argument("--log-level", default="WARNING")
     return parser
 
@@ -64,8 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from trainer_side.train import run_demo
 
-        return 0 if run_demo(args.model, args.rollouts, args.steps) else 1
+        return 0 if run_demo(args.model, args.rollouts, args.steps, **connection(args)) else 1
     return _status(args)
+
+
+def connection(args: argparse.Namespace) -> dict[str, Any]:
+    """Publisher keyword arguments for the token and TLS flags."""
+    try:
+        token = load_token(args.auth_token_file)
+        tls = args.tls_ca or args.tls_cert
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if tls else None
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    return {"token": token, "credentials": credentials}
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -77,7 +92,7 @@ def _push(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         print(f"error: cannot read checkpoint: {error}", file=sys.stderr)
         return 2
-    with Publisher(args.rollouts, chunk_bytes=int(args.chunk_mib * (1 << 20))) as publisher:
+    with Publisher(args.rollouts, chunk_bytes=int(args.chunk_mib * (1 << 20)), **connection(args)) as publisher:
         results = publisher.push(state, args.version)
     for result in results:
         print(result.line(), file=sys.stdout if result.ok else sys.stderr)
@@ -88,7 +103,7 @@ def _status(args: argparse.Namespace) -> int:
     from trainer_side.publisher import Publisher
     from weightsync.v1 import weightsync_pb2 as pb
 
-    with Publisher(args.rollouts) as publisher:
+    with Publisher(args.rollouts, **connection(args)) as publisher:
         rows = publisher.status()
     print(f"{'ROLLOUT':24} {'STATE':10} {'VERSION':>7}  FINGERPRINT")
     for address, status in rows.items():

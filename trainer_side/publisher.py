@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from weightsync import wire
 from weightsync.manifest import Manifest, build_manifest, wire_tensors
+from weightsync.memory import keep_freed_memory
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -28,7 +29,8 @@ __all__ = ["Publisher", "PushResult"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_BYTES = 1 << 20  # measured: larger gRPC messages were slower, not faster
+DEFAULT_CHUNK_BYTES = 1 << 20  # measured (bench/): 256 KiB and 4 MiB were both slower
+DEFAULT_STREAMS = 2  # PushChunks streams per rollout; one stream leaves the pipe idle between messages
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 65 << 20),
     ("grpc.max_receive_message_length", 65 << 20),
@@ -64,17 +66,30 @@ class Publisher:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         window: int = 16,
+        streams: int = DEFAULT_STREAMS,
         timeout: float = 60.0,
         progress: bool | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         if not rollouts:
             raise ValueError("no rollouts given; pass at least one HOST:PORT")
+        if streams < 1:
+            raise ValueError(f"streams must be at least 1, got {streams}")
+        keep_freed_memory()  # every chunk message is a fresh buffer inside grpc: keep them warm
         self.rollouts = list(rollouts)
         self.chunk_bytes = chunk_bytes
         self.window = window
+        self.streams = streams
         self.timeout = timeout
         self.progress = progress
-        self._channels = {a: grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.rollouts}
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._channels = {
+            a: grpc.secure_channel(a, credentials, options=CHANNEL_OPTIONS)
+            if credentials
+            else grpc.insecure_channel(a, options=CHANNEL_OPTIONS)
+            for a in self.rollouts
+        }
         self._stubs = {a: pb_grpc.WeightSyncStub(c) for a, c in self._channels.items()}
         self._push_chunks = {
             a: c.stream_unary(
@@ -134,13 +149,14 @@ class Publisher:
                     update_id=update_id,
                 ),
                 timeout=self.timeout,
+                metadata=self._metadata,
             )
             accepted = True
-            sent = self._push_chunks[address](_counted(broadcast.reader(slot), bar))
-            answer = stub.Commit(pb.CommitRequest(update_id=update_id), timeout=self.timeout)
+            sent = self._stream_chunks(address, broadcast, slot, bar)
+            answer = stub.Commit(pb.CommitRequest(update_id=update_id), timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             if accepted:
-                _abort_quietly(stub, update_id)
+                _abort_quietly(stub, update_id, self._metadata)
             return PushResult(address=address, version=version, ok=False, error=_describe(error))
         finally:
             broadcast.leave(slot)
@@ -161,16 +177,34 @@ class Publisher:
             ok=True,
             fingerprint=answer.fingerprint,
             seconds=seconds,
-            bytes_sent=sent.bytes,
+            bytes_sent=sent,
             swap_seconds=answer.swap_seconds,
         )
+
+    def _stream_chunks(self, address: str, broadcast: _Broadcast, slot: int, bar: tqdm) -> int:  # type: ignore[type-arg]
+        """Sends this rollout's chunks over `streams` parallel PushChunks calls; returns bytes sent.
+
+        All streams draw from the rollout's one position in the broadcast, so each chunk goes out
+        once, on whichever stream is free. If one stream fails, the others stop and the error is raised.
+        """
+        reader = broadcast.shared_reader(slot, self.streams)
+        calls = [
+            self._push_chunks[address].future(_counted(reader(), bar), metadata=self._metadata)
+            for _ in range(self.streams)
+        ]
+        try:
+            return sum(call.result().bytes for call in calls)
+        except grpc.RpcError:
+            for call in calls:
+                call.cancel()
+            raise
 
     def status(self) -> dict[str, pb.GetStatusResponse | str]:
         """Each rollout's GetStatus, or the reason it could not be reached."""
         out: dict[str, pb.GetStatusResponse | str] = {}
         for address, stub in self._stubs.items():
             try:
-                out[address] = stub.GetStatus(pb.GetStatusRequest(), timeout=self.timeout)
+                out[address] = stub.GetStatus(pb.GetStatusRequest(), timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as error:
                 out[address] = _describe(error)
         return out
@@ -209,6 +243,28 @@ class _Broadcast:
         finally:
             self.leave(slot)
 
+    def shared_reader(self, slot: int, streams: int) -> Callable[[], Iterator[bytes]]:
+        """Returns a factory of `streams` iterators that share one slot: each chunk goes to one of them.
+
+        The slot is left when the last of them ends, or as soon as one fails.
+        """
+        remaining = [streams]
+
+        def one() -> Iterator[bytes]:
+            finished = False
+            try:
+                while (chunk := self._next(slot)) is not None:
+                    yield chunk
+                finished = True
+            finally:
+                with self._cond:
+                    remaining[0] -= 1
+                    last = remaining[0] == 0
+                if last or not finished:
+                    self.leave(slot)
+
+        return one
+
     def leave(self, slot: int) -> None:
         with self._cond:
             if self._positions.pop(slot, None) is not None:
@@ -217,8 +273,13 @@ class _Broadcast:
 
     def _next(self, slot: int) -> bytes | None:
         with self._cond:
-            position = self._positions[slot]
-            while position >= self._produced:
+            while True:
+                # Re-read after every wait: other streams of the same rollout share this slot.
+                position = self._positions.get(slot)
+                if position is None:
+                    return None  # the slot left: another stream of the same rollout failed
+                if position < self._produced:
+                    break
                 if self._exhausted:
                     return None
                 if self._produced - min(self._positions.values()) < self._window:
@@ -249,9 +310,9 @@ def _counted(chunks: Iterator[bytes], bar: tqdm) -> Iterator[bytes]:  # type: ig
         bar.update(len(chunk))
 
 
-def _abort_quietly(stub: pb_grpc.WeightSyncStub, update_id: str) -> None:
+def _abort_quietly(stub: pb_grpc.WeightSyncStub, update_id: str, metadata: tuple[tuple[str, str], ...] | None) -> None:
     try:
-        stub.AbortUpdate(pb.AbortUpdateRequest(update_id=update_id), timeout=5)
+        stub.AbortUpdate(pb.AbortUpdateRequest(update_id=update_id), timeout=5, metadata=metadata)
     except grpc.RpcError:
         pass  # the rollout already dropped it, or is gone
 

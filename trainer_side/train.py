@@ -70,7 +70,14 @@ def greedy(model: PreTrainedModel, prompt_ids: Sequence[int], max_tokens: int) -
     return out[0, len(prompt_ids) :].tolist()
 
 
-def run_demo(model_dir: Path, rollouts: Sequence[str], steps: int, iterations_per_step: int = 20) -> bool:
+def run_demo(
+    model_dir: Path,
+    rollouts: Sequence[str],
+    steps: int,
+    iterations_per_step: int = 20,
+    token: str | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> bool:
     """Trains, pushes after every step and checks each rollout answers as the trainer's own model.
 
     Returns True if every push committed and every rollout's greedy answer matched.
@@ -78,9 +85,10 @@ def run_demo(model_dir: Path, rollouts: Sequence[str], steps: int, iterations_pe
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = new_model(model_dir)
     prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    generators = {a: pb_grpc.GenerateStub(grpc.insecure_channel(a)) for a in rollouts}
+    channel = (lambda a: grpc.secure_channel(a, credentials)) if credentials else grpc.insecure_channel
+    generators = {a: pb_grpc.GenerateStub(channel(a)) for a in rollouts}
     all_ok = True
-    with Publisher(rollouts) as publisher:
+    with Publisher(rollouts, token=token, credentials=credentials) as publisher:
         start = 1 + max((s.weight_version for s in publisher.status().values() if not isinstance(s, str)), default=0)
         for version in range(start, start + steps):
             loss = train_iterations(model, tokenizer, iterations_per_step)

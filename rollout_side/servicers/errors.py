@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from weightsync.errors import WeightSyncError
+from rollout_side.servicers.registry import Malformed
+from weightsync.errors import BadRequest, WeightSyncError
 
 __all__ = ["grpc_errors", "grpc_stream_errors"]
 
@@ -24,6 +25,7 @@ def grpc_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
+            _check_parsed(request)
             return await handler(self, request, context)
         except WeightSyncError as error:
             await context.abort(error.code, str(error))
@@ -41,6 +43,7 @@ def grpc_stream_errors(handler: Callable[..., AsyncIterator[T]]) -> Callable[...
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
         try:
+            _check_parsed(request)
             async for item in handler(self, request, context):
                 yield item
         except WeightSyncError as error:
@@ -50,3 +53,8 @@ def grpc_stream_errors(handler: Callable[..., AsyncIterator[T]]) -> Callable[...
             await context.abort(grpc.StatusCode.INTERNAL, f"{handler.__name__} failed; see the rollout's log")
 
     return wrapper
+
+
+def _check_parsed(request: Any) -> None:
+    if isinstance(request, Malformed):
+        raise BadRequest(f"request is not a valid {request.type_name}: {request.error}")

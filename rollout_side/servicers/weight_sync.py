@@ -9,6 +9,7 @@ import grpc
 
 from rollout_side.receiver import Receiver
 from rollout_side.servicers.errors import grpc_errors
+from rollout_side.servicers.registry import add_service
 from weightsync import wire
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -84,25 +85,5 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
 
 
 def add_weight_sync(servicer: WeightSyncServicer, server: grpc.aio.Server) -> None:
-    """Registers the service like the generated helper, but with the zero-copy chunk decoder."""
-    generic = pb_grpc.WeightSyncServicer
-    handlers = {
-        name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString,
-        )
-        for name, request, response in [
-            ("GetStatus", pb.GetStatusRequest, pb.GetStatusResponse),
-            ("BeginUpdate", pb.BeginUpdateRequest, pb.BeginUpdateResponse),
-            ("Commit", pb.CommitRequest, pb.CommitResponse),
-            ("AbortUpdate", pb.AbortUpdateRequest, pb.AbortUpdateResponse),
-        ]
-    }
-    handlers["PushChunks"] = grpc.stream_unary_rpc_method_handler(
-        servicer.PushChunks,
-        request_deserializer=None,  # raw bytes: decoded in the handler without copying the payload
-        response_serializer=pb.PushChunksResponse.SerializeToString,
-    )
-    assert set(handlers) == {m for m in dir(generic) if not m.startswith("_")}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", handlers),))
+    """Registers the service; PushChunks gets raw bytes, decoded in the handler without copying."""
+    add_service(servicer, server, pb.DESCRIPTOR.services_by_name["WeightSync"], raw_requests=frozenset({"PushChunks"}))

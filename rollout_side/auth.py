@@ -1,0 +1,76 @@
+"""Bearer-token check on every call of a protected service, compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from rollout_side.servicers.registry import handler_factory
+
+__all__ = ["ServerSecurity", "TokenAuthInterceptor"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerSecurity:
+    """How a rollout guards itself: a token for WeightSync, optionally one for Generate, and TLS."""
+
+    token: str | None = None
+    generate_token: str | None = None
+    tls: grpc.ServerCredentials | None = None
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        tokens = {"weightsync.v1.WeightSync": self.token, "weightsync.v1.Generate": self.generate_token}
+        guarded = {service: token for service, token in tokens.items() if token}
+        return [TokenAuthInterceptor(guarded)] if guarded else []
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls to a protected service without the right `authorization: Bearer <token>`.
+
+    `tokens` maps a service name ("weightsync.v1.WeightSync") to its token; services not listed
+    (health, reflection, an open Generate) pass. Refusals say nothing that helps an attacker.
+    """
+
+    def __init__(self, tokens: Mapping[str, str]) -> None:
+        self._tokens = {service: token.encode() for service, token in tokens.items()}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        service = details.method.lstrip("/").split("/", 1)[0]
+        expected = self._tokens.get(service)
+        if expected is None:
+            return await continuation(details)
+        handler = await continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        header = metadata.get("authorization", "")
+        if isinstance(header, bytes):
+            header = header.decode("latin-1")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            logger.warning("refused %s: no bearer token", details.method)
+            return _denying(handler, grpc.StatusCode.UNAUTHENTICATED, "authentication required")
+        if not hmac.compare_digest(presented.encode(), expected):
+            logger.warning("refused %s: wrong token", details.method)
+            return _denying(handler, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+        return handler
+
+
+def _denying(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming shape as `handler` that aborts without reading the request."""
+
+    async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    make = handler_factory(handler.request_streaming, handler.response_streaming)
+    return make(
+        deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )

@@ -1,0 +1,173 @@
+"""The weight path is closed to all but the trainer: bearer tokens, TLS and mutual TLS over real sockets."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rollout_side.auth import ServerSecurity
+from rollout_side.engines.torch_engine import TorchEngine
+from rollout_side.receiver import Receiver
+from rollout_side.server import create_server
+from trainer_side.publisher import Publisher
+from weightsync.security import channel_credentials, server_credentials
+from weightsync.v1 import weightsync_pb2 as pb
+from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+
+from conftest import LoopThread, Rollout
+
+TOKEN = "s3cret-trainer-token"
+
+
+def _cert(name: str, key, issuer_name, issuer_key, *, ca: bool = False):  # type: ignore[no-untyped-def]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A throwaway CA with a server and a client certificate, written as PEM files."""
+    out = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weightsync test CA")])
+    files = {"ca": _cert("weightsync test CA", ca_key, ca_name, ca_key, ca=True)}
+    keys = {}
+    for who in ("server", "client"):
+        keys[who] = ec.generate_private_key(ec.SECP256R1())
+        files[who] = _cert(f"weightsync {who}", keys[who], ca_name, ca_key)
+    paths = {}
+    for name, cert in files.items():
+        paths[f"{name}_cert"] = out / f"{name}.pem"
+        paths[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    for name, key in keys.items():
+        paths[f"{name}_key"] = out / f"{name}.key"
+        paths[f"{name}_key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return paths
+
+
+def _start(loop: LoopThread, model_dir: Path, security: ServerSecurity) -> tuple[object, int]:
+    async def boot():  # type: ignore[no-untyped-def]
+        receiver = Receiver(TorchEngine(model_dir))
+        await receiver.start()
+        return await create_server(receiver, address="127.0.0.1:0", security=security)
+
+    server = loop.run(boot())
+    return server, server.port
+
+
+@pytest.fixture
+def secured(loop_thread: LoopThread, model_dir: Path) -> Iterator[Rollout]:
+    server, _ = _start(loop_thread, model_dir, ServerSecurity(token=TOKEN))
+    rollout = Rollout(loop_thread, server)  # type: ignore[arg-type]
+    yield rollout
+    rollout.channel.close()
+    loop_thread.run(server.stop(grace=0))  # type: ignore[attr-defined]
+
+
+def _status(rollout: Rollout) -> pb.GetStatusResponse:
+    return rollout.weight_sync.GetStatus(
+        pb.GetStatusRequest(), timeout=5, metadata=[("authorization", f"Bearer {TOKEN}")]
+    )
+
+
+@pytest.mark.parametrize(
+    ("token", "code"),
+    [(None, grpc.StatusCode.UNAUTHENTICATED), ("wrong-token", grpc.StatusCode.PERMISSION_DENIED)],
+)
+def test_push_without_the_right_token_is_refused_and_changes_nothing(secured, trained_state, token, code) -> None:  # type: ignore[no-untyped-def]
+    with Publisher([secured.address], progress=False, token=token) as publisher:
+        [result] = publisher.push(trained_state, 1)
+    assert not result.ok and result.error.startswith(code.name)
+    assert "token" not in result.error.lower() or code == grpc.StatusCode.UNAUTHENTICATED
+    assert _status(secured).weight_version == 0
+    with pytest.raises(grpc.RpcError) as info:
+        secured.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Health and Generate stay open: probes and clients need no trainer secret.
+    health = health_pb2_grpc.HealthStub(secured.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == 1
+    with pytest.raises(grpc.RpcError) as info:
+        secured.generate.Generate(pb.GenerateRequest(prompt="red"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # open, but nothing committed
+
+
+def test_push_with_the_token_commits(secured, trained_state) -> None:  # type: ignore[no-untyped-def]
+    with Publisher([secured.address], progress=False, token=TOKEN) as publisher:
+        [result] = publisher.push(trained_state, 1)
+    assert result.ok, result.error
+    assert _status(secured).weight_version == 1
+    assert secured.generate.Generate(pb.GenerateRequest(prompt="red"), timeout=30).weight_version == 1
+
+
+def test_generate_can_require_its_own_token(loop_thread, model_dir, trained_state) -> None:  # type: ignore[no-untyped-def]
+    server, port = _start(loop_thread, model_dir, ServerSecurity(token=TOKEN, generate_token="reader"))
+    try:
+        address = f"127.0.0.1:{port}"
+        with Publisher([address], progress=False, token=TOKEN) as publisher:
+            assert publisher.push(trained_state, 1)[0].ok
+        generate = pb_grpc.GenerateStub(grpc.insecure_channel(address))
+        with pytest.raises(grpc.RpcError) as info:
+            generate.Generate(pb.GenerateRequest(prompt="red"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info:
+            generate.Generate(
+                pb.GenerateRequest(prompt="red"), timeout=5, metadata=[("authorization", f"Bearer {TOKEN}")]
+            )
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, "the trainer's token must not open Generate"
+        reply = generate.Generate(
+            pb.GenerateRequest(prompt="red"), timeout=30, metadata=[("authorization", "Bearer reader")]
+        )
+        assert reply.weight_version == 1
+    finally:
+        loop_thread.run(server.stop(grace=0))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_tls_and_mutual_tls(loop_thread, model_dir, trained_state, pki, mutual: bool) -> None:  # type: ignore[no-untyped-def]
+    tls = server_credentials(pki["server_cert"], pki["server_key"], pki["ca_cert"] if mutual else None)
+    server, port = _start(loop_thread, model_dir, ServerSecurity(token=TOKEN, tls=tls))
+    address = f"127.0.0.1:{port}"
+    try:
+        plaintext = pb_grpc.WeightSyncStub(grpc.insecure_channel(address))
+        with pytest.raises(grpc.RpcError) as info:
+            plaintext.GetStatus(pb.GetStatusRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        verified_only = channel_credentials(ca=pki["ca_cert"])
+        with Publisher([address], progress=False, token=TOKEN, credentials=verified_only, timeout=10) as publisher:
+            [result] = publisher.push(trained_state, 1)
+        assert result.ok is (not mutual), result.error  # mTLS refuses a client without a certificate
+        with_cert = channel_credentials(ca=pki["ca_cert"], cert=pki["client_cert"], key=pki["client_key"])
+        with Publisher([address], progress=False, token=TOKEN, credentials=with_cert) as publisher:
+            [result] = publisher.push(trained_state, 2)
+        assert result.ok, result.error
+    finally:
+        loop_thread.run(server.stop(grace=0))  # type: ignore[attr-defined]

@@ -1,0 +1,74 @@
+"""Host memory for the weight path: keep freed chunk buffers warm, and pre-faulted flat buffers.
+
+Both matter more than any copy: writing into fresh pages runs at 0.5-1 GB/s, into warm ones at
+about 10 GB/s. gRPC's Python runtime allocates a fresh buffer (one or more) for every message it
+sends or receives; glibc hands buffers over 128 KiB back to the kernel on free, so each chunk of
+a stream paid for page faults and zeroing. Measured on loopback with 1 MiB chunks (bench/): the
+gRPC receive path went from about 0.46x to about 0.76x of raw TCP with freed memory kept.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import mmap
+
+import torch
+
+__all__ = ["keep_freed_memory", "prefaulted_buffer"]
+
+logger = logging.getLogger(__name__)
+
+# mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# glibc refuses mmap thresholds above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit). Messages up to 16 MiB
+# (plus bytearray headroom in grpc's receive path) are then served from the heap and reused.
+MMAP_THRESHOLD = 32 << 20
+# Free memory glibc may keep at the top of a heap instead of returning it: a window of chunks,
+# several copies each, with room to spare. Bounded, and reused by the next chunk.
+TRIM_THRESHOLD = 256 << 20
+
+_applied = False
+
+
+def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
+    """Makes glibc reuse freed chunk-sized buffers instead of unmapping them (process-wide, idempotent).
+
+    Returns False where it cannot apply (not glibc); nothing else changes then.
+    """
+    global _applied
+    if _applied:
+        return True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        logger.debug("mallopt unavailable; freed buffers go back to the kernel")
+        return False
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    _applied = ok
+    return ok
+
+
+def prefaulted_buffer(nbytes: int) -> torch.Tensor:
+    """A flat uint8 tensor whose pages are already mapped, so the first write runs at memory speed.
+
+    Anonymous memory on transparent huge pages where the kernel offers them (fewer, cheaper
+    faults), every page touched once here.
+    """
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # no transparent huge pages here: 4 KiB pages work, only slower to fault
+    tensor = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` (the mapping) alive
+    tensor[:: mmap.PAGESIZE].zero_()  # one write per page maps them all now, not mid-transfer
+    return tensor
