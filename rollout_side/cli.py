@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--idle-timeout", type=float, default=60.0, help="abort an update that sends nothing for this many seconds"
     )
+    serve.add_argument(
+        "--max-update-seconds", type=float, default=1800.0, help="abort an update not committed within this time"
+    )
+    serve.add_argument(
+        "--reject-nonfinite", action="store_true", help="refuse a version whose weights hold NaN or infinity"
+    )
     add_security_arguments(serve, server=True)
     serve.add_argument("--log-level", default="INFO")
     return parser
@@ -105,7 +111,12 @@ async def serve(args: argparse.Namespace) -> None:
     if security.token is None:
         logger.warning("the weight path is open: anyone who reaches this port can push weights (--auth-token-file)")
     engine = make_engine(args)
-    receiver = Receiver(engine, idle_timeout=args.idle_timeout)
+    receiver = Receiver(
+        engine,
+        idle_timeout=args.idle_timeout,
+        max_update_seconds=args.max_update_seconds,
+        reject_nonfinite=args.reject_nonfinite,
+    )
     await receiver.start(args.weights, args.weights_version)
     rollout = await create_server(
         receiver, address=f"{args.host}:{args.port}", model=str(args.model), security=security

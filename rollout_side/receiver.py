@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import xxhash
 
 from rollout_side.engines.base import Engine, ParamSpec
 from weightsync.checkpoint import load_checkpoint
@@ -27,12 +28,13 @@ from weightsync.errors import (
     ChunkCorrupt,
     EngineUnavailable,
     IncompleteUpdate,
+    NonFiniteWeights,
     StaleVersion,
     TooLarge,
     UnknownUpdate,
     VersionNotReached,
 )
-from weightsync.manifest import Manifest, TensorEntry, manifest_of_state, tensor_bytes, tensor_checksum
+from weightsync.manifest import CHECKSUM_PREFIX, Manifest, TensorEntry, manifest_of_state, tensor_bytes
 from weightsync.wire import chunk_checksum, chunk_count, chunk_span
 
 __all__ = ["Phase", "Receiver", "Status"]
@@ -73,9 +75,11 @@ class _Update:
     expected_fingerprint: str
     staging: torch.Tensor
     received: bytearray
+    verifier: _Verifier
     received_chunks: int = 0
     received_bytes: int = 0
     last_activity: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def chunk_count(self) -> int:
@@ -91,10 +95,14 @@ class Receiver:
         *,
         max_chunk_bytes: int = MAX_CHUNK_BYTES,
         idle_timeout: float = 60.0,
+        max_update_seconds: float = 1800.0,
+        reject_nonfinite: bool = False,
     ) -> None:
         self.engine = engine
         self.max_chunk_bytes = max_chunk_bytes
         self.idle_timeout = idle_timeout
+        self.max_update_seconds = max_update_seconds
+        self.reject_nonfinite = reject_nonfinite
         self._listeners: list[Callable[[Phase], Awaitable[None]]] = []
         self._notifications: set[asyncio.Task[None]] = set()
         self._phase = Phase.BOOTING
@@ -126,7 +134,9 @@ class Receiver:
         self._set_phase(Phase.SERVING)
 
     async def close(self) -> None:
-        """Stops background work and the engine."""
+        """Drops an update in progress, stops background work and the engine."""
+        if self._update is not None:
+            self.abort(self._update.id, "the rollout is shutting down")
         if self._reaper is not None:
             self._reaper.cancel()
         await self.engine.shutdown()
@@ -173,6 +183,7 @@ class Receiver:
             expected_fingerprint=manifest.fingerprint,
             staging=staging,
             received=bytearray(chunk_count(manifest.total_bytes, chunk_bytes)),
+            verifier=_Verifier(manifest, tensor_bytes(staging)),
         )
         self._update = update
         self._set_phase(Phase.RECEIVING)
@@ -201,11 +212,17 @@ class Receiver:
         except ChunkCorrupt as error:
             self.abort(update.id, str(error))
             raise
-        tensor_bytes(update.staging[start:end])[:] = data
+        update.verifier.staged[start:end] = data
         update.received[index] = 1
         update.received_chunks += 1
         update.received_bytes += data.nbytes
         update.last_activity = time.monotonic()
+        # Checksum tensors while their bytes are still in cache: commit then only reads the result.
+        while update.verifier.position < end:
+            cursor = update.verifier.position // update.chunk_bytes
+            if not update.received[cursor]:
+                break  # an earlier chunk is still missing; hashed from staging once it lands
+            update.verifier.feed(chunk_span(cursor, update.manifest.total_bytes, update.chunk_bytes)[1])
         return data.nbytes
 
     async def commit(self, update_id: str) -> tuple[int, str, float]:
@@ -216,17 +233,22 @@ class Receiver:
         self._update = None
         try:
             self._verify(update)
+            if self.reject_nonfinite:
+                _check_finite(update.manifest, update.staging)
             self._spare = None
             try:
                 self._spare = await self.engine.load(update.staging, update.manifest, update.version)
+            except BadManifest:
+                self._spare = update.staging
+                raise  # refused before the engine touched its weights
             except Exception as error:
                 self._detail = f"loading version {update.version} into the engine failed: {error}"
                 logger.exception("update %s: %s", update.id, self._detail)
                 self._set_phase(Phase.FAILED)
                 raise EngineUnavailable(self._detail) from error
-        except IncompleteUpdate as error:
+        except (IncompleteUpdate, NonFiniteWeights, BadManifest) as error:
             logger.warning("update %s refused at commit: %s", update.id, error)
-            self._spare = update.staging
+            self._spare = self._spare if self._spare is not None else update.staging
             self._set_phase(self._resting_phase())
             raise
         finally:
@@ -291,10 +313,9 @@ class Receiver:
         missing = update.chunk_count - update.received_chunks
         if missing:
             raise IncompleteUpdate(f"{missing} of {update.chunk_count} chunks have not arrived")
-        for entry in update.manifest:
-            staged = tensor_bytes(update.staging[entry.offset : entry.end])
-            if tensor_checksum(staged) != entry.checksum:
-                raise IncompleteUpdate(f"tensor {entry.name!r} does not match its checksum")
+        update.verifier.feed(update.manifest.total_bytes)  # a no-op unless chunks came out of order
+        if update.verifier.mismatch is not None:
+            raise IncompleteUpdate(f"tensor {update.verifier.mismatch!r} does not match its checksum")
 
     def _take_staging(self, nbytes: int) -> torch.Tensor:
         spare, self._spare = self._spare, None
@@ -310,8 +331,13 @@ class Receiver:
 
     def _reap_idle(self) -> None:
         update = self._update
-        if update is not None and time.monotonic() - update.last_activity > self.idle_timeout:
+        if update is None:
+            return
+        now = time.monotonic()
+        if now - update.last_activity > self.idle_timeout:
             self.abort(update.id, f"no activity for {self.idle_timeout:.0f} s")
+        elif now - update.started > self.max_update_seconds:
+            self.abort(update.id, f"not committed within {self.max_update_seconds:.0f} s")
 
     def _resting_phase(self) -> Phase:
         if self.engine.weight_version:
@@ -328,6 +354,44 @@ class Receiver:
             task = asyncio.get_running_loop().create_task(listener(phase))
             self._notifications.add(task)
             task.add_done_callback(self._notifications.discard)
+
+
+class _Verifier:
+    """Checks each tensor's xxh3_128 incrementally, in layout order, as staged bytes become complete.
+
+    `feed(end)` hashes staged bytes [position, end); a tensor is checked when its last byte is
+    hashed. The first tensor that does not match is kept in `mismatch` (commit refuses it).
+    """
+
+    def __init__(self, manifest: Manifest, staged: memoryview) -> None:
+        self.staged = staged
+        self.position = 0
+        self.mismatch: str | None = None
+        self._entries = manifest.entries
+        self._next = 0  # the first tensor not yet checked
+        self._digest = xxhash.xxh3_128()
+
+    def feed(self, end: int) -> None:
+        entries = self._entries
+        while self._next < len(entries):
+            entry = entries[self._next]
+            stop = min(end, entry.end)
+            if stop > self.position:
+                self._digest.update(self.staged[self.position : stop])
+                self.position = stop
+            if self.position < entry.end:
+                return
+            if self.mismatch is None and CHECKSUM_PREFIX + self._digest.hexdigest() != entry.checksum:
+                self.mismatch = entry.name
+            self._digest.reset()
+            self._next += 1
+
+
+def _check_finite(manifest: Manifest, staging: torch.Tensor) -> None:
+    """Refuses a version holding NaN or infinity: almost always a diverged trainer, never wanted."""
+    for name, view in manifest.views(staging):
+        if not bool(torch.isfinite(view).all()):
+            raise NonFiniteWeights(f"tensor {name!r} holds NaN or infinite values; refused (--reject-nonfinite)")
 
 
 def _max_bytes(specs: Mapping[str, ParamSpec]) -> int:

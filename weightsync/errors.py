@@ -12,6 +12,7 @@ __all__ = [
     "EngineUnavailable",
     "IncompleteUpdate",
     "NoWeights",
+    "NonFiniteWeights",
     "StaleVersion",
     "TooLarge",
     "UnknownUpdate",
@@ -73,6 +74,12 @@ class IncompleteUpdate(WeightSyncError):
     """Commit was asked before every byte arrived, or the staged bytes fail verification."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NonFiniteWeights(WeightSyncError):
+    """The staged version holds NaN or infinite values and the rollout was told to refuse them."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class NoWeights(WeightSyncError):

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-import raw
 import torch
-from conftest import ROOT, Rollout
 
 from trainer_side.publisher import Publisher
 from trainer_side.train import new_model
 from weightsync.manifest import Manifest, build_manifest
 from weightsync.v1 import weightsync_pb2 as pb
+
+import raw
+from conftest import ROOT, Rollout
 
 PROBE = pb.GenerateRequest(prompt="the cat sat", max_tokens=8)
 
@@ -298,3 +299,23 @@ def _wait_no_update(rollout: Rollout, timeout: float = 20) -> None:
     while rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5).update_id:
         assert time.monotonic() < deadline, "the rollout kept a dead update open"
         time.sleep(0.1)
+
+
+def test_nonfinite_weights_are_refused_when_asked(loop_thread, model_dir, trained_state) -> None:  # type: ignore[no-untyped-def]
+    from conftest import start_rollout
+
+    rollout = start_rollout(loop_thread, model_dir, idle_timeout=3.0, reject_nonfinite=True)
+    try:
+        with Publisher([rollout.address], progress=False) as publisher:
+            assert publisher.push(trained_state, 1)[0].ok
+            poisoned = dict(trained_state)
+            poisoned["model.norm.weight"] = trained_state["model.norm.weight"].clone()
+            poisoned["model.norm.weight"][3] = float("nan")
+            [result] = publisher.push(poisoned, 2)
+        assert not result.ok and result.error.startswith("INVALID_ARGUMENT")
+        assert "'model.norm.weight' holds NaN" in result.error
+        status = rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
+        assert (status.weight_version, status.state, status.update_id) == (1, pb.ROLLOUT_STATE_SERVING, "")
+    finally:
+        rollout.channel.close()
+        loop_thread.run(rollout.server.stop(grace=0))
