@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rollout_side.auth import ServerSecurity
 from rollout_side.engines.base import Engine
+from weightsync.metrics import serve_metrics
 from weightsync.security import add_security_arguments, load_token, server_credentials
 
 __all__ = ["main"]
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--reject-nonfinite", action="store_true", help="refuse a version whose weights hold NaN or infinity"
     )
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
     add_security_arguments(serve, server=True)
     serve.add_argument("--log-level", default="INFO")
     return parser
@@ -108,6 +110,8 @@ async def serve(args: argparse.Namespace) -> None:
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"error: {args.model}/config.json not found; run `make model` or pass --model DIR")
     security = make_security(args)
+    if args.metrics_port is not None:
+        serve_metrics(args.metrics_port, args.host)
     if security.token is None:
         logger.warning("the weight path is open: anyone who reaches this port can push weights (--auth-token-file)")
     engine = make_engine(args)

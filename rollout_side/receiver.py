@@ -21,6 +21,7 @@ import torch
 import xxhash
 
 from rollout_side.engines.base import Engine, ParamSpec
+from weightsync import metrics
 from weightsync.checkpoint import load_checkpoint
 from weightsync.errors import (
     BadManifest,
@@ -130,6 +131,7 @@ class Receiver:
         self._check_names(manifest)
         await self.engine.start(weights, version)
         self._fingerprint, self._high_water = manifest.fingerprint, version
+        metrics.Rollout.weight_version.set(version)
         logger.info("standalone: serving %s as version %d (%s)", weights, version, self._fingerprint)
         self._set_phase(Phase.SERVING)
 
@@ -216,6 +218,7 @@ class Receiver:
         update.received[index] = 1
         update.received_chunks += 1
         update.received_bytes += data.nbytes
+        metrics.Rollout.received_bytes.inc(data.nbytes)
         update.last_activity = time.monotonic()
         # Checksum tensors while their bytes are still in cache: commit then only reads the result.
         while update.verifier.position < end:
@@ -242,12 +245,15 @@ class Receiver:
                 self._spare = update.staging
                 raise  # refused before the engine touched its weights
             except Exception as error:
+                metrics.Rollout.updates.labels("failed").inc()
+                metrics.Rollout.weight_version.set(0)
                 self._detail = f"loading version {update.version} into the engine failed: {error}"
                 logger.exception("update %s: %s", update.id, self._detail)
                 self._set_phase(Phase.FAILED)
                 raise EngineUnavailable(self._detail) from error
         except (IncompleteUpdate, NonFiniteWeights, BadManifest) as error:
             logger.warning("update %s refused at commit: %s", update.id, error)
+            metrics.Rollout.updates.labels("refused").inc()
             self._spare = self._spare if self._spare is not None else update.staging
             self._set_phase(self._resting_phase())
             raise
@@ -256,6 +262,10 @@ class Receiver:
         self._fingerprint, self._high_water, self._detail = update.manifest.fingerprint, update.version, ""
         self._set_phase(Phase.SERVING)
         seconds = time.perf_counter() - started
+        metrics.Rollout.updates.labels("committed").inc()
+        metrics.Rollout.sync_seconds.observe(time.monotonic() - update.started)
+        metrics.Rollout.swap_seconds.observe(seconds)
+        metrics.Rollout.weight_version.set(update.version)
         logger.info(
             "update %s: committed version %d in %.3f s (%s)", update.id, update.version, seconds, self._fingerprint
         )
@@ -267,6 +277,7 @@ class Receiver:
         """Drops the update in progress; the served version is untouched."""
         update = self._current(update_id)
         logger.warning("update %s (version %d) aborted: %s", update.id, update.version, reason)
+        metrics.Rollout.updates.labels("aborted").inc()
         self._update = None
         self._spare = update.staging
         self._set_phase(self._resting_phase())

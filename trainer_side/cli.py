@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for p in (push, train, status):
         add_security_arguments(p, server=False)
+        p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
         p.add_argument("--log-level", default="WARNING")
     return parser
 
@@ -62,6 +63,10 @@ def _add_rollouts(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.metrics_port is not None:
+        from weightsync.metrics import serve_metrics
+
+        serve_metrics(args.metrics_port)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     if args.command == "push":
         return _push(args)

@@ -19,7 +19,7 @@ import grpc
 import torch
 from tqdm import tqdm
 
-from weightsync import wire
+from weightsync import metrics, wire
 from weightsync.manifest import Manifest, build_manifest, wire_tensors
 from weightsync.memory import keep_freed_memory
 from weightsync.v1 import weightsync_pb2 as pb
@@ -30,7 +30,7 @@ __all__ = ["Publisher", "PushResult"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # measured (bench/): 256 KiB and 4 MiB were both slower
-DEFAULT_STREAMS = 2  # PushChunks streams per rollout; one stream leaves the pipe idle between messages
+DEFAULT_STREAMS = 1  # PushChunks streams per rollout; measured (bench/): more were slower on 2 cores
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 65 << 20),
     ("grpc.max_receive_message_length", 65 << 20),
@@ -121,7 +121,10 @@ class Publisher:
                 pool.submit(self._push_one, address, i, broadcast, manifest, version, update_id)
                 for i, address in enumerate(self.rollouts)
             ]
-            return [f.result() for f in futures]
+            results = [f.result() for f in futures]
+        for r in results:
+            metrics.record_push(r.address, r.ok, r.version, r.seconds, r.bytes_sent)
+        return results
 
     def _push_one(
         self, address: str, slot: int, broadcast: _Broadcast, manifest: Manifest, version: int, update_id: str

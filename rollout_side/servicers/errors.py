@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from rollout_side.servicers.registry import Malformed
+from weightsync import metrics
 from weightsync.errors import BadRequest, WeightSyncError
 
 __all__ = ["grpc_errors", "grpc_stream_errors"]
@@ -28,6 +29,7 @@ def grpc_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable
             _check_parsed(request)
             return await handler(self, request, context)
         except WeightSyncError as error:
+            metrics.Rollout.refused.labels(handler.__name__, error.code.name).inc()
             await context.abort(error.code, str(error))
         except Exception:
             logger.exception("%s failed", handler.__name__)
@@ -47,6 +49,7 @@ def grpc_stream_errors(handler: Callable[..., AsyncIterator[T]]) -> Callable[...
             async for item in handler(self, request, context):
                 yield item
         except WeightSyncError as error:
+            metrics.Rollout.refused.labels(handler.__name__, error.code.name).inc()
             await context.abort(error.code, str(error))
         except Exception:
             logger.exception("%s failed", handler.__name__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -9,6 +10,7 @@ import grpc
 from rollout_side.engines.base import Sampling
 from rollout_side.receiver import Receiver
 from rollout_side.servicers.errors import grpc_errors, grpc_stream_errors
+from weightsync import metrics
 from weightsync.errors import BadRequest, NoWeights, VersionNotReached
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -26,8 +28,10 @@ class GenerateServicer(pb_grpc.GenerateServicer):
 
     @grpc_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        started = time.perf_counter()
         prompt_ids, sampling = await self._admit(request, context)
         out = await self.engine.generate(prompt_ids, sampling)
+        metrics.Rollout.observe_generate(out.weight_version, time.perf_counter() - started)
         return pb.GenerateResponse(
             token_ids=out.token_ids, text=out.text, weight_version=out.weight_version, finish_reason=out.finish_reason
         )
@@ -36,8 +40,11 @@ class GenerateServicer(pb_grpc.GenerateServicer):
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        started = time.perf_counter()
         prompt_ids, sampling = await self._admit(request.request, context)
         async for out in self.engine.generate_stream(prompt_ids, sampling):
+            if out.finish_reason:
+                metrics.Rollout.observe_generate(out.weight_version, time.perf_counter() - started)
             yield pb.GenerateStreamResponse(
                 token_ids=out.token_ids,
                 text=out.text,
