@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling
 from weightsync.checkpoint import load_checkpoint
 from weightsync.manifest import Manifest
+from weightsync.memory import prefaulted_buffer
 
 __all__ = ["TorchEngine", "model_param_specs"]
 
@@ -72,6 +73,8 @@ class TorchEngine(Engine):
             model.tie_weights()
             self._version = version
         self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            self._live = _flatten_parameters(self.model)
         logger.info("torch engine up on %s (%s weights)", self.device, "real" if weights else "dummy")
 
     def param_specs(self) -> Mapping[str, ParamSpec]:
@@ -79,27 +82,35 @@ class TorchEngine(Engine):
             return model_param_specs(AutoModelForCausalLM.from_config(self.config))
 
     def allocate_staging(self, nbytes: int) -> torch.Tensor:
-        # Pinned host memory makes the host-to-device copy of the swap several times faster.
-        pin = self.device.type == "cuda"
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        if self.device.type == "cuda":
+            # Pinned host memory makes the host-to-device copy of the swap several times faster.
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        # Mapped now, not page by page while chunks stream in (fresh pages take writes at ~1 GB/s).
+        return prefaulted_buffer(nbytes)
 
     async def load(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
         return await self._run(self._swap, staging, manifest, version)
 
     def _swap(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
         assert self.model is not None
-        self._version = 0  # until the swap completes, nothing trustworthy is held
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        with torch.no_grad():
-            if self.device.type == "cpu":
-                for name, view in manifest.views(staging):
-                    params[name].data = view
-                previous, self._live = self._live, staging
-            else:
-                for name, view in manifest.views(staging):
-                    params[name].data.copy_(view, non_blocking=True)
-                torch.cuda.synchronize(self.device)
-                previous = staging
+        try:
+            with torch.no_grad():
+                if self.device.type == "cpu":
+                    for name, view in manifest.views(staging):
+                        params[name].data = view
+                    previous, self._live = self._live, staging
+                else:
+                    for name, view in manifest.views(staging):
+                        params[name].data.copy_(view, non_blocking=True)
+                    torch.cuda.synchronize(self.device)
+                    previous = staging
+        except BaseException:
+            # Requests run on this thread, so none sees a half swap; after a failed one nothing
+            # trustworthy is held. Until then the old version stays published: admission checks
+            # on other threads must not see 0 in the middle of a swap that succeeds.
+            self._version = 0
+            raise
         self._version = version
         return previous
 
@@ -174,6 +185,28 @@ class TorchEngine(Engine):
 
     async def shutdown(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
+
+
+def _flatten_parameters(model: torch.nn.Module) -> torch.Tensor | None:
+    """Moves every parameter into one flat, pre-faulted buffer and returns it (None if dtypes differ).
+
+    The first swap hands this buffer back to the receiver as the next staging buffer, so even
+    the second version streams into warm pages instead of a fresh allocation.
+    """
+    params = list(model.parameters())  # tied parameters once
+    if len({p.dtype for p in params}) != 1:
+        return None
+    total = sum(p.numel() * p.element_size() for p in params)
+    flat = prefaulted_buffer(total)
+    offset = 0
+    with torch.no_grad():
+        for param in params:
+            size = param.numel() * param.element_size()
+            view = flat[offset : offset + size].view(param.dtype).view(param.shape)
+            view.copy_(param.data)
+            param.data = view
+            offset += size
+    return flat
 
 
 def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
