@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rollout_side.auth import ServerSecurity
 from rollout_side.engines.base import Engine
+from weightsync.logs import setup_logging
 from weightsync.metrics import serve_metrics
 from weightsync.security import add_security_arguments, load_token, server_credentials
 
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
     add_security_arguments(serve, server=True)
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
     return parser
 
 
@@ -138,5 +140,5 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    setup_logging(args.log_level, args.log_format)
     asyncio.run(serve(args))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from weightsync.logs import setup_logging
 from weightsync.security import add_security_arguments, channel_credentials, load_token
 
 __all__ = ["main"]
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_security_arguments(p, server=False)
         p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
         p.add_argument("--log-level", default="WARNING")
+        p.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
     return parser
 
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         from weightsync.metrics import serve_metrics
 
         serve_metrics(args.metrics_port)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    setup_logging(args.log_level, args.log_format)
     if args.command == "push":
         return _push(args)
     if args.command == "train":
