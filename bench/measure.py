@@ -1,0 +1,49 @@
+"""Summaries of repeated runs, and the resident memory of processes (peak and current)."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["GB", "MiB", "peak_rss", "reset_peak_rss", "rss", "summary"]
+
+GB = 1e9
+MiB = 1 << 20
+
+
+def summary(samples: Sequence[float]) -> dict[str, object]:
+    """Median, min and max of measured runs (warm-up runs are never passed in)."""
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "runs": len(samples),
+        "samples": [round(s, 6) for s in samples],
+    }
+
+
+def _status_kib(pid: int | str, field: str) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def rss(pid: int | str = "self") -> int:
+    """Resident bytes now."""
+    return _status_kib(pid, "VmRSS") * 1024
+
+
+def peak_rss(pid: int | str = "self") -> int:
+    """Peak resident bytes since start or since the last `reset_peak_rss`."""
+    return _status_kib(pid, "VmHWM") * 1024
+
+
+def reset_peak_rss(pid: int | str = "self") -> bool:
+    """Resets VmHWM to the current RSS (Linux 4.0+; another process needs the same user or root)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,164 @@
+"""Turns bench results into a PNG and the README's markdown table."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = ["markdown", "plot", "update_readme"]
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+MiB = 1 << 20
+
+# (key in results["transfer"][size], label)
+ROWS = [
+    ("raw_tcp", "raw TCP loopback (`sendall` / `recv_into` a preallocated buffer)"),
+    ("weightsync", "**weightsync** full sync, gRPC over TCP, torch engine"),
+    ("raw_uds", "raw Unix domain socket"),
+    ("weightsync_uds", "weightsync over a Unix domain socket (own row)"),
+    ("gloo", "torch.distributed gloo send/recv"),
+    ("grpc_naive", "naive gRPC stream, generated protobuf, 1 MiB chunks"),
+    ("safetensors_shm", "safetensors file through /dev/shm"),
+    ("safetensors_disk", "safetensors file through disk (fsync, cold read)"),
+]
+
+
+def _rate(entry: dict[str, Any]) -> dict[str, Any]:
+    """A row's GB/s summary: weightsync rows nest it under "gbps"."""
+    return entry["gbps"] if "gbps" in entry else entry
+
+
+def _fmt(s: dict[str, Any], digits: int = 2) -> str:
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    sizes = list(results["transfer"])
+    runs = results["config"]["runs"]
+    machine = results["machine"]
+    lines = [
+        f"Median of {runs} runs after {results['config']['warmup']} warm-up runs (min-max); GB/s = 1e9 bytes/s. "
+        f"{machine['cores']} cores ({machine['cpu']}), torch {machine['torch']}, grpcio {machine['grpcio']}, "
+        f"{machine['date']}. The weightsync row's ratios are per run, against the raw TCP run just before it; "
+        "other rows give the ratio of medians.",
+        "",
+        "| path | " + " | ".join(f"{s} GB/s | ratio to TCP" for s in sizes) + " |",
+        "|---|" + "---:|---:|" * len(sizes),
+    ]
+    for key, label in ROWS:
+        cells = []
+        for size in sizes:
+            entry = results["transfer"][size].get(key)
+            if entry is None:
+                cells += ["", ""]
+                continue
+            tcp = results["transfer"][size]["raw_tcp"]["median"]
+            # weightsync over TCP: per-run ratios to the TCP run beside it; other rows: medians' ratio.
+            ratio = _fmt(entry["ratio"]) if key == "weightsync" else f"{_rate(entry)['median'] / tcp:.2f}"
+            cells += [_fmt(_rate(entry)), ratio]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if "fanout" in results:
+        lines += [
+            "",
+            f"Fan-out, {results['fanout_model']} model, one trainer to N rollouts at once (aggregate GB/s):",
+            "",
+            "| rollouts | weightsync | raw TCP to N receivers | ratio |",
+            "|---:|---:|---:|---:|",
+        ]
+        for count, entry in results["fanout"].items():
+            lines.append(f"| {count} | {_fmt(entry['gbps'])} | {_fmt(entry['socket_gbps'])} | {_fmt(entry['ratio'])} |")
+    lines += [
+        "",
+        "Memory and swap (single rollout):",
+        "",
+        "| model | rollout peak RSS during syncs | bound 2 x model + 256 MiB | runtime alone | "
+        "peak minus runtime | trainer RSS added by pushes | swap pause | swap / sync time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    runtime = results.get("runtime_rss", 0)
+    for size in sizes:
+        ws = results["transfer"][size]["weightsync"]
+        swap_ms = {k: v * 1e3 for k, v in _num(ws["swap_seconds"]).items()}
+        lines.append(
+            f"| {size} | {ws['rollout_peak_rss'] / MiB:.0f} MiB | {ws['rss_bound'] / MiB:.0f} MiB | "
+            f"{runtime / MiB:.0f} MiB | {(ws['rollout_peak_rss'] - runtime) / MiB:.0f} MiB | "
+            f"{ws['trainer_rss_added'] / MiB:.0f} MiB | {_fmt(swap_ms, 1)} ms | "
+            f"{_fmt(ws['swap_pct'], 1)} % |"
+        )
+    if results.get("sweep"):
+        lines += [
+            "",
+            f"Chunk size x parallel streams per rollout ({next(iter(results['transfer']))}, one rollout):",
+            "",
+            "| chunk | streams | GB/s | ratio to TCP |",
+            "|---:|---:|---:|---:|",
+        ]
+        for row in results["sweep"]:
+            lines.append(
+                f"| {row['chunk_bytes'] >> 10} KiB | {row['streams']} | {_fmt(row['gbps'])} | {_fmt(row['ratio'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _num(s: dict[str, Any]) -> dict[str, float]:
+    return {k: s[k] for k in ("median", "min", "max")}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(results["transfer"])
+    panels = 2 if "fanout" in results else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 2, 4.2), squeeze=False)
+    ax = axes[0][0]
+    keys = [k for k, _ in ROWS]
+    width = 0.8 / len(sizes)
+    for i, size in enumerate(sizes):
+        meds, lows, highs = [], [], []
+        for key in keys:
+            entry = results["transfer"][size].get(key)
+            s = _rate(entry) if entry else {"median": 0, "min": 0, "max": 0}
+            meds.append(s["median"])
+            lows.append(s["median"] - s["min"])
+            highs.append(s["max"] - s["median"])
+        xs = [k + i * width for k in range(len(keys))]
+        ax.bar(xs, meds, width, yerr=[lows, highs], capsize=2, label=size)
+    ax.set_xticks([k + width * (len(sizes) - 1) / 2 for k in range(len(keys))])
+    ax.set_xticklabels([k.replace("_", "\n") for k in keys], fontsize=7)
+    ax.set_ylabel("GB/s (median, min-max)")
+    ax.set_title("sender tensors -> receiver memory, one host")
+    ax.legend(fontsize=8)
+    if panels == 2:
+        ax = axes[0][1]
+        counts = list(results["fanout"])
+        for j, (field, label) in enumerate([("gbps", "weightsync"), ("socket_gbps", "raw TCP")]):
+            s = [results["fanout"][c][field] for c in counts]
+            ax.bar(
+                [k + j * 0.4 for k in range(len(counts))],
+                [x["median"] for x in s],
+                0.4,
+                yerr=[[x["median"] - x["min"] for x in s], [x["max"] - x["median"] for x in s]],
+                capsize=2,
+                label=label,
+            )
+        ax.set_xticks([k + 0.2 for k in range(len(counts))])
+        ax.set_xticklabels([f"{c} rollout(s)" for c in counts])
+        ax.set_ylabel("aggregate GB/s")
+        ax.set_title(f"fan-out, {results['fanout_model']}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def update_readme(readme: Path, table: str) -> None:
+    """Replaces the text between the bench markers (the section must already hold them)."""
+    text = readme.read_text()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block; add it to the Benchmarks section first")
+    readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}{END}", text))

@@ -1,0 +1,125 @@
+"""weightsync itself: real rollout processes, pushes from this process, raw sockets run beside them.
+
+Every measured push is paired with a raw-socket transfer of the same bytes just before it, so
+each ratio compares two runs seconds apart on the same (noisy) machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.baselines import SocketSink, socket_fanout_seconds
+from bench.measure import peak_rss, reset_peak_rss, rss
+from trainer_side.publisher import Publisher
+from trainer_side.train import wait_until_up
+from weightsync.manifest import tensor_bytes
+
+__all__ = ["Rollout", "SyncRuns", "measure_sync"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Rollout:
+    """`python -m rollout_side serve --engine torch` in its own process, on TCP or a Unix socket."""
+
+    def __init__(self, model_dir: Path, *, unix: bool = False) -> None:
+        port = _free_port()
+        if unix:
+            # The CLI listens on f"{host}:{port}": for a unix: host that is the socket's path.
+            host = "unix:" + os.path.join(tempfile.mkdtemp(prefix="ws-rollout-"), "rollout.sock")
+            self.address = f"{host}:{port}"
+        else:
+            host = "127.0.0.1"
+            self.address = f"{host}:{port}"
+        command = [sys.executable, "-m", "rollout_side", "serve", "--engine", "torch", "--model", str(model_dir)]
+        command += ["--host", host, "--port", str(port), "--log-level", "WARNING"]
+        self.process = subprocess.Popen(command, cwd=ROOT)
+        wait_until_up(self.address, timeout=300)
+        self.pid = self.process.pid
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass(kw_only=True)
+class SyncRuns:
+    """One configuration's measured pushes, each beside a raw-socket run of the same bytes."""
+
+    seconds: list[float] = field(default_factory=list)  # wall time of push(), all rollouts committed
+    socket_seconds: list[float] = field(default_factory=list)
+    swap_seconds: list[float] = field(default_factory=list)  # the slowest rollout's commit -> serving
+    rollout_peak_rss: list[int] = field(default_factory=list)
+    rollout_idle_rss: list[int] = field(default_factory=list)
+    trainer_rss_added: int = 0  # peak during all pushes (warm-up included) minus RSS before them
+
+
+_versions = itertools.count(1)
+
+
+def measure_sync(
+    state: dict[str, torch.Tensor],
+    rollouts: Sequence[Rollout],
+    sinks: Sequence[SocketSink],
+    *,
+    runs: int,
+    warmup: int,
+    chunk_bytes: int | None = None,
+    streams: int | None = None,
+    on_run: Callable[[int, float, float], None] | None = None,
+) -> SyncRuns:
+    """Pushes `state` to every rollout `warmup + runs` times; pairs each with a socket fan-out."""
+    options: dict[str, int] = {}
+    if chunk_bytes:
+        options["chunk_bytes"] = chunk_bytes
+    if streams:
+        options["streams"] = streams
+    views = [tensor_bytes(t) for t in state.values()]
+    out = SyncRuns()
+    with Publisher([r.address for r in rollouts], progress=False, **options) as publisher:
+        trainer_before = rss()  # the state and channels exist; what pushing adds is measured
+        reset_peak_rss()
+        for i in range(warmup + runs):
+            measured = i >= warmup
+            if i == warmup:
+                out.rollout_idle_rss = [rss(r.pid) for r in rollouts]
+                for r in rollouts:
+                    reset_peak_rss(r.pid)
+            socket_s = socket_fanout_seconds(sinks, views)
+            version = next(_versions)
+            started = time.perf_counter()
+            results = publisher.push(state, version)
+            seconds = time.perf_counter() - started
+            failed = [r.line() for r in results if not r.ok]
+            if failed:
+                raise RuntimeError("push failed: " + "; ".join(failed))
+            if measured:
+                out.seconds.append(seconds)
+                out.socket_seconds.append(socket_s)
+                out.swap_seconds.append(max(r.swap_seconds for r in results))
+                if on_run:
+                    on_run(i - warmup, seconds, socket_s)
+        out.rollout_peak_rss = [peak_rss(r.pid) for r in rollouts]
+        out.trainer_rss_added = max(0, peak_rss() - trainer_before)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
