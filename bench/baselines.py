@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.models import random_state
+from rollout_side.process import free_port
 from weightsync.manifest import tensor_bytes
 from weightsync.memory import prefaulted_buffer
 
@@ -143,7 +144,7 @@ def _gloo_main(rank: int, port: int, model_dir: str, runs: int, out: mp.Queue) -
 
 def gloo_seconds(model_dir: Path, runs: int, warmup: int) -> list[float]:
     """torch.distributed send/recv of each tensor over gloo (TCP loopback), two processes."""
-    port = _free_port()
+    port = free_port()
     out: mp.Queue = _CTX.Queue()  # type: ignore[type-arg]
     procs = [
         _CTX.Process(target=_gloo_main, args=(rank, port, str(model_dir), runs + warmup, out), daemon=True)
@@ -285,9 +286,3 @@ def naive_grpc_seconds(model_dir: Path, nbytes: int, runs: int, warmup: int, chu
         server.kill()
         server.join(10)
     return seconds[warmup:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

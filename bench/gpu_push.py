@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,8 +26,9 @@ import grpc
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
-from trainer_side.train import PROMPT, new_model, train_iterations, wait_until_up
+from trainer_side.train import PROMPT, new_model, train_iterations
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -43,12 +43,6 @@ BIG = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def sized_model(tiny: Path, out: Path, dims: dict[str, int]) -> Path:
     shutil.copytree(tiny, out)
     config = json.loads((out / "config.json").read_text())
@@ -57,29 +51,8 @@ def sized_model(tiny: Path, out: Path, dims: dict[str, int]) -> Path:
     return out
 
 
-def serve(model: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rollout_side",
-            "serve",
-            "--engine",
-            "torch",
-            "--device",
-            "cuda:0",
-            "--model",
-            str(model),
-            "--port",
-            str(port),
-        ],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    address = f"127.0.0.1:{port}"
-    wait_until_up(address, timeout=300)
-    return proc, address
+def serve(model: Path, log: Path) -> RolloutProcess:
+    return RolloutProcess(model, engine="torch", args=["--device", "cuda:0"], log=log)
 
 
 def raw_tcp_gbps(nbytes: int, repeats: int = 3) -> float:
@@ -114,7 +87,8 @@ def check_correctness(tiny: Path, log_dir: Path) -> dict[str, object]:
     model = new_model(tiny)
     train_iterations(model, tokenizer, 60)
     model = model.to("cuda")
-    proc, address = serve(tiny, log_dir / "rollout-tiny.log")
+    rollout = serve(tiny, log_dir / "rollout-tiny.log")
+    address = rollout.address
     try:
         with Publisher([address], progress=False) as publisher:
             [result] = publisher.push(model.state_dict(), 1)
@@ -140,8 +114,7 @@ def check_correctness(tiny: Path, log_dir: Path) -> dict[str, object]:
             "weight_version": answer.weight_version,
         }
     finally:
-        proc.terminate()
-        proc.wait(60)
+        rollout.stop()
 
 
 def measure_throughput(big: Path, log_dir: Path, pushes: int) -> dict[str, object]:
@@ -151,7 +124,8 @@ def measure_throughput(big: Path, log_dir: Path, pushes: int) -> dict[str, objec
         k: torch.randn(v.shape, dtype=torch.bfloat16, device="cuda") for k, v in shapes.items() if k != "lm_head.weight"
     }
     nbytes = sum(t.numel() * 2 for t in state.values())
-    proc, address = serve(big, log_dir / "rollout-big.log")
+    rollout = serve(big, log_dir / "rollout-big.log")
+    address = rollout.address
     runs = []
     try:
         with Publisher([address], progress=False) as publisher:
@@ -163,10 +137,9 @@ def measure_throughput(big: Path, log_dir: Path, pushes: int) -> dict[str, objec
                     raise RuntimeError(result.error)
                 if version > 1:  # the first push is the warm-up
                     runs.append({"seconds": seconds, "gbps": nbytes / seconds / 1e9, "swap_s": result.swap_seconds})
-        peak = _peak_rss(proc.pid)
+        peak = _peak_rss(rollout.pid)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        rollout.stop()
     gbps = [r["gbps"] for r in runs]
     tcp = raw_tcp_gbps(min(nbytes, 1 << 30))
     return {

@@ -7,11 +7,6 @@ each ratio compares two runs seconds apart on the same (noisy) machine.
 from __future__ import annotations
 
 import itertools
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +16,8 @@ import torch
 
 from bench.baselines import SocketSink, socket_fanout_seconds
 from bench.measure import peak_rss, reset_peak_rss, rss
+from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
-from trainer_side.train import wait_until_up
 from weightsync.manifest import tensor_bytes
 
 __all__ = ["Rollout", "SyncRuns", "measure_sync"]
@@ -30,31 +25,11 @@ __all__ = ["Rollout", "SyncRuns", "measure_sync"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Rollout:
+class Rollout(RolloutProcess):
     """`python -m rollout_side serve --engine torch` in its own process, on TCP or a Unix socket."""
 
     def __init__(self, model_dir: Path, *, unix: bool = False) -> None:
-        port = _free_port()
-        if unix:
-            # The CLI listens on f"{host}:{port}": for a unix: host that is the socket's path.
-            host = "unix:" + os.path.join(tempfile.mkdtemp(prefix="ws-rollout-"), "rollout.sock")
-            self.address = f"{host}:{port}"
-        else:
-            host = "127.0.0.1"
-            self.address = f"{host}:{port}"
-        command = [sys.executable, "-m", "rollout_side", "serve", "--engine", "torch", "--model", str(model_dir)]
-        command += ["--host", host, "--port", str(port), "--log-level", "WARNING"]
-        self.process = subprocess.Popen(command, cwd=ROOT)
-        wait_until_up(self.address, timeout=300)
-        self.pid = self.process.pid
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        super().__init__(model_dir, engine="torch", args=["--log-level", "WARNING"], unix=unix)
 
 
 @dataclass(kw_only=True)
@@ -117,9 +92,3 @@ def measure_sync(
         out.rollout_peak_rss = [peak_rss(r.pid) for r in rollouts]
         out.trainer_rss_added = max(0, peak_rss() - trainer_before)
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

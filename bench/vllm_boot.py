@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import grpc
 from safetensors.torch import save_file
 
 from bench.models import make_model, model_bytes, random_state
+from rollout_side.process import free_port
 from trainer_side.publisher import Publisher
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -30,14 +30,8 @@ from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 __all__ = ["run"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _launch(model: Path, log: Path, weights: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -14,15 +11,10 @@ from pathlib import Path
 
 import grpc
 
-from trainer_side.train import run_demo, wait_until_up
+from rollout_side.process import RolloutProcess
+from trainer_side.train import run_demo
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> int:
@@ -32,30 +24,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
 
-    address = f"127.0.0.1:{free_port()}"
     log = Path(tempfile.gettempdir()) / f"weightsync-demo-rollout-{os.getpid()}.log"
-    print(f"1. starting a rollout ({args.engine} engine, dummy weights) on {address}; its log: {log}")
+    print(f"1. starting a rollout ({args.engine} engine, dummy weights); its log: {log}")
     started = time.monotonic()
-    with log.open("w") as sink:
-        rollout = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "rollout_side",
-                "serve",
-                "--engine",
-                args.engine,
-                "--model",
-                str(args.model),
-                "--port",
-                address.rsplit(":", 1)[1],
-            ],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+    rollout = RolloutProcess(args.model, engine=args.engine, log=log)
+    address = rollout.address
     try:
-        wait_until_up(address, timeout=300)
-        print(f"   up in {time.monotonic() - started:.1f} s")
+        print(f"   up on {address} in {time.monotonic() - started:.1f} s")
         print("2. Generate before any push:")
         try:
             pb_grpc.GenerateStub(grpc.insecure_channel(address)).Generate(
@@ -70,12 +45,7 @@ def main() -> int:
         print("4. done:", "every push verified, every answer equal to the trainer's" if ok else "MISMATCH, see above")
         return 0 if ok else 1
     finally:
-        rollout.send_signal(signal.SIGTERM)
-        try:
-            rollout.wait(30)
-        except subprocess.TimeoutExpired:
-            rollout.kill()
-        print(f"   rollout stopped (exit {rollout.returncode})")
+        print(f"   rollout stopped (exit {rollout.stop()})")
 
 
 if __name__ == "__main__":

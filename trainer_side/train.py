@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,17 +111,3 @@ def run_demo(
                     f"{'== trainer' if same else '!= trainer ' + repr(tokenizer.decode(expected))}"
                 )
     return all_ok
-
-
-def wait_until_up(address: str, timeout: float = 120.0) -> None:
-    """Blocks until the rollout at `address` answers GetStatus."""
-    deadline = time.monotonic() + timeout
-    stub = pb_grpc.WeightSyncStub(grpc.insecure_channel(address))
-    while True:
-        try:
-            stub.GetStatus(pb.GetStatusRequest(), timeout=2)
-            return
-        except grpc.RpcError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rollout {address} did not come up within {timeout:.0f} s") from None
-            time.sleep(0.5)

@@ -12,10 +12,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
-from trainer_side.train import greedy, new_model, wait_until_up
+from trainer_side.train import greedy, new_model
 from weightsync.manifest import manifest_of_state
 from weightsync.v1 import weightsync_pb2 as pb
+from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
 PROMPTS = ["the cat sat", "monday tuesday", "one two three", "red orange"]
 
@@ -136,49 +138,21 @@ def test_concurrent_generate_during_pushes_never_mixes_versions(rollout, model_d
     assert max(max(v) for v in seen.values() if v) >= 5
 
 
-def test_standalone_mode_serves_real_weights(model_dir, tokenizer, trained_state, trained_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rollout_side",
-            "serve",
-            "--engine",
-            "torch",
-            "--model",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--weights",
-            str(trained_checkpoint),
-            "--weights-version",
-            "3",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def test_standalone_mode_serves_real_weights(model_dir, tokenizer, trained_state, trained_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    args = ["--weights", str(trained_checkpoint), "--weights-version", "3"]
+    rollout = RolloutProcess(model_dir, engine="torch", args=args)
     try:
-        address = f"127.0.0.1:{port}"
-        wait_until_up(address, timeout=120)
-        channel = grpc.insecure_channel(address)
-        from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
-
-        status = pb_grpc.WeightSyncStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
-        assert status.weight_version == 3
-        assert status.fingerprint == manifest_of_state(trained_state).fingerprint
-        ids = tokenizer("monday tuesday", add_special_tokens=False)["input_ids"]
-        answer = pb_grpc.GenerateStub(channel).Generate(
-            pb.GenerateRequest(prompt_token_ids=ids, max_tokens=12), timeout=30
-        )
+        with grpc.insecure_channel(rollout.address) as channel:
+            status = pb_grpc.WeightSyncStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
+            assert status.weight_version == 3
+            assert status.fingerprint == manifest_of_state(trained_state).fingerprint
+            ids = tokenizer("monday tuesday", add_special_tokens=False)["input_ids"]
+            request = pb.GenerateRequest(prompt_token_ids=ids, max_tokens=12)
+            answer = pb_grpc.GenerateStub(channel).Generate(request, timeout=30)
         assert answer.weight_version == 3
         assert list(answer.token_ids) == greedy(reference_model(model_dir, trained_state), ids, 12)
-        channel.close()
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
+        assert rollout.stop() == 0
 
 
 def test_push_cli_exit_codes(rollout, trained_checkpoint) -> None:  # type: ignore[no-untyped-def]
@@ -200,11 +174,3 @@ def test_push_cli_exit_codes(rollout, trained_checkpoint) -> None:  # type: igno
     assert "FAILED_PRECONDITION" in stale.stderr and "not newer" in stale.stderr
     gone = subprocess.run([*push[:-1], "127.0.0.1:1", "--version", "5"], capture_output=True, text=True, timeout=120)
     assert gone.returncode == 1 and "127.0.0.1:1" in gone.stderr
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

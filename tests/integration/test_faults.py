@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,27 +12,15 @@ from pathlib import Path
 import grpc
 import pytest
 
+from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
-from trainer_side.train import wait_until_up
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
 import raw
-from conftest import ROOT, Rollout
+from conftest import Rollout
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def serve(model_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "rollout_side", "serve", "--engine", "torch", "--model", str(model_dir),
-         "--port", str(port), "--idle-timeout", "3"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+FAST_REAP = ["--idle-timeout", "3"]
 
 
 def status(address: str) -> pb.GetStatusResponse:
@@ -135,11 +121,9 @@ def test_stalled_stream_is_dropped_after_the_idle_timeout(serving: Rollout, trai
 
 
 def test_rollout_killed_mid_commit_and_restarted(model_dir: Path, trained_state) -> None:  # type: ignore[no-untyped-def]
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    proc = serve(model_dir, port)
+    rollout = RolloutProcess(model_dir, args=FAST_REAP)
+    address = rollout.address
     try:
-        wait_until_up(address)
         with Publisher([address], progress=False) as publisher:
             assert publisher.push(trained_state, 1)[0].ok
         tensors, manifest = raw.prepare(trained_state)
@@ -148,16 +132,12 @@ def test_rollout_killed_mid_commit_and_restarted(model_dir: Path, trained_state)
         update_id = raw.begin(stub, 2, manifest).update_id
         raw.push_chunks(channel, raw.encoded_chunks(update_id, tensors, manifest))
         commit = stub.Commit.future(pb.CommitRequest(update_id=update_id), timeout=30)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        rollout.kill()
         with pytest.raises(grpc.RpcError):
             commit.result()
     finally:
-        proc.kill()
-        proc.wait(30)
-    restarted = serve(model_dir, port)
-    try:
-        wait_until_up(address)
+        rollout.kill()
+    with RolloutProcess(model_dir, args=FAST_REAP, port=rollout.port):
         # Nothing survives a crash: the restarted rollout holds dummy weights and refuses Generate.
         assert (status(address).weight_version, status(address).state) == (0, pb.ROLLOUT_STATE_DUMMY)
         with pytest.raises(grpc.RpcError) as info:
@@ -166,27 +146,20 @@ def test_rollout_killed_mid_commit_and_restarted(model_dir: Path, trained_state)
         with Publisher([address], progress=False) as publisher:
             [result] = publisher.push(trained_state, 2)
         assert result.ok and generate(address).weight_version == 2
-    finally:
-        restarted.terminate()
-        restarted.wait(30)
 
 
 def test_graceful_shutdown_finishes_in_flight_generate(model_dir: Path, trained_state) -> None:  # type: ignore[no-untyped-def]
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    proc = serve(model_dir, port)
+    rollout = RolloutProcess(model_dir, args=FAST_REAP)
     try:
-        wait_until_up(address)
-        with Publisher([address], progress=False) as publisher:
+        with Publisher([rollout.address], progress=False) as publisher:
             assert publisher.push(trained_state, 1)[0].ok
-        stub = pb_grpc.GenerateStub(grpc.insecure_channel(address))
+        stub = pb_grpc.GenerateStub(grpc.insecure_channel(rollout.address))
         request = pb.GenerateStreamRequest(request=pb.GenerateRequest(prompt="one two", max_tokens=40))
         stream = stub.GenerateStream(request, timeout=60)
         first = next(stream)
-        proc.send_signal(signal.SIGTERM)
+        rollout.process.send_signal(signal.SIGTERM)
         rest = list(stream)  # the in-flight stream completes within the grace period (5 s)
         assert (rest[-1] if rest else first).finish_reason
-        assert proc.wait(30) == 0
+        assert rollout.process.wait(30) == 0
     finally:
-        proc.kill()
-        proc.wait(30)
+        rollout.kill()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,12 +18,11 @@ import grpc
 import psutil
 import pytest
 
+from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
-from trainer_side.train import new_model, wait_until_up
+from trainer_side.train import new_model
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
-
-from conftest import ROOT
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
 ENGINE = os.environ.get("SOAK_ENGINE", "vllm")
@@ -42,35 +39,9 @@ def rss(pid: int) -> int:
 def rollout_process(model_dir: Path):  # type: ignore[no-untyped-def]
     if ENGINE == "vllm":
         pytest.importorskip("vllm", reason="vLLM is not installed; set SOAK_ENGINE=torch")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "rollout_side",
-        "serve",
-        "--engine",
-        ENGINE,
-        "--model",
-        str(model_dir),
-        "--port",
-        str(port),
-        "--log-level",
-        "WARNING",
-    ]
-    if ENGINE == "vllm":
-        cmd += ["--kv-cache-gib", "0.25"]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    address = f"127.0.0.1:{port}"
-    try:
-        wait_until_up(address, timeout=300)
-        yield proc, address
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    args = ["--log-level", "WARNING", *(["--kv-cache-gib", "0.25"] if ENGINE == "vllm" else [])]
+    with RolloutProcess(model_dir, engine=ENGINE, args=args) as rollout:
+        yield rollout.process, rollout.address
 
 
 def test_generate_under_load_while_pushes_commit(rollout_process, model_dir, trained_state) -> None:  # type: ignore[no-untyped-def]
