@@ -19,6 +19,7 @@ import grpc
 import torch
 from tqdm import tqdm
 
+from trainer_side.relay import relay_tree, subtree_addresses
 from weightsync import metrics, wire
 from weightsync.manifest import Manifest, build_manifest, wire_tensors
 from weightsync.memory import keep_freed_memory
@@ -49,9 +50,13 @@ class PushResult:
     bytes_sent: int = 0
     swap_seconds: float = 0.0
     error: str = ""
+    relayed_by: str = ""  # the relay that delivered this version, if the trainer did not
+    relayed: tuple[pb.RelayResult, ...] = ()  # what this rollout's relay downstream answered
 
     def line(self) -> str:
         if self.ok:
+            if self.relayed_by:
+                return f"{self.address}: version {self.version} committed via relay {self.relayed_by}"
             rate = self.bytes_sent / self.seconds / 1e9 if self.seconds else 0.0
             return f"{self.address}: version {self.version} committed in {self.seconds:.2f} s ({rate:.2f} GB/s)"
         return f"{self.address}: version {self.version} FAILED: {self.error}"
@@ -71,6 +76,7 @@ class Publisher:
         progress: bool | None = None,
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        relay: int = 0,
     ) -> None:
         if not rollouts:
             raise ValueError("no rollouts given; pass at least one HOST:PORT")
@@ -83,6 +89,7 @@ class Publisher:
         self.streams = streams
         self.timeout = timeout
         self.progress = progress
+        self.relay = relay  # 0: push to every rollout; k: a relay tree of fanout k (1 = a chain)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._channels = {
             a: grpc.secure_channel(a, credentials, options=CHANNEL_OPTIONS)
@@ -104,30 +111,73 @@ class Publisher:
         """Pushes `state` (any float dtype, any device) as `version` to every rollout concurrently."""
         tensors = dict(wire_tensors(state))
         manifest = build_manifest(tensors.items())
-        update_id = f"v{version}-{uuid.uuid4().hex[:12]}"
-        payloads = wire.iter_chunk_payloads(list(tensors.values()), manifest, self.chunk_bytes)
-        encoded = (wire.encode_chunk(update_id.encode(), index, pieces) for index, pieces in payloads)
-        broadcast = _Broadcast(encoded, consumers=len(self.rollouts), window=self.window)
-        logger.info(
-            "push %s: version %d, %d tensors, %.1f MB to %d rollout(s)",
-            update_id,
-            version,
-            len(manifest),
-            manifest.total_bytes / 1e6,
-            len(self.rollouts),
-        )
-        with ThreadPoolExecutor(max_workers=len(self.rollouts)) as pool:
-            futures = [
-                pool.submit(self._push_one, address, i, broadcast, manifest, version, update_id)
-                for i, address in enumerate(self.rollouts)
-            ]
-            results = [f.result() for f in futures]
+        if self.relay and len(self.rollouts) > 1:
+            results = self._push_relayed(tensors, manifest, version)
+        else:
+            results = self._push_to(self.rollouts, tensors, manifest, version)
         for r in results:
             metrics.record_push(r.address, r.ok, r.version, r.seconds, r.bytes_sent)
         return results
 
+    def _push_relayed(self, tensors: dict[str, torch.Tensor], manifest: Manifest, version: int) -> list[PushResult]:
+        """Sends to the relay tree's root only; rollouts the relay did not reach get a direct push."""
+        root, downstream = relay_tree(self.rollouts, self.relay)
+        [result] = self._push_to([root], tensors, manifest, version, relay_to=downstream)
+        reached = {
+            r.address: PushResult(
+                address=r.address,
+                version=version,
+                ok=True,
+                fingerprint=r.fingerprint,
+                seconds=result.seconds,
+                relayed_by=root,
+            )
+            for r in result.relayed
+            if r.ok and r.weight_version == version and r.fingerprint == manifest.fingerprint
+        }
+        missed = [a for a in subtree_addresses(downstream) if a not in reached]
+        if missed:
+            logger.warning("relay missed %s; pushing to them directly", ", ".join(missed))
+            reached |= {r.address: r for r in self._push_to(missed, tensors, manifest, version)}
+        return [result, *(reached[a] for a in self.rollouts[1:])]
+
+    def _push_to(
+        self,
+        targets: Sequence[str],
+        tensors: dict[str, torch.Tensor],
+        manifest: Manifest,
+        version: int,
+        relay_to: Sequence[pb.RelayTarget] = (),
+    ) -> list[PushResult]:
+        update_id = f"v{version}-{uuid.uuid4().hex[:12]}"
+        payloads = wire.iter_chunk_payloads(list(tensors.values()), manifest, self.chunk_bytes)
+        encoded = (wire.encode_chunk(update_id.encode(), index, pieces) for index, pieces in payloads)
+        broadcast = _Broadcast(encoded, consumers=len(targets), window=self.window)
+        logger.info(
+            "push %s: version %d, %d tensors, %.1f MB to %d rollout(s)%s",
+            update_id,
+            version,
+            len(manifest),
+            manifest.total_bytes / 1e6,
+            len(targets),
+            f", relayed to {len(subtree_addresses(relay_to))} more" if relay_to else "",
+        )
+        with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+            futures = [
+                pool.submit(self._push_one, address, i, broadcast, manifest, version, update_id, relay_to)
+                for i, address in enumerate(targets)
+            ]
+            return [f.result() for f in futures]
+
     def _push_one(
-        self, address: str, slot: int, broadcast: _Broadcast, manifest: Manifest, version: int, update_id: str
+        self,
+        address: str,
+        slot: int,
+        broadcast: _Broadcast,
+        manifest: Manifest,
+        version: int,
+        update_id: str,
+        relay_to: Sequence[pb.RelayTarget] = (),
     ) -> PushResult:
         started = time.perf_counter()
         stub = self._stubs[address]
@@ -150,6 +200,7 @@ class Publisher:
                     chunk_bytes=self.chunk_bytes,
                     fingerprint=manifest.fingerprint,
                     update_id=update_id,
+                    relay_to=relay_to,
                 ),
                 timeout=self.timeout,
                 metadata=self._metadata,
@@ -182,6 +233,7 @@ class Publisher:
             seconds=seconds,
             bytes_sent=sent,
             swap_seconds=answer.swap_seconds,
+            relayed=tuple(answer.relayed),
         )
 
     def _stream_chunks(self, address: str, broadcast: _Broadcast, slot: int, bar: tqdm) -> int:  # type: ignore[type-arg]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from rollout_side.receiver import Receiver
+from rollout_side.relay import Relay
 from rollout_side.servicers.errors import grpc_errors
 from rollout_side.servicers.registry import add_service
 from weightsync import wire
@@ -23,6 +25,8 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
     def __init__(self, receiver: Receiver, model: str) -> None:
         self.receiver = receiver
         self.model = model
+        self._relays: dict[str, Relay] = {}  # update id -> its downstream, on a relaying rollout
+        self._aborting: set[asyncio.Future[None]] = set()
 
     @grpc_errors
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
@@ -47,6 +51,10 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
         update = self.receiver.begin(
             request.version, manifest, request.chunk_bytes, request.fingerprint, request.update_id
         )
+        if request.relay_to:
+            relay = Relay(request.relay_to, _authorization(context))
+            self._relays[update.id] = relay
+            await relay.begin(request)
         return pb.BeginUpdateResponse(update_id=update.id, chunk_count=update.chunk_count)
 
     @grpc_errors
@@ -61,6 +69,8 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
                 update_id = chunk.update_id
                 size += self.receiver.put_chunk(chunk.update_id, chunk.index, chunk.checksum, chunk.data)
                 chunks += 1
+                if relay := self._relays.get(chunk.update_id):
+                    await relay.forward(raw)  # verified above: each hop checks before passing on
         except BaseException as error:
             # Whatever broke the stream (bad chunk, cancelled call, dead trainer), the update is void.
             self._drop(update_id, f"the chunk stream failed: {error or type(error).__name__}")
@@ -69,19 +79,38 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
 
     @grpc_errors
     async def Commit(self, request: pb.CommitRequest, context: grpc.aio.ServicerContext) -> pb.CommitResponse:
-        version, fingerprint, seconds = await self.receiver.commit(request.update_id)
-        return pb.CommitResponse(weight_version=version, fingerprint=fingerprint, swap_seconds=seconds)
+        relay = self._relays.pop(request.update_id, None)
+        try:
+            version, fingerprint, seconds = await self.receiver.commit(request.update_id)
+        except BaseException:
+            if relay is not None:
+                await relay.abort(request.update_id)
+            raise
+        relayed = await relay.commit(request.update_id) if relay is not None else []
+        return pb.CommitResponse(weight_version=version, fingerprint=fingerprint, swap_seconds=seconds, relayed=relayed)
 
     @grpc_errors
     async def AbortUpdate(
         self, request: pb.AbortUpdateRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortUpdateResponse:
         self.receiver.abort(request.update_id, "the trainer aborted it")
+        if relay := self._relays.pop(request.update_id, None):
+            await relay.abort(request.update_id)
         return pb.AbortUpdateResponse()
 
     def _drop(self, update_id: str, reason: str) -> None:
         if update_id and self.receiver.status().update_id == update_id:
             self.receiver.abort(update_id, reason)
+        if relay := self._relays.pop(update_id, None):
+            # The downstream streams break with ours; each downstream drops the update itself.
+            task = asyncio.ensure_future(relay.abort(update_id))
+            self._aborting.add(task)
+            task.add_done_callback(self._aborting.discard)
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    """The caller's bearer token, passed on to downstream rollouts (they share the trainer's token)."""
+    return tuple((k, v) for k, v in context.invocation_metadata() or () if k == "authorization")
 
 
 def add_weight_sync(servicer: WeightSyncServicer, server: grpc.aio.Server) -> None:

@@ -1,0 +1,58 @@
+"""Relay fan-out over real gRPC: the trainer sends to one rollout, which forwards to the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from trainer_side.publisher import Publisher
+from trainer_side.relay import relay_tree, subtree_addresses
+from weightsync.manifest import manifest_of_state
+from weightsync.v1 import weightsync_pb2 as pb
+
+from conftest import LoopThread, Rollout, start_rollout
+
+
+@pytest.fixture
+def three(loop_thread: LoopThread, model_dir) -> Iterator[list[Rollout]]:  # type: ignore[no-untyped-def]
+    rollouts = [start_rollout(loop_thread, model_dir, idle_timeout=3.0) for _ in range(3)]
+    yield rollouts
+    for r in rollouts:
+        r.channel.close()
+        loop_thread.run(r.server.stop(grace=0))
+
+
+@pytest.mark.parametrize(("count", "fanout"), [(4, 1), (7, 2)])
+def test_relay_tree_covers_every_rollout_once(count: int, fanout: int) -> None:
+    addresses = [f"r{i}:1" for i in range(count)]
+    root, downstream = relay_tree(addresses, fanout)
+    assert root == "r0:1" and sorted(subtree_addresses(downstream)) == sorted(addresses[1:])
+    assert all(len(t.downstream) <= fanout for t in downstream)
+
+
+@pytest.mark.parametrize("fanout", [1, 2])
+def test_relay_delivers_the_version_to_every_rollout(three: list[Rollout], trained_state, fanout: int) -> None:  # type: ignore[no-untyped-def]
+    addresses = [r.address for r in three]
+    with Publisher(addresses, progress=False, relay=fanout) as publisher:
+        results = publisher.push(trained_state, 1)
+    assert [r.ok for r in results] == [True, True, True], [r.error for r in results]
+    root, *rest = results
+    assert root.bytes_sent > 0 and {r.relayed_by for r in rest} == {addresses[0]}
+    assert all(r.bytes_sent == 0 for r in rest)  # the trainer sent each byte once, to the root
+    fingerprint = manifest_of_state(trained_state).fingerprint
+    for rollout in three:
+        status = rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
+        assert (status.weight_version, status.fingerprint) == (1, fingerprint)
+        reply = rollout.generate.Generate(pb.GenerateRequest(prompt="red", max_tokens=4), timeout=30)
+        assert reply.weight_version == 1
+
+
+def test_a_dead_relay_is_routed_around(three: list[Rollout], loop_thread: LoopThread, trained_state) -> None:  # type: ignore[no-untyped-def]
+    addresses = [r.address for r in three]
+    loop_thread.run(three[1].server.stop(grace=0))  # the chain's middle link is gone
+    with Publisher(addresses, progress=False, relay=1, timeout=10) as publisher:
+        results = publisher.push(trained_state, 1)
+    assert [r.ok for r in results] == [True, False, True], [r.error for r in results]
+    assert results[2].relayed_by == "" and results[2].bytes_sent > 0  # pushed directly instead
+    assert three[2].weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5).weight_version == 1
