@@ -31,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--version", type=int, required=True, help="must be newer than what rollouts serve")
     _add_rollouts(push)
     push.add_argument("--chunk-mib", type=float, default=1.0, help="chunk size on the wire (default: %(default)s)")
+    push.add_argument(
+        "--relay",
+        type=int,
+        default=0,
+        metavar="FANOUT",
+        help="send to the first rollout only and let rollouts forward to each other: 1 = a chain, "
+        "k = a tree of fanout k (default 0: push to every rollout directly)",
+    )
 
     train = sub.add_parser(
         "train",
@@ -98,7 +106,8 @@ def _push(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         print(f"error: cannot read checkpoint: {error}", file=sys.stderr)
         return 2
-    with Publisher(args.rollouts, chunk_bytes=int(args.chunk_mib * (1 << 20)), **connection(args)) as publisher:
+    chunk_bytes = int(args.chunk_mib * (1 << 20))
+    with Publisher(args.rollouts, chunk_bytes=chunk_bytes, relay=args.relay, **connection(args)) as publisher:
         results = publisher.push(state, args.version)
     for result in results:
         print(result.line(), file=sys.stdout if result.ok else sys.stderr)

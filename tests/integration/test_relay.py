@@ -56,3 +56,19 @@ def test_a_dead_relay_is_routed_around(three: list[Rollout], loop_thread: LoopTh
     assert [r.ok for r in results] == [True, False, True], [r.error for r in results]
     assert results[2].relayed_by == "" and results[2].bytes_sent > 0  # pushed directly instead
     assert three[2].weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5).weight_version == 1
+
+
+def test_relay_on_a_simulated_cluster_sends_each_byte_once() -> None:
+    """Namespaces + rate-limited veth links: relay and direct fan-out to 4 rollouts, correctness and trainer bytes."""
+    from bench import netsim, relay
+
+    if reason := netsim.unavailable_reason():
+        pytest.skip(f"simulated cluster unavailable: {reason}")
+    result = relay.run(rollouts=4, rate="100mbit", size="tiny", runs=1)
+    model = result["model_bytes"]
+    lines = result["status"].splitlines()[1:]
+    assert len(lines) == 4 and all(" SERVING " in line for line in lines), result["status"]
+    assert len({line.split()[-1] for line in lines}) == 1  # one fingerprint everywhere
+    relayed, direct = result["relay"]["trainer_tx_bytes"][0], result["direct"]["trainer_tx_bytes"][0]
+    assert model <= relayed < 1.2 * model, (relayed, model)  # the trainer sent each byte once
+    assert direct > 3.8 * model  # direct fan-out sends it once per rollout
