@@ -6,6 +6,7 @@ import grpc
 
 __all__ = [
     "BadManifest",
+    "BaseMismatch",
     "BadRequest",
     "BusyError",
     "ChunkCorrupt",
@@ -42,6 +43,16 @@ class BadRequest(WeightSyncError):
 
 class StaleVersion(WeightSyncError):
     """The announced version is not newer than the committed one."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class BaseMismatch(WeightSyncError):
+    """A delta update's base is not the committed version whose exact bytes this rollout holds.
+
+    Never an error in the data: the rollout restarted, missed a version, or dropped its copy of the
+    base. The answer is the same in every case: send a full version.
+    """
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 

@@ -7,12 +7,14 @@ decoded here by hand, byte-compatible with the generated code (tests check both 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import xxhash
 
+from weightsync.delta import BadPatch, Encoding, Transfer, TransferPlan
 from weightsync.errors import BadManifest, ChunkCorrupt
 from weightsync.manifest import Manifest, TensorEntry, tensor_bytes
 from weightsync.v1 import weightsync_pb2 as pb
@@ -25,8 +27,11 @@ __all__ = [
     "decode_chunk",
     "encode_chunk",
     "iter_chunk_payloads",
+    "iter_wire_payloads",
     "manifest_from_proto",
     "manifest_to_proto",
+    "plan_from_proto",
+    "plan_to_proto",
 ]
 
 _TO_PROTO: dict[torch.dtype, int] = {
@@ -83,6 +88,33 @@ def manifest_from_proto(message: pb.Manifest) -> Manifest:
     return manifest
 
 
+def plan_to_proto(plan: TransferPlan) -> pb.TransferPlan:
+    return pb.TransferPlan(
+        tensors=[
+            pb.TensorTransfer(encoding=int(t.encoding), wire_offset=t.wire_offset, wire_bytes=t.wire_bytes)  # type: ignore[arg-type]
+            for t in plan.transfers
+        ],
+        total_bytes=plan.total_bytes,
+    )
+
+
+def plan_from_proto(message: pb.TransferPlan) -> TransferPlan:
+    """Validates and converts; raises BadManifest with the first problem found (UNSPECIFIED is FULL)."""
+    transfers = []
+    for i, spec in enumerate(message.tensors):
+        encoding = spec.encoding or pb.TENSOR_ENCODING_FULL
+        if encoding not in (pb.TENSOR_ENCODING_FULL, pb.TENSOR_ENCODING_PATCH):
+            raise BadManifest(f"transfer {i} has unknown encoding {spec.encoding}")
+        transfers.append(Transfer(Encoding(encoding), spec.wire_offset, spec.wire_bytes))
+    try:
+        plan = TransferPlan(tuple(transfers))
+    except BadPatch as error:
+        raise BadManifest(f"bad transfer plan: {error}") from None
+    if plan.total_bytes != message.total_bytes:
+        raise BadManifest(f"plan total_bytes {message.total_bytes} != sum of payload sizes {plan.total_bytes}")
+    return plan
+
+
 def chunk_count(total_bytes: int, chunk_bytes: int) -> int:
     return -(-total_bytes // chunk_bytes)
 
@@ -114,6 +146,24 @@ def iter_chunk_payloads(
             entry = entries[t]
             stop = min(end, entry.end)
             pieces.append(views[t][start - entry.offset : stop - entry.offset])
+            start = stop
+        yield index, pieces
+
+
+def iter_wire_payloads(payloads: Sequence[memoryview], chunk_bytes: int) -> Iterator[tuple[int, list[memoryview]]]:
+    """Yields (index, pieces) per chunk of the wire layout that `payloads` tile in order (zero-copy)."""
+    total = sum(p.nbytes for p in payloads)
+    ends = list(itertools.accumulate(p.nbytes for p in payloads))
+    t = 0
+    for index in range(chunk_count(total, chunk_bytes)):
+        start, end = chunk_span(index, total, chunk_bytes)
+        pieces = []
+        while start < end:
+            while ends[t] <= start:
+                t += 1
+            offset = ends[t] - payloads[t].nbytes
+            stop = min(end, ends[t])
+            pieces.append(payloads[t][start - offset : stop - offset])
             start = stop
         yield index, pieces
 
