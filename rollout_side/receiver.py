@@ -3,6 +3,11 @@
 Nothing here knows about protobuf or gRPC. An update moves through begin -> chunks -> commit;
 any refusal raises a `WeightSyncError` and leaves the served version untouched, because bytes
 are only ever written into a staging buffer the engine does not read until `commit`.
+
+Delta updates (weightsync/delta.py) patch a staged copy of the committed version: the spare
+staging buffer, kept equal to the committed version's bytes where that is cheap (rollout_side/spare.py).
+A delta whose base is not exactly what the spare holds is refused with "send a full version", and
+every patched tensor is checked against its manifest checksum before commit.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import xxhash
 
 from rollout_side.engines.base import Engine, ParamSpec
+from rollout_side.spare import Spare
+from rollout_side.staging import Router, Verifier
 from weightsync import metrics
 from weightsync.checkpoint import load_checkpoint
+from weightsync.delta import BadPatch, Encoding, TransferPlan
 from weightsync.errors import (
     BadManifest,
     BusyError,
@@ -35,7 +42,7 @@ from weightsync.errors import (
     UnknownUpdate,
     VersionNotReached,
 )
-from weightsync.manifest import CHECKSUM_PREFIX, Manifest, TensorEntry, manifest_of_state, tensor_bytes
+from weightsync.manifest import Manifest, TensorEntry, manifest_of_state, tensor_bytes
 from weightsync.wire import chunk_checksum, chunk_count, chunk_span
 
 __all__ = ["Phase", "Receiver", "Status"]
@@ -76,7 +83,10 @@ class _Update:
     expected_fingerprint: str
     staging: torch.Tensor
     received: bytearray
-    verifier: _Verifier
+    plan: TransferPlan
+    router: Router
+    verifier: Verifier
+    base_fingerprint: str = ""  # a delta's base: the committed version when it began
     received_chunks: int = 0
     received_bytes: int = 0
     last_activity: float = field(default_factory=time.monotonic)
@@ -85,6 +95,11 @@ class _Update:
     @property
     def chunk_count(self) -> int:
         return len(self.received)
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes the chunks carry: the manifest's total for a full update, less for a delta."""
+        return self.plan.total_bytes
 
 
 class Receiver:
@@ -108,7 +123,7 @@ class Receiver:
         self._notifications: set[asyncio.Task[None]] = set()
         self._phase = Phase.BOOTING
         self._update: _Update | None = None
-        self._spare: torch.Tensor | None = None
+        self._spare = Spare(engine)  # the next staging buffer, and the delta base
         self._fingerprint = ""
         self._high_water = 0  # highest version ever committed: versions only move forward
         self._detail = ""
@@ -130,7 +145,7 @@ class Receiver:
         manifest = manifest_of_state(load_checkpoint(weights))
         self._check_names(manifest)
         await self.engine.start(weights, version)
-        self._fingerprint, self._high_water = manifest.fingerprint, version
+        self._fingerprint, self._high_water, self._spare.manifest = manifest.fingerprint, version, manifest
         metrics.Rollout.weight_version.set(version)
         logger.info("standalone: serving %s as version %d (%s)", weights, version, self._fingerprint)
         self._set_phase(Phase.SERVING)
@@ -158,15 +173,29 @@ class Receiver:
     # -- the handshake ------------------------------------------------------------------------
 
     def begin(
-        self, version: int, manifest: Manifest, chunk_bytes: int, fingerprint: str = "", update_id: str = ""
+        self,
+        version: int,
+        manifest: Manifest,
+        chunk_bytes: int,
+        fingerprint: str = "",
+        update_id: str = "",
+        *,
+        base_fingerprint: str = "",
+        plan: TransferPlan | None = None,
     ) -> _Update:
-        """Accepts or refuses an announced version; on success bytes may start to flow."""
+        """Accepts or refuses an announced version; on success bytes may start to flow.
+
+        With `base_fingerprint`, the update is a delta: `plan` says which tensors come as patches
+        against the committed version. Call `settle(delta=True)` first, so the base is in place.
+        """
         self._reap_idle()
         if self._update is not None or self._committing:
             raise BusyError(
                 f"update {self._update.id if self._update else '(committing)'} is in progress; "
                 "one update at a time per rollout"
             )
+        if self._spare.busy:
+            raise BusyError("the delta base is being brought up to date; await settle() before begin()")
         if version <= self._high_water:
             raise StaleVersion(f"version {version} is not newer than committed version {self._high_water}")
         if manifest.total_bytes > self._max_bytes:
@@ -176,7 +205,19 @@ class Receiver:
         self._check_names(manifest)
         if fingerprint and fingerprint != manifest.fingerprint:
             raise BadManifest("announced fingerprint does not match the manifest")
-        staging = self._take_staging(manifest.total_bytes)
+        plan = plan or TransferPlan.full(manifest)
+        try:
+            plan.check_against(manifest)
+        except BadPatch as error:
+            raise BadManifest(f"bad transfer plan: {error}") from None
+        if plan.patches and not base_fingerprint:
+            raise BadManifest("a plan with patches needs base_fingerprint: the version they apply to")
+        if base_fingerprint:
+            committed = self._fingerprint if self.engine.weight_version else ""
+            self._spare.check_base(base_fingerprint, committed, self.engine.weight_version, manifest)
+        staging = self._spare.take(manifest.total_bytes)
+        staged = tensor_bytes(staging)
+        patches = memoryview(bytearray(sum(t.wire_bytes for t in plan.transfers if t.encoding == Encoding.PATCH)))
         update = _Update(
             id=update_id or uuid.uuid4().hex,
             version=version,
@@ -184,19 +225,29 @@ class Receiver:
             chunk_bytes=chunk_bytes,
             expected_fingerprint=manifest.fingerprint,
             staging=staging,
-            received=bytearray(chunk_count(manifest.total_bytes, chunk_bytes)),
-            verifier=_Verifier(manifest, tensor_bytes(staging)),
+            received=bytearray(chunk_count(plan.total_bytes, chunk_bytes)),
+            plan=plan,
+            router=Router(manifest, plan, staged, patches),
+            verifier=Verifier(manifest, staged, plan, patches),
+            base_fingerprint=base_fingerprint,
         )
         self._update = update
         self._set_phase(Phase.RECEIVING)
         logger.info(
-            "update %s: receiving version %d, %d tensors, %.1f MB",
+            "update %s: receiving version %d, %d tensors, %.1f MB%s",
             update.id,
             version,
             len(manifest),
             manifest.total_bytes / 1e6,
+            f" as a delta of {plan.total_bytes / 1e6:.1f} MB ({plan.patches} patches)" if base_fingerprint else "",
         )
         return update
+
+    async def settle(self, *, delta: bool = False) -> None:
+        """Waits until the spare may be written; for a `delta`, rebuilds its copy of the base if needed."""
+        idle = self._update is None and not self._committing
+        committed = self._fingerprint if self.engine.weight_version else ""
+        await self._spare.settle(committed=committed, rebuild=delta and idle)
 
     def put_chunk(self, update_id: str, index: int, checksum: int, data: memoryview) -> int:
         """Verifies one chunk and copies it into staging; any fault aborts the whole update."""
@@ -204,7 +255,7 @@ class Receiver:
         try:
             if index >= update.chunk_count:
                 raise ChunkCorrupt(f"chunk {index} is outside the layout ({update.chunk_count} chunks)")
-            start, end = chunk_span(index, update.manifest.total_bytes, update.chunk_bytes)
+            start, end = chunk_span(index, update.wire_bytes, update.chunk_bytes)
             if data.nbytes != end - start:
                 raise ChunkCorrupt(f"chunk {index} has {data.nbytes} bytes, expected {end - start}")
             if update.received[index]:
@@ -214,7 +265,7 @@ class Receiver:
         except ChunkCorrupt as error:
             self.abort(update.id, str(error))
             raise
-        update.verifier.staged[start:end] = data
+        update.router.write(start, data)
         update.received[index] = 1
         update.received_chunks += 1
         update.received_bytes += data.nbytes
@@ -225,7 +276,7 @@ class Receiver:
             cursor = update.verifier.position // update.chunk_bytes
             if not update.received[cursor]:
                 break  # an earlier chunk is still missing; hashed from staging once it lands
-            update.verifier.feed(chunk_span(cursor, update.manifest.total_bytes, update.chunk_bytes)[1])
+            update.verifier.feed(chunk_span(cursor, update.wire_bytes, update.chunk_bytes)[1])
         return data.nbytes
 
     async def commit(self, update_id: str) -> tuple[int, str, float]:
@@ -238,28 +289,37 @@ class Receiver:
             self._verify(update)
             if self.reject_nonfinite:
                 _check_finite(update.manifest, update.staging)
-            self._spare = None
             try:
-                self._spare = await self.engine.load(update.staging, update.manifest, update.version)
+                returned = await self.engine.load(update.staging, update.manifest, update.version)
             except BadManifest:
-                self._spare = update.staging
                 raise  # refused before the engine touched its weights
             except Exception as error:
                 metrics.Rollout.updates.labels("failed").inc()
                 metrics.Rollout.weight_version.set(0)
                 self._detail = f"loading version {update.version} into the engine failed: {error}"
                 logger.exception("update %s: %s", update.id, self._detail)
+                self._spare.forget()
                 self._set_phase(Phase.FAILED)
                 raise EngineUnavailable(self._detail) from error
         except (IncompleteUpdate, NonFiniteWeights, BadManifest) as error:
             logger.warning("update %s refused at commit: %s", update.id, error)
             metrics.Rollout.updates.labels("refused").inc()
-            self._spare = self._spare if self._spare is not None else update.staging
+            self._spare.put_back(update.staging)  # holds (part of) the refused version
             self._set_phase(self._resting_phase())
             raise
         finally:
             self._committing = False
+        previous = self._fingerprint if self.engine.weight_version else ""
         self._fingerprint, self._high_water, self._detail = update.manifest.fingerprint, update.version, ""
+        self._spare.committed(
+            update.staging,
+            update.manifest,
+            returned,
+            previous=previous,
+            fingerprint=self._fingerprint,
+            base=update.base_fingerprint,
+            changed=update.verifier.changed,
+        )
         self._set_phase(Phase.SERVING)
         seconds = time.perf_counter() - started
         metrics.Rollout.updates.labels("committed").inc()
@@ -279,7 +339,7 @@ class Receiver:
         logger.warning("update %s (version %d) aborted: %s", update.id, update.version, reason)
         metrics.Rollout.updates.labels("aborted").inc()
         self._update = None
-        self._spare = update.staging
+        self._spare.put_back(update.staging)  # partly written
         self._set_phase(self._resting_phase())
 
     async def wait_for_version(self, version: int, timeout: float | None) -> None:
@@ -324,15 +384,10 @@ class Receiver:
         missing = update.chunk_count - update.received_chunks
         if missing:
             raise IncompleteUpdate(f"{missing} of {update.chunk_count} chunks have not arrived")
-        update.verifier.feed(update.manifest.total_bytes)  # a no-op unless chunks came out of order
+        update.verifier.feed(update.wire_bytes)  # a no-op unless chunks came out of order
         if update.verifier.mismatch is not None:
-            raise IncompleteUpdate(f"tensor {update.verifier.mismatch!r} does not match its checksum")
-
-    def _take_staging(self, nbytes: int) -> torch.Tensor:
-        spare, self._spare = self._spare, None
-        if spare is not None and spare.numel() == nbytes:
-            return spare
-        return self.engine.allocate_staging(nbytes)
+            hint = "; send a full version" if update.base_fingerprint else ""
+            raise IncompleteUpdate(f"tensor {update.verifier.mismatch!r} {update.verifier.reason}{hint}")
 
     async def _reap_forever(self) -> None:
         """Aborts an update whose trainer went silent, so it never blocks the next one for long."""
@@ -367,35 +422,7 @@ class Receiver:
             task.add_done_callback(self._notifications.discard)
 
 
-class _Verifier:
-    """Checks each tensor's xxh3_128 incrementally, in layout order, as staged bytes become complete.
-
-    `feed(end)` hashes staged bytes [position, end); a tensor is checked when its last byte is
-    hashed. The first tensor that does not match is kept in `mismatch` (commit refuses it).
-    """
-
-    def __init__(self, manifest: Manifest, staged: memoryview) -> None:
-        self.staged = staged
-        self.position = 0
-        self.mismatch: str | None = None
-        self._entries = manifest.entries
-        self._next = 0  # the first tensor not yet checked
-        self._digest = xxhash.xxh3_128()
-
-    def feed(self, end: int) -> None:
-        entries = self._entries
-        while self._next < len(entries):
-            entry = entries[self._next]
-            stop = min(end, entry.end)
-            if stop > self.position:
-                self._digest.update(self.staged[self.position : stop])
-                self.position = stop
-            if self.position < entry.end:
-                return
-            if self.mismatch is None and CHECKSUM_PREFIX + self._digest.hexdigest() != entry.checksum:
-                self.mismatch = entry.name
-            self._digest.reset()
-            self._next += 1
+_Verifier = Verifier  # the name tests and older callers import
 
 
 def _check_finite(manifest: Manifest, staging: torch.Tensor) -> None:

@@ -48,8 +48,17 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
         self, request: pb.BeginUpdateRequest, context: grpc.aio.ServicerContext
     ) -> pb.BeginUpdateResponse:
         manifest = wire.manifest_from_proto(request.manifest)
+        plan = wire.plan_from_proto(request.plan) if request.HasField("plan") else None
+        # A background copy may still be bringing the spare (the next staging buffer) up to date.
+        await self.receiver.settle(delta=bool(request.base_fingerprint))
         update = self.receiver.begin(
-            request.version, manifest, request.chunk_bytes, request.fingerprint, request.update_id
+            request.version,
+            manifest,
+            request.chunk_bytes,
+            request.fingerprint,
+            request.update_id,
+            base_fingerprint=request.base_fingerprint,
+            plan=plan,
         )
         if request.relay_to:
             relay = Relay(request.relay_to, _authorization(context))
