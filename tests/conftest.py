@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
@@ -22,6 +23,7 @@ from rollout_side.engines.torch_engine import TorchEngine  # noqa: E402
 from rollout_side.receiver import Receiver  # noqa: E402
 from rollout_side.server import RolloutServer, create_server  # noqa: E402
 from trainer_side.train import new_model, train_iterations  # noqa: E402
+from weightsync.v1 import weightsync_pb2 as pb  # noqa: E402
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc  # noqa: E402
 
 T = TypeVar("T")
@@ -117,3 +119,17 @@ def rollout(loop_thread: LoopThread, model_dir: Path) -> Iterator[Rollout]:
     yield r
     r.channel.close()
     loop_thread.run(r.server.stop(grace=0))
+
+
+def health_of(rollout: Rollout, service: str = "weightsync.v1.Generate") -> int:
+    """What grpc.health.v1 says of `service` on `rollout`."""
+    stub = health_pb2_grpc.HealthStub(rollout.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def assert_gated(rollout: Rollout) -> None:
+    """No complete version: health NOT_SERVING and Generate refused as UNAVAILABLE."""
+    assert health_of(rollout) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        rollout.generate.Generate(pb.GenerateRequest(prompt="the cat"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
@@ -18,6 +18,8 @@ from trainer_side.train import greedy, new_model
 from weightsync.manifest import manifest_of_state
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+
+from conftest import health_of
 
 PROMPTS = ["the cat sat", "monday tuesday", "one two three", "red orange"]
 
@@ -27,11 +29,6 @@ def reference_model(model_dir: Path, state: dict[str, torch.Tensor]):  # type: i
     model = new_model(model_dir)
     model.load_state_dict(state)
     return model.to(torch.bfloat16).eval()
-
-
-def health_of(rollout, service: str) -> int:  # type: ignore[no-untyped-def]
-    stub = health_pb2_grpc.HealthStub(rollout.channel)
-    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
 def test_generate_is_refused_before_the_first_commit(rollout) -> None:  # type: ignore[no-untyped-def]

