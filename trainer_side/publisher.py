@@ -3,6 +3,12 @@
 Each tensor is cast to bf16 and checksummed once, and each chunk is serialized once and shared
 by every rollout's stream through a bounded window, so pushing to N rollouts costs one encode
 and the trainer holds only `window` chunks beyond the model itself.
+
+Delta sync (trainer_side/delta.py): the publisher keeps the last version it pushed, and sends the
+rollouts that confirmed it a patch per tensor where that is smaller; the others get the full version.
+A rollout that refuses a delta (it restarted, dropped its copy, or a tensor failed its checksum) gets
+the full version in the same push, and `reconcile` (or `reconcile_every`) brings any rollout that
+came back empty or behind to the latest version without waiting for the next training step.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -19,19 +25,27 @@ import grpc
 import torch
 from tqdm import tqdm
 
+from trainer_side.broadcast import Broadcast, counted
+from trainer_side.delta import BaseStore, Outgoing
 from trainer_side.relay import relay_tree, subtree_addresses
-from weightsync import metrics, wire
-from weightsync.manifest import Manifest, build_manifest, wire_tensors
+from weightsync import metrics
+from weightsync.manifest import build_manifest, manifest_of_state, wire_tensors
 from weightsync.memory import keep_freed_memory
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+from weightsync.wire import chunk_count
 
 __all__ = ["Publisher", "PushResult"]
+
+_Broadcast = Broadcast  # the name older callers import
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # measured (bench/): 256 KiB and 4 MiB were both slower
 DEFAULT_STREAMS = 1  # PushChunks streams per rollout; measured (bench/): more were slower on 2 cores
+# How a rollout refuses a delta that a full version of the same push can fix (the base is not what it holds,
+# or a patched tensor failed its checksum): FAILED_PRECONDITION with this phrase, as the proto documents.
+SEND_FULL = "send a full version"
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 65 << 20),
     ("grpc.max_receive_message_length", 65 << 20),
@@ -52,13 +66,16 @@ class PushResult:
     error: str = ""
     relayed_by: str = ""  # the relay that delivered this version, if the trainer did not
     relayed: tuple[pb.RelayResult, ...] = ()  # what this rollout's relay downstream answered
+    delta: bool = False  # sent as a delta against the version it held (bytes_sent counts the wire bytes)
+    code: str = ""  # the gRPC status name of a failure ("FINGERPRINT" if it committed something else)
 
     def line(self) -> str:
         if self.ok:
             if self.relayed_by:
                 return f"{self.address}: version {self.version} committed via relay {self.relayed_by}"
             rate = self.bytes_sent / self.seconds / 1e9 if self.seconds else 0.0
-            return f"{self.address}: version {self.version} committed in {self.seconds:.2f} s ({rate:.2f} GB/s)"
+            how = f" as a delta of {self.bytes_sent / 1e6:.1f} MB" if self.delta else f" ({rate:.2f} GB/s)"
+            return f"{self.address}: version {self.version} committed in {self.seconds:.2f} s{how}"
         return f"{self.address}: version {self.version} FAILED: {self.error}"
 
 
@@ -77,7 +94,13 @@ class Publisher:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         relay: int = 0,
+        delta: bool = False,
+        reconcile_every: float | None = None,
     ) -> None:
+        """`delta` keeps the last version pushed (one more copy of the model in trainer memory) to send
+        rollouts only what changed, and lets `reconcile` restore rollouts; `reconcile_every` (seconds)
+        starts a thread that calls `reconcile`. Off by default so that a publisher costs no extra memory
+        and benchmarks of full syncs stay full syncs; a training loop wants it on."""
         if not rollouts:
             raise ValueError("no rollouts given; pass at least one HOST:PORT")
         if streams < 1:
@@ -90,6 +113,10 @@ class Publisher:
         self.timeout = timeout
         self.progress = progress
         self.relay = relay  # 0: push to every rollout; k: a relay tree of fanout k (1 = a chain)
+        self._base = BaseStore() if delta else None
+        self._lock = threading.Lock()  # one push or reconcile at a time: a rollout takes one update at a time
+        self._stop = threading.Event()
+        self._reconciler: threading.Thread | None = None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._channels = {
             a: grpc.secure_channel(a, credentials, options=CHANNEL_OPTIONS)
@@ -106,65 +133,166 @@ class Publisher:
             )
             for a, c in self._channels.items()
         }
+        if reconcile_every:
+            self._reconciler = threading.Thread(
+                target=self._reconcile_forever, args=(reconcile_every,), name="weightsync-reconcile", daemon=True
+            )
+            self._reconciler.start()
 
     def push(self, state: Mapping[str, torch.Tensor], version: int) -> list[PushResult]:
-        """Pushes `state` (any float dtype, any device) as `version` to every rollout concurrently."""
-        tensors = dict(wire_tensors(state))
-        manifest = build_manifest(tensors.items())
-        if self.relay and len(self.rollouts) > 1:
-            results = self._push_relayed(tensors, manifest, version)
-        else:
-            results = self._push_to(self.rollouts, tensors, manifest, version)
-        for r in results:
-            metrics.record_push(r.address, r.ok, r.version, r.seconds, r.bytes_sent)
+        """Pushes `state` (any float dtype, any device) as `version` to every rollout concurrently.
+
+        Rollouts that confirmed the previous version get a delta where it is smaller; a rollout that
+        refuses it gets the full version before this returns.
+        """
+        with self._lock:
+            tensors = dict(wire_tensors(state))
+            base = self._base
+            holders = base.holders(self.rollouts) if base is not None else []
+            if base is not None and holders:
+                manifest, diffs = base.scan(tensors)  # checksums and diffs in one pass
+            else:
+                manifest, diffs = build_manifest(tensors.items()), None
+            full = Outgoing.full(version, manifest, list(tensors.values()))
+            delta = base.delta(full, diffs) if base is not None and diffs is not None else None
+            if base is not None:
+                base.advance(version, manifest, tensors, diffs, state)  # written while the chunks stream
+            try:
+                results = self._deliver(full, delta, holders if delta is not None else [])
+            finally:
+                if base is not None:
+                    base.join()  # the caller may change its tensors once we return
+            self._record(results)
         return results
 
-    def _push_relayed(self, tensors: dict[str, torch.Tensor], manifest: Manifest, version: int) -> list[PushResult]:
-        """Sends to the relay tree's root only; rollouts the relay did not reach get a direct push."""
+    def _deliver(self, full: Outgoing, delta: Outgoing | None, holders: Sequence[str]) -> list[PushResult]:
+        """Sends `delta` to `holders` and `full` to the rest at once; refused deltas are retried in full."""
+        if self.relay and len(self.rollouts) > 1:
+            everyone = delta is not None and set(holders) == set(self.rollouts)
+            results = self._push_relayed(delta if everyone and delta is not None else full, full)
+            if everyone and _wants_full(results[0]):
+                logger.warning("relayed delta refused (%s); relaying the full version", results[0].error)
+                results = self._push_relayed(full, full)
+            return results
+        rest = [a for a in self.rollouts if a not in holders]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            patched = pool.submit(self._push_to, holders, delta) if delta is not None and holders else None
+            whole = self._push_to(rest, full) if rest else []
+            results = {r.address: r for r in [*whole, *(patched.result() if patched else [])]}
+        refused = [a for a in holders if _wants_full(results[a])]
+        if refused:
+            for a in refused:
+                logger.warning("%s refused the delta (%s); sending the full version", a, results[a].error)
+            results |= {r.address: r for r in self._push_to(refused, full)}
+        return [results[a] for a in self.rollouts]
+
+    def reconcile(self) -> list[PushResult]:
+        """Pushes the latest version, in full, to every reachable rollout that serves an older one or none.
+
+        A rollout that restarted, started late or missed versions returns to serving the latest version
+        without waiting for the next training step. Needs `delta=True` (the publisher keeps that version).
+        """
+        with self._lock:
+            base = self._base
+            if base is None or base.manifest is None:
+                return []
+            stale = []
+            for address, status in self._statuses(timeout=min(self.timeout, 5.0)).items():
+                if isinstance(status, str) or status.state == pb.ROLLOUT_STATE_RECEIVING:
+                    continue  # unreachable or busy now: the next round looks again
+                if status.weight_version >= base.version:
+                    if status.weight_version == base.version and status.fingerprint == base.fingerprint:
+                        base.confirm(address, status.fingerprint)
+                    continue  # up to date, or newer than anything we hold: not ours to touch
+                base.forget(address)
+                stale.append(address)
+            if not stale:
+                return []
+            tensors = base.tensors()
+            logger.info("reconcile: pushing version %d to %s", base.version, ", ".join(stale))
+            results = self._push_to(stale, Outgoing.full(base.version, base.manifest, tensors))
+            self._record(results)
+        return results
+
+    def assume_base(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Takes `state` as the version rollouts may already hold (e.g. the previous checkpoint on disk).
+
+        Asks each rollout what it serves; those whose fingerprint is this state's get deltas from the
+        next push. Returns them. The state's tensors are kept as they are: pass ones nothing else changes.
+        """
+        with self._lock:
+            if self._base is None:
+                return []
+            tensors = dict(wire_tensors(state))
+            manifest = manifest_of_state(tensors)
+            holders = {
+                address: status.weight_version
+                for address, status in self._statuses(timeout=self.timeout).items()
+                if not isinstance(status, str) and status.weight_version and status.fingerprint == manifest.fingerprint
+            }
+            self._base.advance(max(holders.values(), default=0), manifest, tensors, None, {})
+            self._base.join()
+            for address in holders:
+                self._base.confirm(address, manifest.fingerprint)
+            return list(holders)
+
+    def _reconcile_forever(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                for result in self.reconcile():
+                    (logger.info if result.ok else logger.warning)("reconcile: %s", result.line())
+            except Exception:
+                logger.exception("reconcile failed")
+
+    def _record(self, results: Sequence[PushResult]) -> None:
+        for r in results:
+            metrics.record_push(r.address, r.ok, r.version, r.seconds, r.bytes_sent)
+            if self._base is not None:
+                if r.ok:
+                    self._base.confirm(r.address, r.fingerprint)
+                else:
+                    self._base.forget(r.address)
+
+    def _push_relayed(self, outgoing: Outgoing, full: Outgoing) -> list[PushResult]:
+        """Sends to the relay tree's root only; rollouts the relay did not reach get a direct full push."""
         root, downstream = relay_tree(self.rollouts, self.relay)
-        [result] = self._push_to([root], tensors, manifest, version, relay_to=downstream)
+        [result] = self._push_to([root], outgoing, relay_to=downstream)
         reached = {
             r.address: PushResult(
                 address=r.address,
-                version=version,
+                version=outgoing.version,
                 ok=True,
                 fingerprint=r.fingerprint,
                 seconds=result.seconds,
                 relayed_by=root,
             )
             for r in result.relayed
-            if r.ok and r.weight_version == version and r.fingerprint == manifest.fingerprint
+            if r.ok and r.weight_version == outgoing.version and r.fingerprint == outgoing.manifest.fingerprint
         }
         missed = [a for a in subtree_addresses(downstream) if a not in reached]
         if missed:
             logger.warning("relay missed %s; pushing to them directly", ", ".join(missed))
-            reached |= {r.address: r for r in self._push_to(missed, tensors, manifest, version)}
+            reached |= {r.address: r for r in self._push_to(missed, full)}
         return [result, *(reached[a] for a in self.rollouts[1:])]
 
     def _push_to(
-        self,
-        targets: Sequence[str],
-        tensors: dict[str, torch.Tensor],
-        manifest: Manifest,
-        version: int,
-        relay_to: Sequence[pb.RelayTarget] = (),
+        self, targets: Sequence[str], outgoing: Outgoing, relay_to: Sequence[pb.RelayTarget] = ()
     ) -> list[PushResult]:
-        update_id = f"v{version}-{uuid.uuid4().hex[:12]}"
-        payloads = wire.iter_chunk_payloads(list(tensors.values()), manifest, self.chunk_bytes)
-        encoded = (wire.encode_chunk(update_id.encode(), index, pieces) for index, pieces in payloads)
-        broadcast = _Broadcast(encoded, consumers=len(targets), window=self.window)
+        update_id = f"v{outgoing.version}-{uuid.uuid4().hex[:12]}"
+        broadcast = Broadcast(outgoing.chunks(update_id, self.chunk_bytes), consumers=len(targets), window=self.window)
         logger.info(
-            "push %s: version %d, %d tensors, %.1f MB to %d rollout(s)%s",
+            "push %s: version %d, %d tensors, %.1f MB%s to %d rollout(s)%s",
             update_id,
-            version,
-            len(manifest),
-            manifest.total_bytes / 1e6,
+            outgoing.version,
+            len(outgoing.manifest),
+            outgoing.manifest.total_bytes / 1e6,
+            f" as a {outgoing.wire_bytes / 1e6:.1f} MB delta" if outgoing.is_delta else "",
             len(targets),
             f", relayed to {len(subtree_addresses(relay_to))} more" if relay_to else "",
         )
         with ThreadPoolExecutor(max_workers=len(targets)) as pool:
             futures = [
-                pool.submit(self._push_one, address, i, broadcast, manifest, version, update_id, relay_to)
+                pool.submit(self._push_one, address, i, broadcast, outgoing, update_id, relay_to)
                 for i, address in enumerate(targets)
             ]
             return [f.result() for f in futures]
@@ -173,17 +301,17 @@ class Publisher:
         self,
         address: str,
         slot: int,
-        broadcast: _Broadcast,
-        manifest: Manifest,
-        version: int,
+        broadcast: Broadcast,
+        outgoing: Outgoing,
         update_id: str,
         relay_to: Sequence[pb.RelayTarget] = (),
     ) -> PushResult:
         started = time.perf_counter()
         stub = self._stubs[address]
+        version, manifest = outgoing.version, outgoing.manifest
         # progress=None shows bars only on a terminal.
         bar = tqdm(
-            total=manifest.total_bytes,
+            total=outgoing.wire_bytes,
             unit="B",
             unit_scale=True,
             desc=address,
@@ -193,25 +321,32 @@ class Publisher:
         )
         accepted = False
         try:
-            stub.BeginUpdate(
-                pb.BeginUpdateRequest(
-                    version=version,
-                    manifest=wire.manifest_to_proto(manifest),
-                    chunk_bytes=self.chunk_bytes,
-                    fingerprint=manifest.fingerprint,
-                    update_id=update_id,
-                    relay_to=relay_to,
-                ),
+            began = stub.BeginUpdate(
+                outgoing.request(self.chunk_bytes, update_id, relay_to=relay_to),
                 timeout=self.timeout,
                 metadata=self._metadata,
             )
             accepted = True
+            if outgoing.is_delta and began.chunk_count != chunk_count(outgoing.wire_bytes, self.chunk_bytes):
+                # A rollout from before delta sync ignores the plan and expects the full layout's chunks.
+                _abort_quietly(stub, update_id, self._metadata)
+                return PushResult(
+                    address=address,
+                    version=version,
+                    ok=False,
+                    delta=True,
+                    code="FAILED_PRECONDITION",
+                    error=f"the rollout expects {began.chunk_count} chunks: it does not take deltas; {SEND_FULL}",
+                )
             sent = self._stream_chunks(address, broadcast, slot, bar)
             answer = stub.Commit(pb.CommitRequest(update_id=update_id), timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             if accepted:
                 _abort_quietly(stub, update_id, self._metadata)
-            return PushResult(address=address, version=version, ok=False, error=_describe(error))
+            code = error.code().name if hasattr(error, "code") and error.code() else "UNKNOWN"
+            return PushResult(
+                address=address, version=version, ok=False, error=_describe(error), delta=outgoing.is_delta, code=code
+            )
         finally:
             broadcast.leave(slot)
             bar.close()
@@ -222,6 +357,8 @@ class Publisher:
                 version=version,
                 ok=False,
                 seconds=seconds,
+                delta=outgoing.is_delta,
+                code="FINGERPRINT",
                 error=f"rollout committed version {answer.weight_version} with fingerprint {answer.fingerprint}, "
                 f"expected {version} with {manifest.fingerprint}",
             )
@@ -234,9 +371,10 @@ class Publisher:
             bytes_sent=sent,
             swap_seconds=answer.swap_seconds,
             relayed=tuple(answer.relayed),
+            delta=outgoing.is_delta,
         )
 
-    def _stream_chunks(self, address: str, broadcast: _Broadcast, slot: int, bar: tqdm) -> int:  # type: ignore[type-arg]
+    def _stream_chunks(self, address: str, broadcast: Broadcast, slot: int, bar: tqdm) -> int:  # type: ignore[type-arg]
         """Sends this rollout's chunks over `streams` parallel PushChunks calls; returns bytes sent.
 
         All streams draw from the rollout's one position in the broadcast, so each chunk goes out
@@ -244,7 +382,7 @@ class Publisher:
         """
         reader = broadcast.shared_reader(slot, self.streams)
         calls = [
-            self._push_chunks[address].future(_counted(reader(), bar), metadata=self._metadata)
+            self._push_chunks[address].future(counted(reader(), bar), metadata=self._metadata)
             for _ in range(self.streams)
         ]
         try:
@@ -256,15 +394,21 @@ class Publisher:
 
     def status(self) -> dict[str, pb.GetStatusResponse | str]:
         """Each rollout's GetStatus, or the reason it could not be reached."""
+        return self._statuses(timeout=self.timeout)
+
+    def _statuses(self, *, timeout: float) -> dict[str, pb.GetStatusResponse | str]:
         out: dict[str, pb.GetStatusResponse | str] = {}
         for address, stub in self._stubs.items():
             try:
-                out[address] = stub.GetStatus(pb.GetStatusRequest(), timeout=self.timeout, metadata=self._metadata)
+                out[address] = stub.GetStatus(pb.GetStatusRequest(), timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as error:
                 out[address] = _describe(error)
         return out
 
     def close(self) -> None:
+        self._stop.set()
+        if self._reconciler is not None:
+            self._reconciler.join(self.timeout)
         for channel in self._channels.values():
             channel.close()
 
@@ -275,101 +419,15 @@ class Publisher:
         self.close()
 
 
-class _Broadcast:
-    """Hands one stream of encoded chunks to several readers, holding at most `window` of them.
-
-    Chunks are produced lazily by whichever reader is ahead; a reader that gets `window` chunks
-    ahead of the slowest waits. A reader that fails leaves, so it never holds the others back.
-    """
-
-    def __init__(self, source: Iterator[bytes], *, consumers: int, window: int) -> None:
-        self._source = source
-        self._window = window
-        self._cond = threading.Condition()
-        self._chunks: dict[int, bytes] = {}
-        self._produced = 0
-        self._exhausted = False
-        self._positions = dict.fromkeys(range(consumers), 0)
-
-    def reader(self, slot: int) -> Iterator[bytes]:
-        try:
-            while (chunk := self._next(slot)) is not None:
-                yield chunk
-        finally:
-            self.leave(slot)
-
-    def shared_reader(self, slot: int, streams: int) -> Callable[[], Iterator[bytes]]:
-        """Returns a factory of `streams` iterators that share one slot: each chunk goes to one of them.
-
-        The slot is left when the last of them ends, or as soon as one fails.
-        """
-        remaining = [streams]
-
-        def one() -> Iterator[bytes]:
-            finished = False
-            try:
-                while (chunk := self._next(slot)) is not None:
-                    yield chunk
-                finished = True
-            finally:
-                with self._cond:
-                    remaining[0] -= 1
-                    last = remaining[0] == 0
-                if last or not finished:
-                    self.leave(slot)
-
-        return one
-
-    def leave(self, slot: int) -> None:
-        with self._cond:
-            if self._positions.pop(slot, None) is not None:
-                self._evict()
-                self._cond.notify_all()
-
-    def _next(self, slot: int) -> bytes | None:
-        with self._cond:
-            while True:
-                # Re-read after every wait: other streams of the same rollout share this slot.
-                position = self._positions.get(slot)
-                if position is None:
-                    return None  # the slot left: another stream of the same rollout failed
-                if position < self._produced:
-                    break
-                if self._exhausted:
-                    return None
-                if self._produced - min(self._positions.values()) < self._window:
-                    chunk = next(self._source, None)
-                    if chunk is None:
-                        self._exhausted = True
-                        continue
-                    self._chunks[self._produced] = chunk
-                    self._produced += 1
-                    self._cond.notify_all()
-                else:
-                    self._cond.wait()
-            self._positions[slot] = position + 1
-            chunk = self._chunks[position]
-            self._evict()
-            self._cond.notify_all()
-            return chunk
-
-    def _evict(self) -> None:
-        oldest = min(self._positions.values(), default=self._produced)
-        for index in [i for i in self._chunks if i < oldest]:
-            del self._chunks[index]
-
-
-def _counted(chunks: Iterator[bytes], bar: tqdm) -> Iterator[bytes]:  # type: ignore[type-arg]
-    for chunk in chunks:
-        yield chunk
-        bar.update(len(chunk))
-
-
 def _abort_quietly(stub: pb_grpc.WeightSyncStub, update_id: str, metadata: tuple[tuple[str, str], ...] | None) -> None:
     try:
         stub.AbortUpdate(pb.AbortUpdateRequest(update_id=update_id), timeout=5, metadata=metadata)
     except grpc.RpcError:
         pass  # the rollout already dropped it, or is gone
+
+
+def _wants_full(result: PushResult) -> bool:
+    return result.delta and not result.ok and result.code == "FAILED_PRECONDITION" and SEND_FULL in result.error
 
 
 def _describe(error: grpc.RpcError) -> str:

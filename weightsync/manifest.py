@@ -119,10 +119,17 @@ class Manifest:
             yield entry.name, raw.view(entry.dtype).view(entry.shape)
 
 
-def build_manifest(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Manifest:
-    """Lays out contiguous CPU tensors back to back and checksums each one."""
+def build_manifest(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], checksums: Iterable[str] | None = None
+) -> Manifest:
+    """Lays out contiguous CPU tensors back to back and checksums each one.
+
+    `checksums`, one per tensor in order, are taken as given: a caller that already hashed the bytes
+    (the delta diff hashes while it compares) saves a pass over memory.
+    """
     entries = []
     offset = 0
+    given = iter(checksums) if checksums is not None else None
     for name, tensor in named_tensors:
         data = tensor_bytes(tensor)
         entries.append(
@@ -132,7 +139,7 @@ def build_manifest(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Manifes
                 shape=tuple(tensor.shape),
                 offset=offset,
                 byte_size=data.nbytes,
-                checksum=tensor_checksum(data),
+                checksum=next(given) if given is not None else tensor_checksum(data),
             )
         )
         offset += data.nbytes

@@ -1,0 +1,100 @@
+"""Hands one stream of encoded chunks to every rollout of a push, holding a bounded window of them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+from tqdm import tqdm
+
+__all__ = ["Broadcast", "counted"]
+
+
+class Broadcast:
+    """Hands one stream of encoded chunks to several readers, holding at most `window` of them.
+
+    Chunks are produced lazily by whichever reader is ahead; a reader that gets `window` chunks
+    ahead of the slowest waits. A reader that fails leaves, so it never holds the others back.
+    """
+
+    def __init__(self, source: Iterator[bytes], *, consumers: int, window: int) -> None:
+        self._source = source
+        self._window = window
+        self._cond = threading.Condition()
+        self._chunks: dict[int, bytes] = {}
+        self._produced = 0
+        self._exhausted = False
+        self._positions = dict.fromkeys(range(consumers), 0)
+
+    def reader(self, slot: int) -> Iterator[bytes]:
+        try:
+            while (chunk := self._next(slot)) is not None:
+                yield chunk
+        finally:
+            self.leave(slot)
+
+    def shared_reader(self, slot: int, streams: int) -> Callable[[], Iterator[bytes]]:
+        """Returns a factory of `streams` iterators that share one slot: each chunk goes to one of them.
+
+        The slot is left when the last of them ends, or as soon as one fails.
+        """
+        remaining = [streams]
+
+        def one() -> Iterator[bytes]:
+            finished = False
+            try:
+                while (chunk := self._next(slot)) is not None:
+                    yield chunk
+                finished = True
+            finally:
+                with self._cond:
+                    remaining[0] -= 1
+                    last = remaining[0] == 0
+                if last or not finished:
+                    self.leave(slot)
+
+        return one
+
+    def leave(self, slot: int) -> None:
+        with self._cond:
+            if self._positions.pop(slot, None) is not None:
+                self._evict()
+                self._cond.notify_all()
+
+    def _next(self, slot: int) -> bytes | None:
+        with self._cond:
+            while True:
+                # Re-read after every wait: other streams of the same rollout share this slot.
+                position = self._positions.get(slot)
+                if position is None:
+                    return None  # the slot left: another stream of the same rollout failed
+                if position < self._produced:
+                    break
+                if self._exhausted:
+                    return None
+                if self._produced - min(self._positions.values()) < self._window:
+                    chunk = next(self._source, None)
+                    if chunk is None:
+                        self._exhausted = True
+                        continue
+                    self._chunks[self._produced] = chunk
+                    self._produced += 1
+                    self._cond.notify_all()
+                else:
+                    self._cond.wait()
+            self._positions[slot] = position + 1
+            chunk = self._chunks[position]
+            self._evict()
+            self._cond.notify_all()
+            return chunk
+
+    def _evict(self) -> None:
+        oldest = min(self._positions.values(), default=self._produced)
+        for index in [i for i in self._chunks if i < oldest]:
+            del self._chunks[index]
+
+
+def counted(chunks: Iterator[bytes], bar: tqdm) -> Iterator[bytes]:  # type: ignore[type-arg]
+    for chunk in chunks:
+        yield chunk
+        bar.update(len(chunk))

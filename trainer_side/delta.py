@@ -1,0 +1,228 @@
+"""The publisher's side of delta sync: the base it diffs against, and what each rollout holds.
+
+The base is the last version this publisher pushed, kept as bf16 tensors it owns: one copy for all
+rollouts, not one per rollout. A rollout gets a delta only when the fingerprint it last confirmed is
+the base's; every other rollout (new, restarted, behind, failed) gets the full version, never a
+chain of patches. Each tensor is diffed once per push, whatever the number of rollouts.
+
+Keeping the base costs one copy of the model in trainer memory, and, per push, writing the new
+version into it. That write is cheap where it can be: after a delta only the changed elements are
+copied; a tensor that was cast or moved to make it bf16 on the CPU is adopted, not copied (nothing
+else holds it); only a tensor that *is* the caller's memory (bf16 CPU parameters, which the optimizer
+updates in place) must be copied. The write runs on a worker thread while the chunks stream, and is
+finished before `push` returns, because the caller may change its tensors from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from weightsync import wire
+from weightsync.delta import Encoding, TensorDiff, TransferPlan, diff_tensor, element_view
+from weightsync.manifest import Manifest, build_manifest, tensor_bytes
+from weightsync.memory import prefaulted_buffer
+from weightsync.v1 import weightsync_pb2 as pb
+
+__all__ = ["BaseStore", "Outgoing"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One encoding of a version on the wire: the full version, or a delta against `base_fingerprint`."""
+
+    version: int
+    manifest: Manifest
+    payloads: tuple[memoryview, ...]  # each tensor's wire bytes, in manifest order
+    plan: TransferPlan | None = None
+    base_fingerprint: str = ""
+
+    @classmethod
+    def full(cls, version: int, manifest: Manifest, tensors: Sequence[torch.Tensor]) -> Outgoing:
+        return cls(version, manifest, tuple(tensor_bytes(t) for t in tensors))
+
+    @property
+    def is_delta(self) -> bool:
+        return bool(self.base_fingerprint)
+
+    @property
+    def wire_bytes(self) -> int:
+        return sum(p.nbytes for p in self.payloads)
+
+    def request(self, chunk_bytes: int, update_id: str, **fields: object) -> pb.BeginUpdateRequest:
+        delta = {"base_fingerprint": self.base_fingerprint, "plan": wire.plan_to_proto(self.plan)} if self.plan else {}
+        return pb.BeginUpdateRequest(
+            version=self.version,
+            manifest=wire.manifest_to_proto(self.manifest),
+            chunk_bytes=chunk_bytes,
+            fingerprint=self.manifest.fingerprint,
+            update_id=update_id,
+            **delta,  # type: ignore[arg-type]
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def chunks(self, update_id: str, chunk_bytes: int) -> Iterator[bytes]:
+        """Every chunk, encoded once (lazily) for all rollouts that receive this encoding."""
+        key = update_id.encode()
+        for index, pieces in wire.iter_wire_payloads(self.payloads, chunk_bytes):
+            yield wire.encode_chunk(key, index, pieces)
+
+
+class BaseStore:
+    """The last version pushed (exact bf16 bytes, owned here) and the fingerprint each rollout confirmed."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.manifest: Manifest | None = None
+        self._tensors: list[torch.Tensor] = []
+        self._held: dict[str, str] = {}  # rollout -> fingerprint it last confirmed
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint if self.manifest is not None else ""
+
+    def holders(self, rollouts: Sequence[str]) -> list[str]:
+        """The rollouts that last confirmed the base: they may get a delta."""
+        return [a for a in rollouts if self.manifest is not None and self._held.get(a) == self.fingerprint]
+
+    def confirm(self, rollout: str, fingerprint: str) -> None:
+        self._held[rollout] = fingerprint
+
+    def forget(self, rollout: str) -> None:
+        """The rollout's state is unknown (a push to it failed): it gets a full version next."""
+        self._held.pop(rollout, None)
+
+    def scan(self, tensors: Mapping[str, torch.Tensor]) -> tuple[Manifest, list[TensorDiff] | None]:
+        """The new version's manifest and, if its layout is the base's, each tensor diffed against it.
+
+        Checksums come out of the diff's pass over memory; without a usable base it is a plain manifest.
+        """
+        self.join()
+        if not self._fits(tensors):
+            return build_manifest(tensors.items()), None
+        diffs = [diff_tensor(t, b) for t, b in zip(tensors.values(), self._tensors, strict=True)]
+        return build_manifest(tensors.items(), (d.checksum for d in diffs)), diffs
+
+    def delta(self, outgoing: Outgoing, diffs: Sequence[TensorDiff]) -> Outgoing | None:
+        """The delta encoding of a full `outgoing` version, or None if no tensor got smaller as a patch."""
+        if not any(d.patch is not None for d in diffs):
+            return None
+        payloads = tuple(
+            memoryview(d.patch) if d.patch is not None else full
+            for d, full in zip(diffs, outgoing.payloads, strict=True)
+        )
+        plan = TransferPlan.of_sizes(
+            [Encoding.PATCH if d.patch is not None else Encoding.FULL for d in diffs], [p.nbytes for p in payloads]
+        )
+        return Outgoing(outgoing.version, outgoing.manifest, payloads, plan, self.fingerprint)
+
+    def advance(
+        self,
+        version: int,
+        manifest: Manifest,
+        tensors: Mapping[str, torch.Tensor],
+        diffs: Sequence[TensorDiff] | None,
+        sources: Mapping[str, torch.Tensor],
+    ) -> None:
+        """Makes this version the base: starts writing it on a worker thread (see `join`).
+
+        `sources` is the caller's state dict: wire tensors that share its memory are copied, the
+        others adopted. Where a diff found the changed elements, only those are copied.
+        """
+        self.join()
+        old = self._tensors if self._fits(tensors) else None
+        jobs: list[tuple[torch.Tensor, torch.Tensor, np.ndarray | None]] = []
+        kept: list[torch.Tensor] = []
+        shared = [_shares_memory(t, sources.get(name)) for name, t in tensors.items()]
+        copied = sum(_nbytes(t) for t, s in zip(tensors.values(), shared, strict=True) if s)
+        fresh = _Fresh(copied if old is None else 0)
+        for i, tensor in enumerate(tensors.values()):
+            diff = diffs[i] if diffs is not None else None
+            if old is not None and diff is not None and diff.indices is not None:
+                kept.append(old[i])
+                jobs.append((old[i], tensor, diff.indices))
+            elif not shared[i]:
+                kept.append(tensor)  # made for the wire (cast, moved, made contiguous): nothing else holds it
+            else:
+                target = old[i] if old is not None else fresh.take(tensor)
+                kept.append(target)
+                jobs.append((target, tensor, None))
+        self.version, self.manifest, self._tensors, self._error = version, manifest, kept, None
+        self._writer = threading.Thread(target=self._write, args=(jobs,), name="weightsync-base", daemon=True)
+        self._writer.start()
+
+    def join(self) -> None:
+        """Waits for the base to be written; a failed write drops the base (the next push is full)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()
+        if self._error is not None:
+            logger.error("could not keep the delta base; the next push is a full one: %r", self._error)
+            self.reset()
+
+    def reset(self) -> None:
+        self.version, self.manifest, self._tensors, self._error = 0, None, [], None
+        self._held.clear()
+
+    def tensors(self) -> list[torch.Tensor]:
+        self.join()
+        return list(self._tensors)
+
+    def _write(self, jobs: Sequence[tuple[torch.Tensor, torch.Tensor, np.ndarray | None]]) -> None:
+        try:
+            with torch.no_grad():
+                for target, source, indices in jobs:
+                    if indices is None:
+                        target.copy_(source)
+                    elif indices.size:
+                        dst = element_view(target)
+                        dst[indices] = np.take(element_view(source), indices)
+        except BaseException as error:  # noqa: BLE001 - reported by join(), which drops the base
+            self._error = error
+
+    def _fits(self, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Whether `tensors` have the base's names, shapes and dtypes in the base's order."""
+        manifest = self.manifest
+        return (
+            manifest is not None
+            and len(manifest) == len(tensors)
+            and all(
+                (e.name, e.shape, e.dtype) == (n, tuple(t.shape), t.dtype)
+                for e, (n, t) in zip(manifest, tensors.items(), strict=True)
+            )
+        )
+
+
+class _Fresh:
+    """Base tensors for a first version, carved from one pre-faulted buffer (fresh pages write at ~1 GB/s)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._flat = prefaulted_buffer(nbytes) if nbytes else None
+        self._offset = 0
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        size = _nbytes(like)
+        if self._flat is None or like.element_size() == 0 or self._offset % like.element_size():
+            return torch.empty_like(like)
+        view = self._flat[self._offset : self._offset + size].view(like.dtype).view(like.shape)
+        self._offset += size
+        return view
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _shares_memory(tensor: torch.Tensor, source: torch.Tensor | None) -> bool:
+    if source is None or source.device.type != "cpu":
+        return False
+    return tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
