@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--version", type=int, required=True, help="must be newer than what rollouts serve")
     _add_rollouts(push)
     push.add_argument("--chunk-mib", type=float, default=1.0, help="chunk size on the wire (default: %(default)s)")
+    push.add_argument(
+        "--base",
+        type=Path,
+        help="the checkpoint the rollouts already hold (e.g. the previous one): rollouts that serve exactly it "
+        "get only what changed, bit-identical; the others get the full version",
+    )
     push.add_argument(
         "--relay",
         type=int,
@@ -103,11 +110,18 @@ def _push(args: argparse.Namespace) -> int:
 
     try:
         state = load_checkpoint(args.checkpoint)
+        base = load_checkpoint(args.base) if args.base else None
     except (OSError, ValueError) as error:
         print(f"error: cannot read checkpoint: {error}", file=sys.stderr)
         return 2
     chunk_bytes = int(args.chunk_mib * (1 << 20))
-    with Publisher(args.rollouts, chunk_bytes=chunk_bytes, relay=args.relay, **connection(args)) as publisher:
+    delta = base is not None
+    with Publisher(
+        args.rollouts, chunk_bytes=chunk_bytes, relay=args.relay, delta=delta, **connection(args)
+    ) as publisher:
+        if base is not None:
+            holders = publisher.assume_base(base)
+            logging.getLogger(__name__).info("rollouts that hold --base get a delta: %s", ", ".join(holders) or "none")
         results = publisher.push(state, args.version)
     for result in results:
         print(result.line(), file=sys.stdout if result.ok else sys.stderr)
