@@ -21,6 +21,7 @@ its manifest checksum before commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -103,7 +104,7 @@ class Spare:
             return
         self._host = staging
         if returned.numel() != staging.numel():
-            return
+            return  # e.g. the engine's boot buffer: a rebuild allocates a spare that fits when a delta needs one
         held = previous if loaded is not None and _same_storage(returned, loaded) else ""
         self._start_sync(staging, list(changed) if held and held == base else None, fingerprint)
 
@@ -116,17 +117,20 @@ class Spare:
 
         The rebuild (one full copy) is only needed after an update was dropped.
         """
-        if self._sync is not None:
-            await asyncio.shield(self._sync)
+        await self._wait()
         if rebuild and committed and self._host is not None and self.fingerprint != committed:
             self._start_sync(self._host, None, committed)
-            assert self._sync is not None
-            await asyncio.shield(self._sync)
+            await self._wait()
+
+    async def _wait(self) -> None:
+        if self._sync is not None:
+            with contextlib.suppress(Exception):  # logged by the copy's done callback; the spare stays unknown
+                await asyncio.shield(self._sync)
 
     def _start_sync(self, source: torch.Tensor, changed: list[np.ndarray | None] | None, fingerprint: str) -> None:
         """Copies the committed bytes into the spare on a worker thread: only what changed, when known."""
         spare = self.buffer
-        if spare is None:
+        if spare is None or spare.numel() != source.numel():
             spare = self.buffer = self.engine.allocate_staging(source.numel())
         manifest = self.manifest
         assert manifest is not None
