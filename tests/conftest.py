@@ -93,11 +93,13 @@ class Rollout:
         self.generate = pb_grpc.GenerateStub(self.channel)
 
 
-def start_rollout(loop: LoopThread, model_dir: Path, weights: Path | None = None, **receiver_args: Any) -> Rollout:
+def start_rollout(
+    loop: LoopThread, model_dir: Path, weights: Path | None = None, port: int = 0, **receiver_args: Any
+) -> Rollout:
     async def boot() -> RolloutServer:
         receiver = Receiver(TorchEngine(model_dir), **receiver_args)
         await receiver.start(weights, 1)
-        return await create_server(receiver, address="127.0.0.1:0", model=str(model_dir))
+        return await create_server(receiver, address=f"127.0.0.1:{port}", model=str(model_dir))
 
     return Rollout(loop, loop.run(boot()))
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trainer_side.discovery import resolve
 from weightsync.logs import setup_logging
 from weightsync.security import add_security_arguments, channel_credentials, load_token
 
@@ -72,8 +73,9 @@ def _add_rollouts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rollouts",
         required=True,
-        type=lambda s: [a for a in s.split(",") if a],
-        help="comma-separated HOST:PORT list, e.g. 127.0.0.1:50051",
+        type=resolve,
+        help="comma-separated HOST:PORT list (127.0.0.1:50051), or dns:NAME:PORT for every address NAME has "
+        "(a Kubernetes headless Service)",
     )
 
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["Watcher", "resolve"]
+if TYPE_CHECKING:
+    from trainer_side.publisher import Publisher
+
+__all__ = ["Watcher", "follow", "resolve"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +52,13 @@ class Watcher:
         *,
         interval: float = 10.0,
         resolver: Callable[[str], list[str]] = resolve,
+        known: Sequence[str] = (),
     ) -> None:
         self.target = target
         self.interval = interval
         self._on_change = on_change
         self._resolve = resolver
-        self._known: list[str] = []
+        self._known = list(known)  # changes are reported against this
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout-discovery", daemon=True)
 
@@ -90,3 +95,24 @@ class Watcher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(self.interval + 5)
+
+
+def follow(
+    publisher: Publisher,
+    target: str,
+    *,
+    interval: float = 10.0,
+    resolver: Callable[[str], list[str]] = resolve,
+) -> Watcher:
+    """Keeps `publisher`'s rollouts equal to what `target` resolves to, syncing newcomers at once.
+
+    Newcomers get the latest version through `Publisher.reconcile` (needs `delta=True`, which keeps
+    it); rollouts that are gone are dropped. Returns the started watcher; `stop()` it when done.
+    """
+
+    def changed(joined: list[str], left: list[str]) -> None:
+        publisher.set_rollouts(joined, left)
+        if joined:
+            publisher.reconcile()
+
+    return Watcher(target, changed, interval=interval, resolver=resolver, known=publisher.rollouts).start()

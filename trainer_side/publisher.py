@@ -118,26 +118,47 @@ class Publisher:
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._channels = {
-            a: grpc.secure_channel(a, credentials, options=CHANNEL_OPTIONS)
-            if credentials
-            else grpc.insecure_channel(a, options=CHANNEL_OPTIONS)
-            for a in self.rollouts
-        }
-        self._stubs = {a: pb_grpc.WeightSyncStub(c) for a, c in self._channels.items()}
-        self._push_chunks = {
-            a: c.stream_unary(
-                "/weightsync.v1.WeightSync/PushChunks",
-                request_serializer=None,  # chunks arrive already encoded, once for all rollouts
-                response_deserializer=pb.PushChunksResponse.FromString,
-            )
-            for a, c in self._channels.items()
-        }
+        self._credentials = credentials
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, pb_grpc.WeightSyncStub] = {}
+        self._push_chunks: dict[str, grpc.StreamUnaryMultiCallable] = {}
+        for address in self.rollouts:
+            self._connect(address)
         if reconcile_every:
             self._reconciler = threading.Thread(
                 target=self._reconcile_forever, args=(reconcile_every,), name="weightsync-reconcile", daemon=True
             )
             self._reconciler.start()
+
+    def _connect(self, address: str) -> None:
+        channel = (
+            grpc.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS)
+            if self._credentials
+            else grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        )
+        self._channels[address] = channel
+        self._stubs[address] = pb_grpc.WeightSyncStub(channel)
+        self._push_chunks[address] = channel.stream_unary(
+            "/weightsync.v1.WeightSync/PushChunks",
+            request_serializer=None,  # chunks arrive already encoded, once for all rollouts
+            response_deserializer=pb.PushChunksResponse.FromString,
+        )
+
+    def set_rollouts(self, joined: Sequence[str], left: Sequence[str]) -> None:
+        """Adds and drops rollouts (discovery calls this); newcomers get the latest version at `reconcile`."""
+        with self._lock:
+            for address in left:
+                if address in self._channels:
+                    self.rollouts.remove(address)
+                    self._stubs.pop(address)
+                    self._push_chunks.pop(address)
+                    self._channels.pop(address).close()
+                    if self._base is not None:
+                        self._base.forget(address)
+            for address in joined:
+                if address not in self._channels:
+                    self.rollouts.append(address)
+                    self._connect(address)
 
     def push(self, state: Mapping[str, torch.Tensor], version: int) -> list[PushResult]:
         """Pushes `state` (any float dtype, any device) as `version` to every rollout concurrently.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -72,3 +73,34 @@ def test_relay_on_a_simulated_cluster_sends_each_byte_once() -> None:
     relayed, direct = result["relay"]["trainer_tx_bytes"][0], result["direct"]["trainer_tx_bytes"][0]
     assert model <= relayed < 1.2 * model, (relayed, model)  # the trainer sent each byte once
     assert direct > 3.8 * model  # direct fan-out sends it once per rollout
+
+
+def test_late_and_restarted_rollouts_catch_up(
+    three: list[Rollout], loop_thread: LoopThread, model_dir, trained_state
+) -> None:  # type: ignore[no-untyped-def]
+    """A newcomer found by discovery, and a relay that died and came back, both end on the current version."""
+    from trainer_side.discovery import follow
+
+    first, middle, late = three
+    members = [first.address, middle.address]
+    loop_thread.run(middle.server.stop(grace=0))  # dies before the push: the relay chain breaks there
+    with Publisher(members, progress=False, relay=1, delta=True, timeout=10, reconcile_every=0.5) as publisher:
+        results = publisher.push(trained_state, 5)
+        assert [r.ok for r in results] == [True, False]
+        watcher = follow(publisher, "dns:weightsync-rollout:50051", interval=3600, resolver=lambda _: list(members))
+        try:
+            revived = start_rollout(loop_thread, model_dir, port=int(middle.address.rsplit(":", 1)[1]))
+            members.append(late.address)  # a newcomer appears in DNS
+            watcher.poll()
+            assert publisher.rollouts == [first.address, middle.address, late.address]
+            fingerprint = manifest_of_state(trained_state).fingerprint
+            deadline = time.monotonic() + 30
+            for rollout in (first, revived, late):  # the reconcile thread brings each one up to date
+                while (status := rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)).weight_version < 5:
+                    assert time.monotonic() < deadline, f"{rollout.address} never caught up"
+                    time.sleep(0.2)
+                assert (status.weight_version, status.fingerprint) == (5, fingerprint), rollout.address
+        finally:
+            watcher.stop()
+    revived.channel.close()
+    loop_thread.run(revived.server.stop(grace=0))
