@@ -89,6 +89,7 @@ class _Update:
     base_fingerprint: str = ""  # a delta's base: the committed version when it began
     received_chunks: int = 0
     received_bytes: int = 0
+    contiguous: int = 0  # the first chunk not yet received: every wire byte before it has arrived
     last_activity: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
 
@@ -271,12 +272,14 @@ class Receiver:
         update.received_bytes += data.nbytes
         metrics.Rollout.received_bytes.inc(data.nbytes)
         update.last_activity = time.monotonic()
-        # Checksum tensors while their bytes are still in cache: commit then only reads the result.
-        while update.verifier.position < end:
-            cursor = update.verifier.position // update.chunk_bytes
-            if not update.received[cursor]:
-                break  # an earlier chunk is still missing; hashed from staging once it lands
-            update.verifier.feed(chunk_span(cursor, update.wire_bytes, update.chunk_bytes)[1])
+        # Checksum tensors while their bytes are still in cache: commit then only reads the result. Only bytes
+        # with no gap before them count (an earlier chunk may still be missing), and a patch only once all of it
+        # has arrived, so the verifier may stop short of this chunk's end until a later chunk lands.
+        while update.contiguous < update.chunk_count and update.received[update.contiguous]:
+            update.contiguous += 1
+        ready = min(update.contiguous * update.chunk_bytes, update.wire_bytes)
+        if ready > update.verifier.position:
+            update.verifier.feed(ready)
         return data.nbytes
 
     async def commit(self, update_id: str) -> tuple[int, str, float]:

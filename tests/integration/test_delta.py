@@ -159,6 +159,19 @@ def test_delta_push_is_bit_identical(rollout: Rollout, model_dir: Path, tokenize
     assert_only_right_answers(seen, references)
 
 
+@pytest.mark.parametrize("streams", [1, 2])
+def test_patches_spanning_many_chunks_in_any_order(rollout: Rollout, trained_state, streams: int) -> None:  # type: ignore[no-untyped-def]
+    """Small chunks: patches straddle chunk boundaries; two streams deliver chunks out of order."""
+    v1 = bf16(trained_state)
+    v2 = bump(v1, 0.05, seed=61)
+    with Publisher([rollout.address], progress=False, delta=True, chunk_bytes=4096, streams=streams) as publisher:
+        assert publisher.push(v1, 1)[0].ok
+        [result] = publisher.push(v2, 2)
+    assert result.ok and result.delta, result.error
+    assert result.bytes_sent > 20 * 4096
+    assert_serves(rollout, v2, 2)
+
+
 class TamperingProxy:
     """A WeightSync hop that flips one value in the first patch of every delta, fixing the chunk checksums.
 
