@@ -10,7 +10,9 @@ holds after a commit depends on the engine (see `Engine.load`):
   it served from before, which holds the previous version. After a delta the spare is brought up to
   date by copying only the elements that update changed from the live buffer (a few MB for a sparse
   step); after a full update, by one full copy. Both run on a worker thread after Commit has
-  answered, while the trainer trains, so neither is on the critical path of a sync.
+  answered, while the trainer trains, so neither is on the critical path of a sync. The full copy
+  is made only once this rollout has taken a delta: a trainer that never sends one (back-to-back
+  full syncs) never pays for it; the first delta after boot rebuilds the copy instead (`settle`).
 
 `fingerprint` names the version whose exact bytes the spare holds; anything that writes the spare
 (an update in progress, a dropped one) clears it, and a delta is then refused with "send a full
@@ -48,6 +50,7 @@ class Spare:
         self._host: torch.Tensor | None = None  # a buffer holding the committed bytes that nothing writes
         self._loaded: torch.Tensor | None = None  # the staging buffer of the last successful load
         self._sync: asyncio.Future[None] | None = None
+        self._deltas = False  # a delta has committed here: keep a base ready after full updates too
 
     @property
     def busy(self) -> bool:
@@ -97,6 +100,7 @@ class Spare:
         """
         loaded, self._loaded, self.manifest = self._loaded, staging, manifest
         self.buffer, self.fingerprint, self._host = returned, "", None
+        self._deltas = self._deltas or bool(base)
         if returned is None:
             return
         if _same_storage(returned, staging):
@@ -106,7 +110,10 @@ class Spare:
         if returned.numel() != staging.numel():
             return  # e.g. the engine's boot buffer: a rebuild allocates a spare that fits when a delta needs one
         held = previous if loaded is not None and _same_storage(returned, loaded) else ""
-        self._start_sync(staging, list(changed) if held and held == base else None, fingerprint)
+        if held and held == base:
+            self._start_sync(staging, list(changed), fingerprint)
+        elif self._deltas:
+            self._start_sync(staging, None, fingerprint)
 
     def forget(self) -> None:
         """The engine failed: nothing it held can serve as a base."""
