@@ -55,6 +55,14 @@ class _Downstream:
             response_deserializer=pb.PushChunksResponse.FromString,
         )
         self.stream = asyncio.ensure_future(push(self._chunks(), metadata=self.metadata))
+        self.stream.add_done_callback(self._ended)
+
+    def _ended(self, stream: asyncio.Future[object]) -> None:
+        """A stream that broke (the downstream died) must not leave the upstream waiting on its queue."""
+        if not stream.cancelled() and stream.exception() is not None:
+            self.fail(f"the chunk stream broke: {stream.exception()}")
+        while not self.queue.empty():
+            self.queue.get_nowait()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         while (chunk := await self.queue.get()) != _END:
@@ -91,8 +99,10 @@ class _Downstream:
         if not self.error:
             logger.warning("relay to %s failed: %s", self.address, reason)
             self.error = f"relay to {self.address} failed: {reason}"
-        if self.stream is not None:
+        if self.stream is not None and not self.stream.done():
             self.stream.cancel()
+        while not self.queue.empty():
+            self.queue.get_nowait()  # unblocks a forward() waiting for room
 
     async def abort(self, update_id: str) -> None:
         self.fail("the update was dropped upstream")

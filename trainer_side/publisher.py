@@ -277,7 +277,8 @@ class Publisher:
     def _push_relayed(self, outgoing: Outgoing, full: Outgoing) -> list[PushResult]:
         """Sends to the relay tree's root only; rollouts the relay did not reach get a direct full push."""
         root, downstream = relay_tree(self.rollouts, self.relay)
-        [result] = self._push_to([root], outgoing, relay_to=downstream)
+        update_id = f"v{outgoing.version}-{uuid.uuid4().hex[:12]}"
+        [result] = self._push_to([root], outgoing, relay_to=downstream, update_id=update_id)
         reached = {
             r.address: PushResult(
                 address=r.address,
@@ -293,13 +294,19 @@ class Publisher:
         missed = [a for a in subtree_addresses(downstream) if a not in reached]
         if missed:
             logger.warning("relay missed %s; pushing to them directly", ", ".join(missed))
+            for address in missed:  # a relay that died mid-stream may have left them holding the update open
+                _abort_quietly(self._stubs[address], update_id, self._metadata)
             reached |= {r.address: r for r in self._push_to(missed, full)}
         return [result, *(reached[a] for a in self.rollouts[1:])]
 
     def _push_to(
-        self, targets: Sequence[str], outgoing: Outgoing, relay_to: Sequence[pb.RelayTarget] = ()
+        self,
+        targets: Sequence[str],
+        outgoing: Outgoing,
+        relay_to: Sequence[pb.RelayTarget] = (),
+        update_id: str = "",
     ) -> list[PushResult]:
-        update_id = f"v{outgoing.version}-{uuid.uuid4().hex[:12]}"
+        update_id = update_id or f"v{outgoing.version}-{uuid.uuid4().hex[:12]}"
         broadcast = Broadcast(outgoing.chunks(update_id, self.chunk_bytes), consumers=len(targets), window=self.window)
         logger.info(
             "push %s: version %d, %d tensors, %.1f MB%s to %d rollout(s)%s",

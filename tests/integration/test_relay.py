@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
+from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
 from trainer_side.relay import relay_tree, subtree_addresses
 from weightsync.manifest import manifest_of_state
 from weightsync.v1 import weightsync_pb2 as pb
+from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
 from conftest import LoopThread, Rollout, start_rollout
 
@@ -104,3 +108,46 @@ def test_late_and_restarted_rollouts_catch_up(
             watcher.stop()
     revived.channel.close()
     loop_thread.run(revived.server.stop(grace=0))
+
+
+def test_relay_killed_mid_stream_then_restarted(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL the middle of a relay chain while it forwards: nobody serves a partial version, the
+    rollout past it gets a direct push, and the killed one, restarted, catches up by reconcile."""
+    from bench.models import make_model, random_state
+
+    model = make_model("64MiB", tmp_path)
+    state = random_state(model)
+    fingerprint = manifest_of_state(state).fingerprint
+    procs = [RolloutProcess(model, args=["--idle-timeout", "5", "--log-level", "WARNING"]) for _ in range(3)]
+    _, middle, last = procs
+    status_of = {p.address: pb_grpc.WeightSyncStub(grpc.insecure_channel(p.address)) for p in procs}
+    try:
+        with Publisher(
+            [p.address for p in procs], progress=False, relay=1, delta=True, timeout=20, reconcile_every=0.5
+        ) as publisher:
+            outcome: list[list] = []  # type: ignore[type-arg]
+            pushing = threading.Thread(target=lambda: outcome.append(publisher.push(state, 1)))
+            pushing.start()
+            deadline = time.monotonic() + 60
+            while status_of[middle.address].GetStatus(pb.GetStatusRequest(), timeout=5).received_bytes == 0:
+                assert time.monotonic() < deadline and pushing.is_alive(), "the relay never started forwarding"
+                time.sleep(0.01)
+            middle.kill()  # mid-stream: it has staged part of the version and forwarded part of it
+            pushing.join(120)
+            [root, killed, past] = outcome[0]
+            assert root.ok and not killed.ok and past.ok and past.relayed_by == ""
+            assert status_of[last.address].GetStatus(pb.GetStatusRequest(), timeout=5).fingerprint == fingerprint
+            revived = RolloutProcess(model, args=["--log-level", "WARNING"], port=middle.port)
+            try:
+                deadline = time.monotonic() + 60
+                while (
+                    status := status_of[middle.address].GetStatus(pb.GetStatusRequest(), timeout=5)
+                ).weight_version < 1:
+                    assert time.monotonic() < deadline, "the restarted relay never caught up"
+                    time.sleep(0.2)
+                assert status.fingerprint == fingerprint
+            finally:
+                revived.stop()
+    finally:
+        for p in procs:
+            p.kill()
