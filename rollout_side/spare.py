@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from rollout_side.engines.base import Engine
+from weightsync.delta import copy_elements
 from weightsync.errors import BaseMismatch
 from weightsync.manifest import Manifest
 
@@ -151,10 +152,10 @@ class Spare:
             for entry, indices in zip(manifest, changed, strict=True):
                 if indices is None:
                     dst[entry.offset : entry.end] = src[entry.offset : entry.end]
-                elif indices.size:
+                else:
                     kind = f"<i{entry.dtype.itemsize}"
-                    target = dst[entry.offset : entry.end].view(kind)
-                    target[indices] = src[entry.offset : entry.end].view(kind)[indices]
+                    region = slice(entry.offset, entry.end)
+                    copy_elements(dst[region].view(kind), src[region].view(kind), indices)
 
         def done(future: asyncio.Future[None]) -> None:
             if future.cancelled() or future.exception() is not None:

@@ -132,6 +132,7 @@ def test_delta_push_is_bit_identical(rollout: Rollout, model_dir: Path, tokenize
     v3 = bump(v2, 0.01, seed=3)
     v4 = bump(v3, 1.0, seed=4)  # dense: every element changed
     v5 = bump(v4, 0.002, seed=5)
+    v6 = bump(v5, 0.002, seed=6)
     assert changed_fraction(v1, v2) == pytest.approx(0.01, rel=0.01)
     total = sum(t.numel() * 2 for t in v1.values())
     watcher = Watcher(rollout.generate, tokenizer)
@@ -148,13 +149,17 @@ def test_delta_push_is_bit_identical(rollout: Rollout, model_dir: Path, tokenize
         [dense] = publisher.push(v4, 4)
         assert dense.ok and not dense.delta and dense.bytes_sent == total  # fell back to the full version
         assert_serves(rollout, v4, 4)
-        [result] = publisher.push(v5, 5)  # a delta again, on top of a full version
+        # After a dense update the publisher kept no base (it would have cost a full copy): one full push,
+        # then deltas again on top of it.
+        [result] = publisher.push(v5, 5)
+        assert result.ok and not result.delta
+        [result] = publisher.push(v6, 6)
         assert result.ok and result.delta and result.bytes_sent < total / 50
-        assert_serves(rollout, v5, 5)
-    expected = reference_answers(model_dir, v5, tokenizer)
-    assert answers(rollout.generate, tokenizer) == {p: (expected[p], 5) for p in PROMPTS}
+        assert_serves(rollout, v6, 6)
+    expected = reference_answers(model_dir, v6, tokenizer)
+    assert answers(rollout.generate, tokenizer) == {p: (expected[p], 6) for p in PROMPTS}
     seen = watcher.stop()
-    states = enumerate([v1, v2, v3, v4, v5], 1)
+    states = enumerate([v1, v2, v3, v4, v5, v6], 1)
     references = {v: reference_answers(model_dir, s, tokenizer, PROMPTS[:1])[PROMPTS[0]] for v, s in states}
     assert_only_right_answers(seen, references)
 
