@@ -157,6 +157,7 @@ class Receiver:
             self.abort(self._update.id, "the rollout is shutting down")
         if self._reaper is not None:
             self._reaper.cancel()
+        self._spare.close()
         await self.engine.shutdown()
 
     def status(self) -> Status:

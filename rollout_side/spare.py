@@ -39,6 +39,8 @@ __all__ = ["Spare", "same_layout"]
 
 logger = logging.getLogger(__name__)
 
+AFTER_COMMIT = 0.02  # seconds between a commit and the copy that brings the spare up to date
+
 
 class Spare:
     """Owns the spare buffer, what it holds, and the background copy that keeps it current."""
@@ -111,10 +113,16 @@ class Spare:
         if returned.numel() != staging.numel():
             return  # e.g. the engine's boot buffer: a rebuild allocates a spare that fits when a delta needs one
         held = previous if loaded is not None and _same_storage(returned, loaded) else ""
+        # Started a moment later: the copy must not compete with the Commit answer still on its way out.
         if held and held == base:
-            self._start_sync(staging, list(changed), fingerprint)
+            self._start_sync(staging, list(changed), fingerprint, delay=AFTER_COMMIT)
         elif self._deltas:
-            self._start_sync(staging, None, fingerprint)
+            self._start_sync(staging, None, fingerprint, delay=AFTER_COMMIT)
+
+    def close(self) -> None:
+        """Stops a background copy that has not started yet (shutdown)."""
+        if self._sync is not None:
+            self._sync.cancel()
 
     def forget(self) -> None:
         """The engine failed: nothing it held can serve as a base."""
@@ -135,7 +143,9 @@ class Spare:
             with contextlib.suppress(Exception):  # logged by the copy's done callback; the spare stays unknown
                 await asyncio.shield(self._sync)
 
-    def _start_sync(self, source: torch.Tensor, changed: list[np.ndarray | None] | None, fingerprint: str) -> None:
+    def _start_sync(
+        self, source: torch.Tensor, changed: list[np.ndarray | None] | None, fingerprint: str, delay: float = 0.0
+    ) -> None:
         """Copies the committed bytes into the spare on a worker thread: only what changed, when known."""
         spare = self.buffer
         if spare is None or spare.numel() != source.numel():
@@ -163,7 +173,11 @@ class Spare:
             elif self.buffer is spare and self._host is source:
                 self.fingerprint = fingerprint
 
-        self._sync = asyncio.get_running_loop().run_in_executor(None, copy)
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            await asyncio.get_running_loop().run_in_executor(None, copy)
+
+        self._sync = asyncio.ensure_future(later())
         self._sync.add_done_callback(done)
 
 
