@@ -168,7 +168,9 @@ class Spare:
                     copy_elements(dst[region].view(kind), src[region].view(kind), indices)
 
         def done(future: asyncio.Future[None]) -> None:
-            if future.cancelled() or future.exception() is not None:
+            if future.cancelled():
+                return
+            if future.exception() is not None:
                 logger.warning("could not bring the delta base up to date: %r", future.exception())
             elif self.buffer is spare and self._host is source:
                 self.fingerprint = fingerprint
