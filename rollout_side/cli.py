@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--reject-nonfinite", action="store_true", help="refuse a version whose weights hold NaN or infinity"
     )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, seconds in-flight calls may take to finish (health says NOT_SERVING first)",
+    )
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
     add_security_arguments(serve, server=True)
     serve.add_argument("--log-level", default="INFO")
@@ -135,7 +141,7 @@ async def serve(args: argparse.Namespace) -> None:
     logger.info("ready on %s:%d: %s", args.host, rollout.port, state)
     await stop.wait()
     logger.info("shutting down")
-    await rollout.stop()
+    await rollout.stop(args.shutdown_grace)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -149,7 +149,7 @@ def test_rollout_killed_mid_commit_and_restarted(model_dir: Path, trained_state)
 
 
 def test_graceful_shutdown_finishes_in_flight_generate(model_dir: Path, trained_state) -> None:  # type: ignore[no-untyped-def]
-    rollout = RolloutProcess(model_dir, args=FAST_REAP)
+    rollout = RolloutProcess(model_dir, args=[*FAST_REAP, "--shutdown-grace", "60"])
     try:
         with Publisher([rollout.address], progress=False) as publisher:
             assert publisher.push(trained_state, 1)[0].ok
@@ -158,7 +158,7 @@ def test_graceful_shutdown_finishes_in_flight_generate(model_dir: Path, trained_
         stream = stub.GenerateStream(request, timeout=60)
         first = next(stream)
         rollout.process.send_signal(signal.SIGTERM)
-        rest = list(stream)  # the in-flight stream completes within the grace period (5 s)
+        rest = list(stream)  # the in-flight stream completes within the grace period
         assert (rest[-1] if rest else first).finish_reason
         assert rollout.process.wait(30) == 0
     finally:
