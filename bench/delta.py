@@ -1,0 +1,298 @@
+"""`python -m bench.delta [--quick]`: delta sync against full sync, on updates made by a real optimizer step.
+
+A Qwen2-shaped model of 256 MiB (bench/models.py) with Hugging Face's own initialisation, bf16 weights,
+takes AdamW steps (lr 1e-6) on random tokens. After every step the new version goes, in the same run,
+to two real rollout processes (torch engine): in full to one (a publisher without delta sync), as a
+delta to the other (a publisher with it); the order alternates. Both must confirm the same fingerprint.
+Then a dense update (every element moved by one bf16 ulp) goes the same way, where delta sync must
+fall back to the full version. Writes bench/results/delta.json: every run's numbers, median/min/max,
+and where the delta's time goes (the trainer's diff, measured alone on the same versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from bench.measure import MiB, summary
+from bench.models import make_model
+from rollout_side.process import RolloutProcess
+from trainer_side.delta import BaseStore
+from trainer_side.publisher import Publisher, PushResult
+from weightsync.delta import apply_patch, element_view
+from weightsync.manifest import build_manifest, tensor_bytes, tensor_checksum
+
+ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("bench.delta")
+SIZE = "256MiB"
+LR = 1e-6
+SETTLE_SECONDS = 0.5  # between pushes, as a training step would be: background copies finish
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.delta", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="5 measured runs after 1 warm-up (default 9 after 2)")
+    parser.add_argument("--runs", type=int, help="measured runs per figure (at least 5)")
+    parser.add_argument("--warmup", type=int, help="unmeasured runs first")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "delta.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s bench.delta: %(message)s")
+    logging.getLogger("trainer_side").setLevel(logging.WARNING)
+    runs = max(5, args.runs or (5 if args.quick else 9))
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model_dir = make_model(SIZE, Path(tempfile.mkdtemp(prefix="ws-delta-")) / "models")
+    trainer = Trainer(model_dir)
+    nbytes = sum(t.numel() * t.element_size() for t in trainer.state().values())
+    logger.info(
+        "model %s: %.1f MiB, %d tensors, AdamW lr %g on bf16 weights", SIZE, nbytes / MiB, len(trainer.state()), LR
+    )
+    args_rollout = ["--log-level", "WARNING"]
+    full_rollout = RolloutProcess(model_dir, engine="torch", args=args_rollout)
+    delta_rollout = RolloutProcess(model_dir, engine="torch", args=args_rollout)
+    try:
+        with (
+            Publisher([full_rollout.address], progress=False, timeout=300) as plain,
+            Publisher([delta_rollout.address], progress=False, timeout=300, delta=True) as deltas,
+        ):
+            sparse = _sparse(trainer, plain, deltas, nbytes, runs, warmup)
+            dense = _dense(trainer, plain, deltas, nbytes, runs)
+    finally:
+        full_rollout.stop()
+        delta_rollout.stop()
+    results = {
+        "machine": _machine(),
+        "config": {"model": SIZE, "bytes": nbytes, "runs": runs, "warmup": warmup, "lr": LR, "optimizer": "AdamW"},
+        "sparse": sparse,
+        "dense": dense,
+        "seconds": time.perf_counter() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    _print(results)
+    return 0
+
+
+class Trainer:
+    """A bf16 model and AdamW: every `step` is one real optimizer step on random tokens."""
+
+    def __init__(self, model_dir: Path) -> None:
+        config = AutoConfig.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # HF's initialisation
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
+        self.vocab = config.vocab_size
+        self.generator = torch.Generator().manual_seed(1)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The live parameters (bf16, on the CPU): what a training loop hands to `push`."""
+        return {k: v for k, v in self.model.state_dict().items() if k != "lm_head.weight"}
+
+    def step(self) -> None:
+        ids = torch.randint(0, self.vocab, (2, 64), generator=self.generator)
+        loss = self.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def bump_every_element(self) -> None:
+        """A dense update: every element moves by one bf16 ulp (its bit pattern + 1)."""
+        with torch.no_grad():
+            for tensor in self.state().values():
+                tensor.view(torch.int16).add_(1)
+
+
+def _snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _unchanged(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    same = sum(int((before[k].view(torch.int16) == after[k].view(torch.int16)).sum()) for k in before)
+    return same / sum(t.numel() for t in before.values())
+
+
+_version = iter(range(1, 1 << 30))
+
+
+def _timed(publisher: Publisher, state: dict[str, torch.Tensor], version: int) -> tuple[float, PushResult]:
+    started = time.perf_counter()
+    [result] = publisher.push(state, version)
+    seconds = time.perf_counter() - started
+    if not result.ok:
+        raise RuntimeError(result.line())
+    return seconds, result
+
+
+def _both(
+    plain: Publisher, deltas: Publisher, state: dict[str, torch.Tensor], delta_first: bool
+) -> tuple[float, PushResult, float, PushResult]:
+    """The same version in full and as a delta, in the given order; checks both fingerprints agree."""
+    version = next(_version)
+    order: list[Callable[[], tuple[float, PushResult]]] = [
+        lambda: _timed(plain, state, version),
+        lambda: _timed(deltas, state, version),
+    ]
+    if delta_first:
+        order.reverse()
+    out = []
+    for push in order:
+        out.append(push())
+        time.sleep(SETTLE_SECONDS)
+    (full_s, full), (delta_s, delta) = out if not delta_first else out[::-1]
+    if full.fingerprint != delta.fingerprint:
+        raise RuntimeError(f"fingerprints differ: full {full.fingerprint}, delta {delta.fingerprint}")
+    return full_s, full, delta_s, delta
+
+
+def _sparse(
+    trainer: Trainer, plain: Publisher, deltas: Publisher, nbytes: int, runs: int, warmup: int
+) -> dict[str, object]:
+    logger.info("first version, in full to both rollouts")
+    _both(plain, deltas, trainer.state(), delta_first=False)
+    rows: list[dict[str, float]] = []
+    for i in range(warmup + runs):
+        before = _snapshot(trainer.state())
+        trainer.step()
+        unchanged = _unchanged(before, trainer.state())
+        parts = _breakdown(before, trainer.state())
+        full_s, _, delta_s, delta = _both(plain, deltas, trainer.state(), delta_first=i % 2 == 1)
+        if not delta.delta:
+            raise RuntimeError("the AdamW step was not sent as a delta")
+        row = {
+            "full_s": full_s,
+            "delta_s": delta_s,
+            "speedup": full_s / delta_s,
+            "wire_bytes": delta.bytes_sent,
+            "bytes_ratio": delta.bytes_sent / nbytes,
+            "unchanged": unchanged,
+            **parts,
+            "swap_s": delta.swap_seconds,
+        }
+        logger.info(
+            "%s %d: full %.3f s, delta %.3f s (%.1fx), %.2f%% of the bytes, %.3f%% unchanged; alone: diff %.3f s, "
+            "apply+verify %.3f s",
+            "warm-up" if i < warmup else "run",
+            i if i < warmup else i - warmup,
+            full_s,
+            delta_s,
+            full_s / delta_s,
+            100 * delta.bytes_sent / nbytes,
+            100 * unchanged,
+            parts["trainer_diff_s"],
+            parts["rollout_apply_verify_s"],
+        )
+        if i >= warmup:
+            rows.append(row)
+        del before
+    return {key: summary([r[key] for r in rows]) for key in rows[0]}
+
+
+def _breakdown(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Where a delta's time goes, each part alone on the same two versions (same code as the real path).
+
+    trainer_diff_s: checksums + compare + patch encoding (BaseStore.scan); trainer_hash_only_s: what a full
+    sync spends on checksums; rollout_apply_verify_s: decoding and applying every patch to a copy of the
+    base and checksumming every tensor, as the rollout must before commit.
+    """
+    store = BaseStore()
+    store.advance(0, build_manifest(before.items()), before, None, {})
+    store.join()
+    tensors = dict(after.items())
+    started = time.perf_counter()
+    manifest, diffs = store.scan(tensors)
+    diff_s = time.perf_counter() - started
+    started = time.perf_counter()
+    build_manifest(tensors.items())
+    hash_s = time.perf_counter() - started
+    staged = [t.clone() for t in before.values()]
+    assert diffs is not None
+    started = time.perf_counter()
+    for entry, target, diff, new in zip(manifest, staged, diffs, tensors.values(), strict=True):
+        if diff.patch is not None:
+            apply_patch(element_view(target), diff.patch)
+        else:
+            target.copy_(new)  # sent FULL: the rollout copies it from the chunks
+        if tensor_checksum(tensor_bytes(target)) != entry.checksum:
+            raise RuntimeError(f"{entry.name}: the patched tensor does not match")
+    apply_s = time.perf_counter() - started
+    return {"trainer_diff_s": diff_s, "trainer_hash_only_s": hash_s, "rollout_apply_verify_s": apply_s}
+
+
+def _dense(trainer: Trainer, plain: Publisher, deltas: Publisher, nbytes: int, runs: int) -> dict[str, object]:
+    """Every element changed: the delta publisher must send the full version, about as fast as a plain one."""
+    rows: list[dict[str, float]] = []
+    for i in range(runs + 1):
+        before = _snapshot(trainer.state())
+        trainer.bump_every_element()
+        unchanged = _unchanged(before, trainer.state())
+        del before
+        plain_s, _, fallback_s, fallback = _both(plain, deltas, trainer.state(), delta_first=i % 2 == 0)
+        if fallback.delta or fallback.bytes_sent != nbytes:
+            raise RuntimeError("a dense update was sent as a delta")
+        logger.info(
+            "dense %s: plain full %.3f s, delta publisher (fell back to full) %.3f s (%.3fx), %.1f%% unchanged",
+            "warm-up" if i == 0 else i - 1,
+            plain_s,
+            fallback_s,
+            fallback_s / plain_s,
+            100 * unchanged,
+        )
+        if i:
+            rows.append({"plain_s": plain_s, "fallback_s": fallback_s, "overhead": fallback_s / plain_s - 1})
+    return {key: summary([r[key] for r in rows]) for key in rows[0]}
+
+
+def _print(results: dict[str, object]) -> None:
+    sparse, dense = results["sparse"], results["dense"]
+
+    def med(block: object, key: str) -> float:
+        return float(block[key]["median"])  # type: ignore[index]
+
+    print(
+        f"AdamW lr {LR:g}, {SIZE}: unchanged {100 * med(sparse, 'unchanged'):.3f}%, "
+        f"delta wire bytes {100 * med(sparse, 'bytes_ratio'):.2f}% of full (1/{1 / med(sparse, 'bytes_ratio'):.0f}), "
+        f"full {med(sparse, 'full_s'):.3f} s vs delta {med(sparse, 'delta_s'):.3f} s: "
+        f"{med(sparse, 'speedup'):.2f}x; alone: trainer diff {med(sparse, 'trainer_diff_s'):.3f} s, "
+        f"rollout apply+verify {med(sparse, 'rollout_apply_verify_s'):.3f} s"
+    )
+    print(
+        f"dense: plain full {med(dense, 'plain_s'):.3f} s, delta publisher falling back "
+        f"{med(dense, 'fallback_s'):.3f} s: {100 * med(dense, 'overhead'):+.1f}%"
+    )
+
+
+def _machine() -> dict[str, object]:
+    cpu = ""
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "load_before": os.getloadavg()[0],
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
