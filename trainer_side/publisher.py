@@ -437,6 +437,8 @@ class Publisher:
         self._stop.set()
         if self._reconciler is not None:
             self._reconciler.join(self.timeout)
+        if self._base is not None:
+            self._base.close()
         for channel in self._channels.values():
             channel.close()
 
