@@ -7,6 +7,11 @@ delta to the other (a publisher with it); the order alternates. Both must confir
 Then a dense update (every element moved by one bf16 ulp) goes the same way, where delta sync must
 fall back to the full version. Writes bench/results/delta.json: every run's numbers, median/min/max,
 and where the delta's time goes (the trainer's diff, measured alone on the same versions).
+
+On loopback a full sync moves bytes at memory speed, so a delta cannot be much faster than the passes
+over memory it needs (diff and checksums). Without --quick, the sparse figures are measured again on a
+simulated cluster (bench/netsim.py: trainer and rollouts in their own network namespaces, every link
+capped at --link, 1gbit by default), where, as between real hosts, the link bounds a full sync.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,11 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="measured runs per figure (at least 5)")
     parser.add_argument("--warmup", type=int, help="unmeasured runs first")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "delta.json")
+    parser.add_argument("--link", default="1gbit", help="link cap of the simulated cluster (tc syntax); 'off' skips it")
+    parser.add_argument("--driver", type=Path, help=argparse.SUPPRESS)  # the model folder, inside the cluster
+    parser.add_argument("--rollouts", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench.delta: %(message)s")
     logging.getLogger("trainer_side").setLevel(logging.WARNING)
     runs = max(5, args.runs or (5 if args.quick else 9))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if args.driver:
+        print(json.dumps(_driver(args.driver, args.rollouts.split(","), runs, warmup)))
+        return 0
     started = time.perf_counter()
     torch.manual_seed(0)
     model_dir = make_model(SIZE, Path(tempfile.mkdtemp(prefix="ws-delta-")) / "models")
@@ -73,13 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         full_rollout.stop()
         delta_rollout.stop()
-    results = {
+    results: dict[str, object] = {
         "machine": _machine(),
         "config": {"model": SIZE, "bytes": nbytes, "runs": runs, "warmup": warmup, "lr": LR, "optimizer": "AdamW"},
         "sparse": sparse,
         "dense": dense,
-        "seconds": time.perf_counter() - started,
     }
+    if not args.quick and args.link != "off":
+        del trainer
+        results["link"] = _on_a_link(model_dir, args.link, runs, warmup)
+    results["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     _print(results)
@@ -287,6 +303,69 @@ def _fallback_work(before: dict[str, torch.Tensor], after: dict[str, torch.Tenso
     return {"extra_scan_s": scan_s, "extra_manifest_s": time.perf_counter() - started}
 
 
+def _driver(model_dir: Path, rollouts: list[str], runs: int, warmup: int) -> dict[str, object]:
+    """Inside the trainer's namespace: the sparse figures against two rollouts on other hosts."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s bench.delta (cluster): %(message)s")
+    torch.manual_seed(0)
+    trainer = Trainer(model_dir)
+    nbytes = sum(t.numel() * t.element_size() for t in trainer.state().values())
+    with (
+        Publisher(rollouts[:1], progress=False, timeout=600) as plain,
+        Publisher(rollouts[1:], progress=False, timeout=600, delta=True) as deltas,
+    ):
+        return _sparse(trainer, plain, deltas, nbytes, runs, warmup)
+
+
+def _on_a_link(model_dir: Path, rate: str, runs: int, warmup: int) -> dict[str, object]:
+    """The sparse figures with trainer and rollouts on a simulated cluster whose links are capped at `rate`."""
+    from bench.netsim import Cluster, unavailable_reason
+
+    if reason := unavailable_reason():
+        logger.warning("no simulated cluster (%s): link figures skipped", reason)
+        return {"skipped": reason}
+    logger.info("simulated cluster, every link capped at %s", rate)
+    port = 50051
+    with Cluster(3, rate) as cluster:
+        addresses = [f"{a}:{port}" for a in cluster.addresses[1:]]
+        serve = [sys.executable, "-m", "rollout_side", "serve", "--engine", "torch", "--model", str(model_dir)]
+        servers = [
+            subprocess.Popen(
+                cluster.command(
+                    i, [*serve, "--host", cluster.addresses[i], "--port", str(port), "--log-level", "WARNING"]
+                ),
+                cwd=ROOT,
+            )
+            for i in (1, 2)
+        ]
+        try:
+            up = [
+                sys.executable,
+                "-c",
+                f"from rollout_side.process import wait_until_up as w; [w(a, 300) for a in {addresses!r}]",
+            ]
+            subprocess.run(cluster.command(0, up), cwd=ROOT, check=True, timeout=400)
+            driver = [
+                sys.executable,
+                "-m",
+                "bench.delta",
+                "--driver",
+                str(model_dir),
+                "--rollouts",
+                ",".join(addresses),
+            ]
+            driver += ["--runs", str(runs), "--warmup", str(warmup)]
+            done = subprocess.run(cluster.command(0, driver), cwd=ROOT, stdout=subprocess.PIPE, text=True, timeout=3600)
+            if done.returncode != 0:
+                raise RuntimeError(f"the driver in the simulated cluster failed ({done.returncode})")
+            figures = json.loads(done.stdout.strip().splitlines()[-1])
+        finally:
+            for server in servers:
+                server.terminate()
+            for server in servers:
+                server.wait(60)
+    return {"rate": rate, "sparse": figures}
+
+
 def _print(results: dict[str, object]) -> None:
     sparse, dense = results["sparse"], results["dense"]
 
@@ -300,6 +379,13 @@ def _print(results: dict[str, object]) -> None:
         f"{med(sparse, 'speedup'):.2f}x; alone: trainer diff {med(sparse, 'trainer_diff_s'):.3f} s, "
         f"rollout apply+verify {med(sparse, 'rollout_apply_verify_s'):.3f} s"
     )
+    link = results.get("link")
+    if isinstance(link, dict) and "sparse" in link:
+        on = link["sparse"]
+        print(
+            f"on a {link['rate']} link: full {med(on, 'full_s'):.3f} s vs delta {med(on, 'delta_s'):.3f} s: "
+            f"{med(on, 'speedup'):.1f}x, {100 * med(on, 'bytes_ratio'):.2f}% of the bytes"
+        )
     print(
         f"dense: plain full {med(dense, 'plain_s'):.3f} s, delta publisher falling back "
         f"{med(dense, 'fallback_s'):.3f} s: {100 * med(dense, 'overhead'):+.1f}% (median of per-run ratios), "
