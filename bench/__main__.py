@@ -9,18 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import torch
 
 from bench import baselines, report
-from bench.measure import GB, MiB, rss, summary
+from bench.measure import GB, MiB, machine, rss, summary
 from bench.models import make_model, model_bytes, random_state
 from bench.sync import Rollout, SyncRuns, measure_sync
 from trainer_side.publisher import DEFAULT_CHUNK_BYTES, DEFAULT_STREAMS
@@ -48,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="ws-bench-"))
     results: dict[str, object] = {
-        "machine": _machine(),
+        "machine": machine(),
         "config": {
             "runs": runs,
             "warmup": args.warmup,
@@ -208,26 +205,6 @@ def _runtime_rss() -> int:
         return rss(rollout.pid)
     finally:
         rollout.stop()
-
-
-def _machine() -> dict[str, object]:
-    cpu = ""
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "grpcio": grpc.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-    }
 
 
 if __name__ == "__main__":

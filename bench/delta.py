@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,11 +27,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bench.measure import MiB, summary
+from bench.measure import MiB, machine, summary
 from bench.models import make_model
 from rollout_side.process import RolloutProcess
 from trainer_side.delta import BaseStore
@@ -87,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         full_rollout.stop()
         delta_rollout.stop()
     results: dict[str, object] = {
-        "machine": _machine(),
+        "machine": machine(),
         "config": {"model": SIZE, "bytes": nbytes, "runs": runs, "warmup": warmup, "lr": LR, "optimizer": "AdamW"},
         "sparse": sparse,
         "dense": dense,
@@ -392,27 +389,6 @@ def _print(results: dict[str, object]) -> None:
         f"{100 * float(dense['overhead_of_medians']):+.1f}% (ratio of medians); alone: scan "  # type: ignore[index]
         f"{med(dense, 'extra_scan_s'):.4f} s vs plain manifest {med(dense, 'extra_manifest_s'):.4f} s"
     )
-
-
-def _machine() -> dict[str, object]:
-    cpu = ""
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "grpcio": grpc.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "load_before": os.getloadavg()[0],
-    }
 
 
 if __name__ == "__main__":

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import grpc
+import torch
 
 __all__ = ["GB", "MiB", "peak_rss", "reset_peak_rss", "rss", "summary"]
 
@@ -47,3 +53,25 @@ def reset_peak_rss(pid: int | str = "self") -> bool:
     except OSError:
         return False
     return True
+
+
+def machine() -> dict[str, object]:
+    """What the figures were measured on, for the JSON next to them."""
+    cpu = ""
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "load_before": os.getloadavg()[0],
+    }
