@@ -68,6 +68,7 @@ bench: $(STUBS) $(MODEL_STAMP)  ## run the benchmarks; results under bench/resul
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.vllm_boot
 	$(BIN)/python -m bench.relay || [ $$? -eq 2 ]  # 2: no network namespaces on this machine
+	$(BIN)/python -m bench.delta
 
 clean:  ## remove generated stubs, models and caches (keeps .venv/)
 	rm -rf weightsync/v1 models .pytest_cache .ruff_cache
