@@ -1,4 +1,4 @@
-"""Every error weightsync raises, and the one place that maps them to gRPC status codes."""
+"""Every error weightsync raises, each carrying the gRPC status a servicer answers with."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ __all__ = [
     "UnknownUpdate",
     "VersionNotReached",
     "WeightSyncError",
-    "status_code",
 ]
 
 
@@ -109,8 +108,3 @@ class EngineUnavailable(WeightSyncError):
     """The engine failed; it holds no complete version until the next commit."""
 
     code = grpc.StatusCode.UNAVAILABLE
-
-
-def status_code(error: BaseException) -> grpc.StatusCode:
-    """Maps an exception to the status a client sees; anything unexpected is INTERNAL."""
-    return error.code if isinstance(error, WeightSyncError) else grpc.StatusCode.INTERNAL

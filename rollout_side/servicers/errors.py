@@ -28,12 +28,8 @@ def grpc_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable
         try:
             _check_parsed(request)
             return await handler(self, request, context)
-        except WeightSyncError as error:
-            metrics.Rollout.refused.labels(handler.__name__, error.code.name).inc()
-            await context.abort(error.code, str(error))
-        except Exception:
-            logger.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{handler.__name__} failed; see the rollout's log")
+        except Exception as error:  # noqa: BLE001 - every error becomes a status, in _abort
+            await _abort(context, handler.__name__, error)
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
@@ -48,14 +44,19 @@ def grpc_stream_errors(handler: Callable[..., AsyncIterator[T]]) -> Callable[...
             _check_parsed(request)
             async for item in handler(self, request, context):
                 yield item
-        except WeightSyncError as error:
-            metrics.Rollout.refused.labels(handler.__name__, error.code.name).inc()
-            await context.abort(error.code, str(error))
-        except Exception:
-            logger.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{handler.__name__} failed; see the rollout's log")
+        except Exception as error:  # noqa: BLE001 - every error becomes a status, in _abort
+            await _abort(context, handler.__name__, error)
 
     return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
+    """The one place an error becomes a status: ours keep theirs, anything else is INTERNAL and logged."""
+    if isinstance(error, WeightSyncError):
+        metrics.Rollout.refused.labels(method, error.code.name).inc()
+        await context.abort(error.code, str(error))
+    logger.error("%s failed", method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed; see the rollout's log")
 
 
 def _check_parsed(request: Any) -> None:
