@@ -18,7 +18,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,11 +184,13 @@ class Receiver:
         *,
         base_fingerprint: str = "",
         plan: TransferPlan | None = None,
+        checksums_at_commit: bool = False,
     ) -> _Update:
         """Accepts or refuses an announced version; on success bytes may start to flow.
 
         With `base_fingerprint`, the update is a delta: `plan` says which tensors come as patches
         against the committed version. Call `settle(delta=True)` first, so the base is in place.
+        With `checksums_at_commit`, the manifest carries no checksums: they come with `commit`.
         """
         self._reap_idle()
         if self._update is not None or self._committing:
@@ -205,6 +207,7 @@ class Receiver:
         if not MIN_CHUNK_BYTES <= chunk_bytes <= self.max_chunk_bytes:
             raise TooLarge(f"chunk_bytes {chunk_bytes} outside [{MIN_CHUNK_BYTES}, {self.max_chunk_bytes}]")
         self._check_names(manifest)
+        _check_checksums_at_commit(manifest, checksums_at_commit, fingerprint, base_fingerprint, plan)
         if fingerprint and fingerprint != manifest.fingerprint:
             raise BadManifest("announced fingerprint does not match the manifest")
         plan = plan or TransferPlan.full(manifest)
@@ -225,7 +228,7 @@ class Receiver:
             version=version,
             manifest=manifest,
             chunk_bytes=chunk_bytes,
-            expected_fingerprint=manifest.fingerprint,
+            expected_fingerprint="" if manifest.pending else manifest.fingerprint,
             staging=staging,
             received=bytearray(chunk_count(plan.total_bytes, chunk_bytes)),
             plan=plan,
@@ -283,14 +286,19 @@ class Receiver:
             update.verifier.feed(ready)
         return data.nbytes
 
-    async def commit(self, update_id: str) -> tuple[int, str, float]:
-        """Verifies the staged version and swaps it in; returns (version, fingerprint, seconds)."""
+    async def commit(
+        self, update_id: str, checksums: Sequence[str] = (), fingerprint: str = ""
+    ) -> tuple[int, str, float]:
+        """Verifies the staged version and swaps it in; returns (version, fingerprint, seconds).
+
+        `checksums` and `fingerprint` complete the manifest of an update begun with checksums_at_commit.
+        """
         update = self._current(update_id)
         started = time.perf_counter()
         self._committing = True
         self._update = None
         try:
-            self._verify(update)
+            self._verify(update, checksums, fingerprint)
             if self.reject_nonfinite:
                 _check_finite(update.manifest, update.staging)
             try:
@@ -384,7 +392,7 @@ class Receiver:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise BadManifest(f"missing tensors: {shown}; a full version must carry every parameter")
 
-    def _verify(self, update: _Update) -> None:
+    def _verify(self, update: _Update, checksums: Sequence[str], fingerprint: str) -> None:
         missing = update.chunk_count - update.received_chunks
         if missing:
             raise IncompleteUpdate(f"{missing} of {update.chunk_count} chunks have not arrived")
@@ -392,6 +400,20 @@ class Receiver:
         if update.verifier.mismatch is not None:
             hint = "; send a full version" if update.base_fingerprint else ""
             raise IncompleteUpdate(f"tensor {update.verifier.mismatch!r} {update.verifier.reason}{hint}")
+        if not update.manifest.pending:
+            if checksums or fingerprint:
+                raise BadManifest("checksums come with Commit only for an update begun with checksums_at_commit")
+            return
+        if not fingerprint:
+            raise BadManifest("this update was begun with checksums_at_commit: Commit must carry the fingerprint")
+        manifest = update.manifest.with_checksums(checksums)
+        for entry, got in zip(manifest, update.verifier.checksums, strict=True):
+            if got != entry.checksum:
+                raise IncompleteUpdate(f"tensor {entry.name!r} does not match its checksum")
+        if fingerprint != manifest.fingerprint:
+            raise BadManifest("the fingerprint in Commit does not match the checksums it completes")
+        self._check_names(manifest)  # tied tensors must be equal, which only checksums show
+        update.manifest = manifest
 
     async def _reap_forever(self) -> None:
         """Aborts an update whose trainer went silent, so it never blocks the next one for long."""
@@ -427,6 +449,22 @@ class Receiver:
 
 
 _Verifier = Verifier  # the name tests and older callers import
+
+
+def _check_checksums_at_commit(
+    manifest: Manifest, at_commit: bool, fingerprint: str, base_fingerprint: str, plan: TransferPlan | None
+) -> None:
+    """A manifest comes with its checksums, or (checksums_at_commit, full versions only) without any."""
+    if not at_commit:
+        if manifest.pending:
+            raise BadManifest("the manifest has no checksums; set checksums_at_commit to send them with Commit")
+        return
+    if not manifest.pending:
+        raise BadManifest("checksums_at_commit: the manifest must leave every checksum empty")
+    if fingerprint:
+        raise BadManifest("checksums_at_commit: the fingerprint comes with Commit, not BeginUpdate")
+    if base_fingerprint or plan is not None:
+        raise BadManifest("checksums_at_commit is for full versions, not deltas")
 
 
 def _check_finite(manifest: Manifest, staging: torch.Tensor) -> None:

@@ -76,15 +76,13 @@ class _Downstream:
         except TimeoutError:
             self.fail(f"took no chunk for {self.timeout:.0f} s")
 
-    async def commit(self, update_id: str) -> list[pb.RelayResult]:
+    async def commit(self, request: pb.CommitRequest) -> list[pb.RelayResult]:
         if not self.error:
             await self.queue.put(_END)
             try:
                 if self.stream is not None:
                     await self.stream
-                answer = await self.stub.Commit(
-                    pb.CommitRequest(update_id=update_id), timeout=self.timeout, metadata=self.metadata
-                )
+                answer = await self.stub.Commit(request, timeout=self.timeout, metadata=self.metadata)
             except grpc.aio.AioRpcError as error:
                 self.fail(f"{error.code().name}: {error.details()}")
             else:
@@ -129,8 +127,9 @@ class Relay:
         for downstream in self._downstream:
             await downstream.forward(raw)
 
-    async def commit(self, update_id: str) -> list[pb.RelayResult]:
-        results = await asyncio.gather(*(d.commit(update_id) for d in self._downstream))
+    async def commit(self, request: pb.CommitRequest) -> list[pb.RelayResult]:
+        """Passes the Commit on unchanged (checksums that follow the chunks included)."""
+        results = await asyncio.gather(*(d.commit(request) for d in self._downstream))
         return [r for rs in results for r in rs]
 
     async def abort(self, update_id: str) -> None:

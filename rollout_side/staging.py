@@ -76,7 +76,7 @@ class Verifier:
     arrive (partial tensors included); a PATCH tensor, once its whole patch is in, is patched into the
     base bytes in staging and then hashed. `position` is the wire position verified so far. The first
     tensor that does not match (or whose patch is malformed) is kept in `mismatch`, why in `reason`;
-    commit refuses it.
+    commit refuses it. A manifest whose checksums are pending is compared at commit, from `checksums`.
     `changed[i]` records the indices a patch replaced (None for FULL tensors), so a receiver can bring
     a copy of the base up to date without copying whole tensors.
     """
@@ -95,6 +95,7 @@ class Verifier:
         self.mismatch: str | None = None  # the name of the first tensor that failed
         self.reason = ""  # why it failed: "does not match its checksum" or a malformed patch
         self.changed: list[np.ndarray | None] = [None] * len(manifest)
+        self.checksums = [""] * len(manifest)  # what each tensor's final bytes hash to, once checked
         self._entries = manifest.entries
         self._next = 0  # the first tensor not yet checked
         self._patch_offset = 0
@@ -117,7 +118,8 @@ class Verifier:
                     return
                 self._patch(self._next)
                 self.position = t.wire_end
-            if self.mismatch is None and CHECKSUM_PREFIX + self._digest.hexdigest() != entry.checksum:
+            got = self.checksums[self._next] = CHECKSUM_PREFIX + self._digest.hexdigest()
+            if self.mismatch is None and entry.checksum and got != entry.checksum:  # none yet: compared at commit
                 self.mismatch, self.reason = entry.name, "does not match its checksum"
             self._digest.reset()
             self._next += 1

@@ -27,14 +27,21 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from weightsync import wire
 from weightsync.delta import Encoding, TensorDiff, TransferPlan, copy_elements, diff_tensor, element_view
-from weightsync.manifest import Manifest, build_manifest, tensor_bytes
+from weightsync.manifest import (
+    Manifest,
+    StreamingChecksums,
+    build_layout,
+    build_manifest,
+    tensor_bytes,
+    tensor_checksum,
+)
 from weightsync.memory import prefaulted_buffer
 from weightsync.v1 import weightsync_pb2 as pb
 
@@ -45,17 +52,37 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One encoding of a version on the wire: the full version, or a delta against `base_fingerprint`."""
+    """One encoding of a version on the wire: the full version, or a delta against `base_fingerprint`.
+
+    A full version may start with its checksums pending (a layout, see `build_layout`): `chunks` then
+    hashes each tensor as its bytes go out, the BeginUpdate asks for checksums_at_commit, and the
+    Commit carries them. Once computed they are kept, so a second push of it announces them up front.
+    """
 
     version: int
-    manifest: Manifest
+    announced: Manifest  # as first known: checksums may be pending
     payloads: tuple[memoryview, ...]  # each tensor's wire bytes, in manifest order
     plan: TransferPlan | None = None
     base_fingerprint: str = ""
+    _checksums: list[str] = field(default_factory=list)
 
     @classmethod
     def full(cls, version: int, manifest: Manifest, tensors: Sequence[torch.Tensor]) -> Outgoing:
         return cls(version, manifest, tuple(tensor_bytes(t) for t in tensors))
+
+    @property
+    def manifest(self) -> Manifest:
+        """The complete manifest; for a pending one, available once `chunks` has run to its end."""
+        if not self.announced.pending:
+            return self.announced
+        if not self._checksums:
+            raise RuntimeError("checksums are computed while the chunks stream; stream them first")
+        return self.announced.with_checksums(self._checksums)
+
+    @property
+    def pending(self) -> bool:
+        """Whether the next push must send the checksums at commit (they are not known yet)."""
+        return self.announced.pending and not self._checksums
 
     @property
     def is_delta(self) -> bool:
@@ -67,21 +94,45 @@ class Outgoing:
 
     def request(self, chunk_bytes: int, update_id: str, **fields: object) -> pb.BeginUpdateRequest:
         delta = {"base_fingerprint": self.base_fingerprint, "plan": wire.plan_to_proto(self.plan)} if self.plan else {}
+        pending = self.pending
+        manifest = self.announced if pending else self.manifest
         return pb.BeginUpdateRequest(
             version=self.version,
-            manifest=wire.manifest_to_proto(self.manifest),
+            manifest=wire.manifest_to_proto(manifest),
             chunk_bytes=chunk_bytes,
-            fingerprint=self.manifest.fingerprint,
+            fingerprint="" if pending else manifest.fingerprint,
             update_id=update_id,
+            checksums_at_commit=pending,
             **delta,  # type: ignore[arg-type]
             **fields,  # type: ignore[arg-type]
         )
 
+    def commit_request(self, update_id: str, *, pending: bool) -> pb.CommitRequest:
+        """The Commit of an update; one begun with checksums pending carries them (and the fingerprint)."""
+        if not pending:
+            return pb.CommitRequest(update_id=update_id)
+        manifest = self.manifest
+        return pb.CommitRequest(
+            update_id=update_id, checksums=[e.checksum for e in manifest], fingerprint=manifest.fingerprint
+        )
+
     def chunks(self, update_id: str, chunk_bytes: int) -> Iterator[bytes]:
-        """Every chunk, encoded once (lazily) for all rollouts that receive this encoding."""
+        """Every chunk, encoded once (lazily) for all rollouts that receive this encoding.
+
+        With checksums pending, each tensor is hashed here, a chunk at a time, just before the chunk's
+        own checksum and its copy into the message read the same bytes again, from cache.
+        """
         key = update_id.encode()
+        sums = StreamingChecksums([p.nbytes for p in self.payloads]) if self.pending else None
         for index, pieces in wire.iter_wire_payloads(self.payloads, chunk_bytes):
+            if sums is not None:
+                for piece in pieces:
+                    sums.update(piece)
             yield wire.encode_chunk(key, index, pieces)
+        if sums is not None:
+            if not sums.done:
+                raise RuntimeError("the chunks did not cover every tensor")
+            self._checksums[:] = sums.checksums
 
 
 class BaseStore:
@@ -101,7 +152,7 @@ class BaseStore:
 
     @property
     def fingerprint(self) -> str:
-        return self.manifest.fingerprint if self.manifest is not None else ""
+        return self.manifest.fingerprint if self.manifest is not None and not self.manifest.pending else ""
 
     def holders(self, rollouts: Sequence[str]) -> list[str]:
         """The rollouts that last confirmed the base: they may get a delta."""
@@ -117,7 +168,8 @@ class BaseStore:
     def scan(self, tensors: Mapping[str, torch.Tensor]) -> tuple[Manifest, list[TensorDiff] | None]:
         """The new version's manifest and, if its layout is the base's, each tensor diffed against it.
 
-        Checksums come out of the diff's pass over memory; without a usable base it is a plain manifest.
+        Checksums come out of the diff's pass over memory; without a usable base, or when no tensor is
+        worth a patch (a dense update), the manifest's checksums are left pending for the push to compute.
         """
         self.join()
         if not self._fits(tensors):
@@ -132,7 +184,19 @@ class BaseStore:
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightsync-diff")
         for i, diff in zip(order, self._pool.map(lambda i: diff_tensor(new[i], self._tensors[i]), order), strict=True):
             diffs[i] = diff
-        return build_manifest(tensors.items(), (d.checksum for d in diffs)), diffs
+        if not any(d.patch is not None for d in diffs):
+            return build_layout(tensors.items()), diffs  # sent in full: hashed as its chunks go out
+        checksums = [d.checksum or tensor_checksum(tensor_bytes(t)) for d, t in zip(diffs, new, strict=True)]
+        return build_manifest(tensors.items(), checksums), diffs
+
+    def complete(self, outgoing: Outgoing) -> None:
+        """Takes the checksums a push computed for a base kept with them pending; drops it if none did."""
+        if self.manifest is None or not self.manifest.pending:
+            return
+        if outgoing.pending:
+            self.version, self.manifest, self._tensors = 0, None, []  # no rollout got it: no fingerprint to match
+        else:
+            self.manifest = outgoing.manifest
 
     def delta(self, outgoing: Outgoing, diffs: Sequence[TensorDiff]) -> Outgoing | None:
         """The delta encoding of a full `outgoing` version, or None if no tensor got smaller as a patch."""

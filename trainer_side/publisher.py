@@ -2,7 +2,9 @@
 
 Each tensor is cast to bf16 and checksummed once, and each chunk is serialized once and shared
 by every rollout's stream through a bounded window, so pushing to N rollouts costs one encode
-and the trainer holds only `window` chunks beyond the model itself.
+and the trainer holds only `window` chunks beyond the model itself. A full version starts streaming
+at once: its tensors are checksummed as their chunks go out, and the checksums follow in Commit
+(BeginUpdateRequest.checksums_at_commit) rather than costing a pass over the model before the first byte.
 
 Delta sync (trainer_side/delta.py): the publisher keeps the last version it pushed, and sends the
 rollouts that confirmed it a patch per tensor where that is smaller; the others get the full version.
@@ -29,7 +31,7 @@ from trainer_side.broadcast import Broadcast, counted
 from trainer_side.delta import BaseStore, Outgoing
 from trainer_side.relay import relay_tree, subtree_addresses
 from weightsync import metrics
-from weightsync.manifest import build_manifest, manifest_of_state, wire_tensors
+from weightsync.manifest import build_layout, manifest_of_state, wire_tensors
 from weightsync.memory import keep_freed_memory
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -173,7 +175,7 @@ class Publisher:
             if base is not None and holders:
                 manifest, diffs = base.scan(tensors)  # checksums and diffs in one pass
             else:
-                manifest, diffs = build_manifest(tensors.items()), None
+                manifest, diffs = build_layout(tensors.items()), None  # checksummed as the chunks go out
             full = Outgoing.full(version, manifest, list(tensors.values()))
             delta = base.delta(full, diffs) if base is not None and diffs is not None else None
             if base is not None:
@@ -183,6 +185,7 @@ class Publisher:
             finally:
                 if base is not None:
                     base.join()  # the caller may change its tensors once we return
+                    base.complete(full)
             self._record(results)
         return results
 
@@ -279,6 +282,7 @@ class Publisher:
         root, downstream = relay_tree(self.rollouts, self.relay)
         update_id = f"v{outgoing.version}-{uuid.uuid4().hex[:12]}"
         [result] = self._push_to([root], outgoing, relay_to=downstream, update_id=update_id)
+        fingerprint = "" if outgoing.pending else outgoing.manifest.fingerprint
         reached = {
             r.address: PushResult(
                 address=r.address,
@@ -289,7 +293,7 @@ class Publisher:
                 relayed_by=root,
             )
             for r in result.relayed
-            if r.ok and r.weight_version == outgoing.version and r.fingerprint == outgoing.manifest.fingerprint
+            if r.ok and r.weight_version == outgoing.version and fingerprint and r.fingerprint == fingerprint
         }
         missed = [a for a in subtree_addresses(downstream) if a not in reached]
         if missed:
@@ -312,8 +316,8 @@ class Publisher:
             "push %s: version %d, %d tensors, %.1f MB%s to %d rollout(s)%s",
             update_id,
             outgoing.version,
-            len(outgoing.manifest),
-            outgoing.manifest.total_bytes / 1e6,
+            len(outgoing.announced),
+            outgoing.announced.total_bytes / 1e6,
             f" as a {outgoing.wire_bytes / 1e6:.1f} MB delta" if outgoing.is_delta else "",
             len(targets),
             f", relayed to {len(subtree_addresses(relay_to))} more" if relay_to else "",
@@ -336,7 +340,7 @@ class Publisher:
     ) -> PushResult:
         started = time.perf_counter()
         stub = self._stubs[address]
-        version, manifest = outgoing.version, outgoing.manifest
+        version = outgoing.version
         # progress=None shows bars only on a terminal.
         bar = tqdm(
             total=outgoing.wire_bytes,
@@ -349,11 +353,8 @@ class Publisher:
         )
         accepted = False
         try:
-            began = stub.BeginUpdate(
-                outgoing.request(self.chunk_bytes, update_id, relay_to=relay_to),
-                timeout=self.timeout,
-                metadata=self._metadata,
-            )
+            request = outgoing.request(self.chunk_bytes, update_id, relay_to=relay_to)
+            began = stub.BeginUpdate(request, timeout=self.timeout, metadata=self._metadata)
             accepted = True
             if outgoing.is_delta and began.chunk_count != chunk_count(outgoing.wire_bytes, self.chunk_bytes):
                 # A rollout from before delta sync ignores the plan and expects the full layout's chunks.
@@ -367,7 +368,11 @@ class Publisher:
                     error=f"the rollout expects {began.chunk_count} chunks: it does not take deltas; {SEND_FULL}",
                 )
             sent = self._stream_chunks(address, broadcast, slot, bar)
-            answer = stub.Commit(pb.CommitRequest(update_id=update_id), timeout=self.timeout, metadata=self._metadata)
+            answer = stub.Commit(
+                outgoing.commit_request(update_id, pending=request.checksums_at_commit),
+                timeout=self.timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as error:
             if accepted:
                 _abort_quietly(stub, update_id, self._metadata)
@@ -379,6 +384,7 @@ class Publisher:
             broadcast.leave(slot)
             bar.close()
         seconds = time.perf_counter() - started
+        manifest = outgoing.manifest  # complete now: its chunks have all gone out
         if answer.weight_version != version or answer.fingerprint != manifest.fingerprint:
             return PushResult(
                 address=address,

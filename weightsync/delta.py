@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import xxhash
 
-from weightsync.manifest import CHECKSUM_PREFIX, Manifest, tensor_bytes, tensor_checksum
+from weightsync.manifest import CHECKSUM_PREFIX, Manifest
 
 __all__ = [
     "BadPatch",
@@ -304,7 +304,8 @@ def apply_patch(target: np.ndarray, payload: bytes | memoryview) -> np.ndarray:
 
 @dataclass(slots=True)
 class TensorDiff:
-    """One tensor of a new version against its base: the checksum always, a patch when it is smaller."""
+    """One tensor of a new version against its base: a patch when it is smaller, and the checksum when the
+    diff read the tensor anyway ("" when it did not)."""
 
     checksum: str
     patch: bytes | None = None
@@ -314,15 +315,18 @@ class TensorDiff:
 def diff_tensor(new: torch.Tensor, base: torch.Tensor | None) -> TensorDiff:
     """Checksums `new` and, given its base (same shape and dtype), patches it if that is smaller.
 
+    A tensor that gets no patch because it has no base or is plainly dense is not hashed here
+    (checksum ""): sent in full, it is hashed as its chunks go out.
+
     One pass over memory: each block is hashed and compared while it is in cache, so the diff costs
     about one extra read (the base's), not two.
     """
     if base is None or base.shape != new.shape or base.dtype != new.dtype:
-        return TensorDiff(tensor_checksum(tensor_bytes(new)))
+        return TensorDiff("")
     data, old = element_view(new), element_view(base)
     raw = memoryview(data).cast("B")
     if likely_dense(data, old):
-        return TensorDiff(tensor_checksum(raw))
+        return TensorDiff("")
     digest = xxhash.xxh3_128()
     itemsize = data.dtype.itemsize
     parts = []

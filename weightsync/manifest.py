@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -16,7 +16,9 @@ from weightsync.errors import BadManifest
 __all__ = [
     "DTYPE_NAMES",
     "Manifest",
+    "StreamingChecksums",
     "TensorEntry",
+    "build_layout",
     "build_manifest",
     "tensor_bytes",
     "tensor_checksum",
@@ -87,9 +89,21 @@ class Manifest:
                     f"tensor {entry.name!r} starts at byte {entry.offset}, expected {position}: "
                     "tensors must tile the layout without gaps or overlaps"
                 )
-            if not _CHECKSUM.fullmatch(entry.checksum):
+            if not _CHECKSUM.fullmatch(entry.checksum) and not (self.pending and not entry.checksum):
                 raise BadManifest(f"tensor {entry.name!r} checksum must be {CHECKSUM_PREFIX!r} and 32 hex digits")
             position = entry.end
+
+    @cached_property
+    def pending(self) -> bool:
+        """True when no tensor has its checksum yet: the layout of a version whose checksums follow later
+        (computed while its chunks stream; see `with_checksums`)."""
+        return bool(self.entries) and not any(e.checksum for e in self.entries)
+
+    def with_checksums(self, checksums: Sequence[str]) -> Manifest:
+        """This layout completed with one checksum per tensor, in order; raises BadManifest if they do not fit."""
+        if len(checksums) != len(self.entries):
+            raise BadManifest(f"{len(checksums)} checksums for a manifest of {len(self.entries)} tensors")
+        return Manifest(entries=tuple(replace(e, checksum=c) for e, c in zip(self.entries, checksums, strict=True)))
 
     def __iter__(self) -> Iterator[TensorEntry]:
         return iter(self.entries)
@@ -104,6 +118,8 @@ class Manifest:
     @cached_property
     def fingerprint(self) -> str:
         """sha256 over (name, dtype, shape, checksum), sorted by name: layout order does not count."""
+        if self.pending:
+            raise ValueError("a manifest whose checksums are pending has no fingerprint yet")
         digest = hashlib.sha256()
         for entry in sorted(self.entries, key=lambda e: e.name):
             shape = ",".join(map(str, entry.shape))
@@ -119,6 +135,42 @@ class Manifest:
             yield entry.name, raw.view(entry.dtype).view(entry.shape)
 
 
+class StreamingChecksums:
+    """Each tensor's checksum, computed from the layout's bytes fed in order, in pieces of any size.
+
+    What lets the publisher hash a tensor while its chunks go out, instead of in a pass before them.
+    """
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self.checksums: list[str] = []
+        self._sizes = sizes
+        self._left = 0
+        self._digest = xxhash.xxh3_128()
+        self._finish_empty()
+
+    @property
+    def done(self) -> bool:
+        return len(self.checksums) == len(self._sizes)
+
+    def update(self, piece: memoryview) -> None:
+        while piece.nbytes:
+            if self.done:
+                raise ValueError("more bytes than the layout holds")
+            take = min(self._left, piece.nbytes)
+            self._digest.update(piece[:take])
+            piece, self._left = piece[take:], self._left - take
+            if not self._left:
+                self.checksums.append(CHECKSUM_PREFIX + self._digest.hexdigest())
+                self._digest.reset()
+                self._finish_empty()
+
+    def _finish_empty(self) -> None:
+        """Closes zero-byte tensors (they get no bytes) and sets up the next one."""
+        while not self.done and not self._sizes[len(self.checksums)]:
+            self.checksums.append(tensor_checksum(b""))
+        self._left = self._sizes[len(self.checksums)] if not self.done else 0
+
+
 def build_manifest(
     named_tensors: Iterable[tuple[str, torch.Tensor]], checksums: Iterable[str] | None = None
 ) -> Manifest:
@@ -127,22 +179,23 @@ def build_manifest(
     `checksums`, one per tensor in order, are taken as given: a caller that already hashed the bytes
     (the delta diff hashes while it compares) saves a pass over memory.
     """
+    named = list(named_tensors)
+    given = list(checksums) if checksums is not None else [tensor_checksum(tensor_bytes(t)) for _, t in named]
+    return build_layout(named).with_checksums(given)
+
+
+def build_layout(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Manifest:
+    """Lays out contiguous CPU tensors back to back, checksums pending (the publisher hashes as it sends)."""
     entries = []
     offset = 0
-    given = iter(checksums) if checksums is not None else None
     for name, tensor in named_tensors:
-        data = tensor_bytes(tensor)
+        size = tensor.numel() * tensor.element_size()
         entries.append(
             TensorEntry(
-                name=name,
-                dtype=tensor.dtype,
-                shape=tuple(tensor.shape),
-                offset=offset,
-                byte_size=data.nbytes,
-                checksum=next(given) if given is not None else tensor_checksum(data),
+                name=name, dtype=tensor.dtype, shape=tuple(tensor.shape), offset=offset, byte_size=size, checksum=""
             )
         )
-        offset += data.nbytes
+        offset += size
     return Manifest(entries=tuple(entries))
 
 

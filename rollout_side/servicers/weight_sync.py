@@ -59,6 +59,7 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
             request.update_id,
             base_fingerprint=request.base_fingerprint,
             plan=plan,
+            checksums_at_commit=request.checksums_at_commit,
         )
         if request.relay_to:
             relay = Relay(request.relay_to, _authorization(context))
@@ -90,12 +91,14 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
     async def Commit(self, request: pb.CommitRequest, context: grpc.aio.ServicerContext) -> pb.CommitResponse:
         relay = self._relays.pop(request.update_id, None)
         try:
-            version, fingerprint, seconds = await self.receiver.commit(request.update_id)
+            version, fingerprint, seconds = await self.receiver.commit(
+                request.update_id, list(request.checksums), request.fingerprint
+            )
         except BaseException:
             if relay is not None:
                 await relay.abort(request.update_id)
             raise
-        relayed = await relay.commit(request.update_id) if relay is not None else []
+        relayed = await relay.commit(request) if relay is not None else []
         return pb.CommitResponse(weight_version=version, fingerprint=fingerprint, swap_seconds=seconds, relayed=relayed)
 
     @grpc_errors

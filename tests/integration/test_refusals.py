@@ -174,6 +174,80 @@ def test_forged_fingerprint_or_checksum(served: Served, other_state: dict[str, t
     served.assert_next_push_works()
 
 
+def _begin_pending(served: Served, state: dict[str, torch.Tensor]) -> tuple[str, Manifest]:
+    """Begins version 2 with checksums_at_commit and streams `state`'s chunks; returns (update id, manifest)."""
+    tensors, manifest = raw.prepare(state)
+    layout = manifest.with_checksums([""] * len(manifest))
+    request = pb.BeginUpdateRequest(
+        version=2, manifest=raw.wire.manifest_to_proto(layout), chunk_bytes=raw.CHUNK, checksums_at_commit=True
+    )
+    update_id = served.rollout.weight_sync.BeginUpdate(request, timeout=10).update_id
+    raw.push_chunks(served.rollout.channel, raw.encoded_chunks(update_id, tensors, layout))
+    return update_id, manifest
+
+
+@pytest.mark.parametrize("fault", ["no checksums", "too few", "one wrong", "wrong fingerprint", "other weights"])
+def test_checksums_at_commit_that_do_not_match(
+    served: Served, other_state: dict[str, torch.Tensor], fault: str
+) -> None:
+    """Checksums that follow the chunks are held to the bytes that arrived, like ones sent up front."""
+    update_id, manifest = _begin_pending(served, other_state if fault == "other weights" else served.state)
+    checksums = [e.checksum for e in manifest]
+    if fault == "other weights":  # the trainer's checksums and fingerprint, over other bytes than it sent
+        _, manifest = raw.prepare(served.state)
+        checksums = [e.checksum for e in manifest]
+    commit = pb.CommitRequest(update_id=update_id, checksums=checksums, fingerprint=manifest.fingerprint)
+    code, text = grpc.StatusCode.FAILED_PRECONDITION, "does not match its checksum"
+    if fault == "no checksums":
+        del commit.checksums[:]
+        commit.ClearField("fingerprint")
+        code, text = grpc.StatusCode.INVALID_ARGUMENT, "must carry the fingerprint"
+    elif fault == "too few":
+        del commit.checksums[-1]
+        code, text = grpc.StatusCode.INVALID_ARGUMENT, "checksums for a manifest of"
+    elif fault == "one wrong":
+        commit.checksums[1] = "xxh3_128:" + "0" * 32
+    elif fault == "wrong fingerprint":
+        commit.fingerprint = "sha256:" + "0" * 64
+        code, text = grpc.StatusCode.INVALID_ARGUMENT, "fingerprint in Commit does not match"
+    refused(lambda: served.rollout.weight_sync.Commit(commit, timeout=10), code, text)
+    served.assert_unchanged()
+    served.assert_next_push_works()
+
+
+def test_checksums_at_commit_must_be_asked_for(served: Served) -> None:
+    _, manifest = raw.prepare(served.state)
+    layout = raw.wire.manifest_to_proto(manifest.with_checksums([""] * len(manifest)))
+    stub = served.rollout.weight_sync
+    cases = [
+        (pb.BeginUpdateRequest(version=2, manifest=layout, chunk_bytes=raw.CHUNK), "set checksums_at_commit"),
+        (
+            pb.BeginUpdateRequest(
+                version=2,
+                manifest=raw.wire.manifest_to_proto(manifest),
+                chunk_bytes=raw.CHUNK,
+                checksums_at_commit=True,
+            ),
+            "must leave every checksum empty",
+        ),
+        (
+            pb.BeginUpdateRequest(
+                version=2, manifest=layout, chunk_bytes=raw.CHUNK, checksums_at_commit=True, base_fingerprint="x"
+            ),
+            "full versions",
+        ),
+    ]
+    for request, text in cases:
+        refused(lambda r=request: stub.BeginUpdate(r, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, text)
+    # Checksums in a Commit of an update that announced them up front are refused too.
+    tensors, _ = raw.prepare(served.state)
+    update_id = raw.begin(stub, 2, manifest).update_id
+    raw.push_chunks(served.rollout.channel, raw.encoded_chunks(update_id, tensors, manifest))
+    commit = pb.CommitRequest(update_id=update_id, checksums=[e.checksum for e in manifest])
+    refused(lambda: stub.Commit(commit, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "only for an update begun")
+    served.assert_unchanged()
+
+
 def test_tied_alias_that_differs(served: Served) -> None:
     state = {**served.state, "lm_head.weight": served.state["model.embed_tokens.weight"] + 1}
     _, manifest = raw.prepare(state)
@@ -182,6 +256,9 @@ def test_tied_alias_that_differs(served: Served) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "tied in this model but differ",
     )
+    with Publisher([served.rollout.address], progress=False) as publisher:  # checksums at commit: refused there
+        [result] = publisher.push(state, 2)
+    assert not result.ok and "tied in this model but differ" in result.error
     served.assert_unchanged()
 
 

@@ -15,7 +15,9 @@ from weightsync.errors import BadManifest
 from weightsync.manifest import (
     CHECKSUM_PREFIX,
     Manifest,
+    StreamingChecksums,
     TensorEntry,
+    build_layout,
     build_manifest,
     manifest_of_state,
     tensor_bytes,
@@ -330,3 +332,34 @@ def test_views_mixed_dtypes_misaligned() -> None:
     assert manifest.entries[1].offset == 2
     views = dict(manifest.views(flat_of([t for _, t in tensors])))
     assert all(same_bits(views[n], t) for n, t in tensors)
+
+
+@FAST
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3), min_size=1, max_size=6),
+    piece=st.integers(1, 200),
+)
+def test_streaming_checksums_equal_the_manifest_for_any_piece_size(shapes: list[list[int]], piece: int) -> None:
+    """Fed the layout's bytes in pieces of any size (empty tensors included), the checksums are the manifest's."""
+    named = [(f"t{i}", tensor_of(tuple(s), torch.bfloat16, i)) for i, s in enumerate(shapes)]
+    layout = build_layout(named)
+    sums = StreamingChecksums([e.byte_size for e in layout])
+    flat = b"".join(tensor_bytes(t).tobytes() for _, t in named)
+    for start in range(0, len(flat), piece):
+        sums.update(memoryview(flat)[start : start + piece])
+    assert sums.done
+    assert layout.with_checksums(sums.checksums) == build_manifest(named)
+    with pytest.raises(ValueError, match="more bytes"):
+        sums.update(memoryview(b"x"))
+
+
+def test_pending_manifest_has_no_fingerprint_and_must_be_completed_whole() -> None:
+    named = [("a", tensor_of((3,), torch.bfloat16, 0)), ("b", tensor_of((2, 2), torch.bfloat16, 1))]
+    layout = build_layout(named)
+    assert layout.pending and not build_manifest(named).pending
+    with pytest.raises(ValueError, match="no fingerprint yet"):
+        _ = layout.fingerprint
+    with pytest.raises(BadManifest, match="1 checksums for a manifest of 2"):
+        layout.with_checksums([tensor_checksum(b"")])
+    with pytest.raises(BadManifest, match="checksum must be"):
+        layout.with_checksums([tensor_checksum(b""), ""])  # half pending is not a manifest

@@ -96,7 +96,7 @@ def test_gap_width_follows_sparsity() -> None:
 def test_diff_picks_full_when_a_patch_would_not_be_smaller() -> None:
     base, new = _pair(300_000, 0.9)
     result = delta.diff_tensor(new, base)
-    assert result.patch is None and result.checksum == tensor_checksum(tensor_bytes(new))
+    assert result.patch is None and result.checksum == ""  # plainly dense: left to hash as it streams
     base, new = _pair(10, 0.5)  # tiny: the header alone outweighs it
     assert delta.diff_tensor(new, base).patch is None
     base, new = _pair(300_000, 0.01)
