@@ -36,7 +36,7 @@ from rollout_side.process import RolloutProcess
 from trainer_side.delta import BaseStore
 from trainer_side.publisher import Publisher, PushResult
 from weightsync.delta import apply_patch, element_view
-from weightsync.manifest import build_manifest, tensor_bytes, tensor_checksum
+from weightsync.manifest import build_layout, build_manifest, tensor_bytes, tensor_checksum
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("bench.delta")
@@ -285,7 +285,9 @@ def _dense(trainer: Trainer, plain: Publisher, deltas: Publisher, nbytes: int, r
 
 
 def _fallback_work(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The delta publisher's part of a dense push, alone: its scan (sampled diff + checksums) vs a plain manifest."""
+    """The delta publisher's part of a dense push, alone: its scan (a sampled diff) vs a plain push's layout.
+
+    Neither hashes: a dense update is sent like a plain full version, checksummed as its chunks go out."""
     store = BaseStore()
     store.advance(0, build_manifest(before.items()), before, None, {})
     store.join()
@@ -296,7 +298,7 @@ def _fallback_work(before: dict[str, torch.Tensor], after: dict[str, torch.Tenso
     if diffs is None or any(d.patch is not None for d in diffs):
         raise RuntimeError("the dense update was not recognised as dense")
     started = time.perf_counter()
-    build_manifest(tensors.items())
+    build_layout(tensors.items())
     return {"extra_scan_s": scan_s, "extra_manifest_s": time.perf_counter() - started}
 
 

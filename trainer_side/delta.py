@@ -33,7 +33,15 @@ import numpy as np
 import torch
 
 from weightsync import wire
-from weightsync.delta import Encoding, TensorDiff, TransferPlan, copy_elements, diff_tensor, element_view
+from weightsync.delta import (
+    Encoding,
+    TensorDiff,
+    TransferPlan,
+    copy_elements,
+    diff_tensor,
+    element_view,
+    likely_dense,
+)
 from weightsync.manifest import (
     Manifest,
     StreamingChecksums,
@@ -173,11 +181,14 @@ class BaseStore:
         """
         self.join()
         if not self._fits(tensors):
-            return build_manifest(tensors.items()), None
+            return build_layout(tensors.items()), None
         new = list(tensors.values())
+        # Plainly dense tensors are sent in full without a diff. Sampling them here, in one thread, is
+        # ~1 ms for a 256 MiB model; through the pool below it was ~4 ms, 4% of a full sync's time.
+        candidates = [i for i, (n, b) in enumerate(zip(new, self._tensors, strict=True)) if not _plainly_dense(n, b)]
         # Largest first over a few threads: numpy's compares and xxhash release the GIL (measured on 2 cores:
         # 72 ms -> 48 ms for a 256 MiB model); results stay in manifest order.
-        order = sorted(range(len(new)), key=lambda i: -new[i].numel())
+        order = sorted(candidates, key=lambda i: -new[i].numel())
         diffs: list[TensorDiff] = [TensorDiff("")] * len(new)
         if self._pool is None:  # kept: starting threads per push costs milliseconds
             workers = min(4, os.cpu_count() or 1)
@@ -332,6 +343,10 @@ class _Fresh:
         view = self._flat[self._offset : self._offset + size].view(like.dtype).view(like.shape)
         self._offset += -(-size // 64) * 64  # aligned: the diff compares 8-byte words
         return view
+
+
+def _plainly_dense(new: torch.Tensor, base: torch.Tensor) -> bool:
+    return new.numel() > 0 and likely_dense(element_view(new), element_view(base))
 
 
 def _same_shapes(storage: Sequence[torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> bool:

@@ -73,6 +73,7 @@ BLOCK_ELEMENTS = 1 << 20
 # patch saves little (at 2/3 changed a bf16 patch is as large as the tensor) and the diff is pure cost.
 DENSE_FRACTION = 0.5
 _SAMPLE = 1024  # elements a dense check looks at: enough to tell "most changed" from "few changed"
+_SAMPLE_RUNS = 16  # in this many runs of contiguous elements (a few cache lines each)
 
 
 class BadPatch(ValueError):
@@ -187,16 +188,20 @@ def _changed_block(new: np.ndarray, base: np.ndarray, start: int, stop: int) -> 
 
 
 def likely_dense(new: np.ndarray, base: np.ndarray) -> bool:
-    """Whether an evenly strided sample says most elements changed (then send FULL, skip the exact diff).
+    """Whether a sample says most elements changed (then send FULL, skip the exact diff).
 
-    One strided compare per tensor: per-call overhead, not memory, is what a sample costs here (16 slices
-    per tensor cost ~10 ms over a 110-tensor model). Only a shortcut: a sparse verdict is always followed
-    by an exact diff and a size comparison, and a wrong dense verdict only sends a tensor in full.
+    The sample is _SAMPLE_RUNS short runs of contiguous elements spread evenly over the tensor, compared
+    in one numpy call: an evenly strided sample touched a cache line per element and cost ~6 ms over a
+    256 MiB model, about 5% of a full sync. Only a shortcut: a sparse verdict is always followed by an
+    exact diff and a size comparison, and a wrong dense verdict only sends a tensor in full.
     """
-    stride = max(1, new.size // _SAMPLE)
-    sample = new[::stride][:_SAMPLE]
-    changed = int(np.count_nonzero(sample != base[::stride][:_SAMPLE]))
-    return changed > DENSE_FRACTION * sample.size
+    if new.size <= _SAMPLE:
+        return int(np.count_nonzero(new != base)) > DENSE_FRACTION * new.size
+    run = _SAMPLE // _SAMPLE_RUNS
+    shape, strides = (_SAMPLE_RUNS, run), ((new.size // _SAMPLE_RUNS) * new.itemsize, new.itemsize)
+    sample = np.lib.stride_tricks.as_strided(new, shape, strides, writeable=False)
+    against = np.lib.stride_tricks.as_strided(base, shape, strides, writeable=False)
+    return int(np.count_nonzero(sample != against)) > DENSE_FRACTION * _SAMPLE
 
 
 def _gap_width(gaps: np.ndarray) -> tuple[int, int, int]:
