@@ -11,7 +11,8 @@ and where the delta's time goes (the trainer's diff, measured alone on the same 
 On loopback a full sync moves bytes at memory speed, so a delta cannot be much faster than the passes
 over memory it needs (diff and checksums). Without --quick, the sparse figures are measured again on a
 simulated cluster (bench/netsim.py: trainer and rollouts in their own network namespaces, every link
-capped at --link, 1gbit by default), where, as between real hosts, the link bounds a full sync.
+capped at each rate of --link: 1 and 10 Gbit/s by default), where, as between real hosts, the link
+bounds a full sync.
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="measured runs per figure (at least 5)")
     parser.add_argument("--warmup", type=int, help="unmeasured runs first")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "delta.json")
-    parser.add_argument("--link", default="1gbit", help="link cap of the simulated cluster (tc syntax); 'off' skips it")
+    parser.add_argument(
+        "--link",
+        default="1gbit,10gbit",
+        help="link caps of the simulated cluster to measure on (tc syntax, comma-separated); 'off' skips it",
+    )
     parser.add_argument("--driver", type=Path, help=argparse.SUPPRESS)  # the model folder, inside the cluster
     parser.add_argument("--rollouts", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.quick and args.link != "off":
         del trainer
-        results["link"] = _on_a_link(model_dir, args.link, runs, warmup)
+        results["links"] = [_on_a_link(model_dir, rate, runs, warmup) for rate in args.link.split(",")]
     results["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
@@ -378,13 +383,13 @@ def _print(results: dict[str, object]) -> None:
         f"{med(sparse, 'speedup'):.2f}x; alone: trainer diff {med(sparse, 'trainer_diff_s'):.3f} s, "
         f"rollout apply+verify {med(sparse, 'rollout_apply_verify_s'):.3f} s"
     )
-    link = results.get("link")
-    if isinstance(link, dict) and "sparse" in link:
-        on = link["sparse"]
-        print(
-            f"on a {link['rate']} link: full {med(on, 'full_s'):.3f} s vs delta {med(on, 'delta_s'):.3f} s: "
-            f"{med(on, 'speedup'):.1f}x, {100 * med(on, 'bytes_ratio'):.2f}% of the bytes"
-        )
+    for link in results.get("links", []):  # type: ignore[attr-defined]
+        if "sparse" in link:
+            on = link["sparse"]
+            print(
+                f"on a {link['rate']} link: full {med(on, 'full_s'):.3f} s vs delta {med(on, 'delta_s'):.3f} s: "
+                f"{med(on, 'speedup'):.1f}x, {100 * med(on, 'bytes_ratio'):.2f}% of the bytes"
+            )
     print(
         f"dense: plain full {med(dense, 'plain_s'):.3f} s, delta publisher falling back "
         f"{med(dense, 'fallback_s'):.3f} s: {100 * med(dense, 'overhead'):+.1f}% (median of per-run ratios), "

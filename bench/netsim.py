@@ -73,7 +73,7 @@ class Cluster:
             # Shape both directions of the host's link: its egress, and the switch port's egress to it.
             for where, dev in ((ns, "eth0"), (self.switch, switch_if)):
                 _run(["tc", "-n", where, "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate,
-                      "burst", "256kb", "latency", "100ms"])  # fmt: skip
+                      "burst", f"{_burst_bytes(self.rate)}b", "latency", "100ms"])  # fmt: skip
 
     def down(self) -> None:
         for ns in [*self.namespaces, self.switch]:
@@ -98,3 +98,12 @@ def _run(argv: Sequence[str]) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
     return done.stdout
+
+
+def _burst_bytes(rate: str) -> int:
+    """A token bucket deep enough for 2 ms at `rate` (at least 256 KiB): shallower ones undershoot fast links."""
+    units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "bit": 1}
+    for suffix, scale in units.items():
+        if rate.endswith(suffix):
+            return max(256 << 10, int(float(rate[: -len(suffix)]) * scale / 8 * 0.002))
+    raise ValueError(f"rate {rate!r}: give it in bit, kbit, mbit or gbit, e.g. 10gbit")
