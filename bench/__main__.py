@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -111,6 +112,18 @@ def _transfer(
         uds_sink.close()
     out["raw_uds"] = rate(uds_runs.socket_seconds)
     out["weightsync_uds"] = _sync_summary(uds_runs, nbytes, 1)
+
+    logger.info("weightsync through a shared-memory file (co-located pods), paired with raw TCP")
+    shared = Path(tempfile.mkdtemp(prefix="ws-bench-shm-", dir="/dev/shm" if Path("/dev/shm").is_dir() else work))
+    sink = baselines.SocketSink(nbytes)
+    rollout = Rollout(model_dir, shared_memory=shared)
+    try:
+        shm_runs = measure_sync(state, [rollout], [sink], runs=runs, warmup=warmup, shared_memory=shared)
+    finally:
+        rollout.stop()
+        sink.close()
+        shutil.rmtree(shared, ignore_errors=True)
+    out["weightsync_shm"] = _sync_summary(shm_runs, nbytes, 1)
 
     logger.info("gloo")
     out["gloo"] = rate(baselines.gloo_seconds(model_dir, runs, warmup))

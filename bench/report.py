@@ -17,6 +17,7 @@ ROWS = [
     ("weightsync", "**weightsync** full sync, gRPC over TCP, torch engine"),
     ("raw_uds", "raw Unix domain socket"),
     ("weightsync_uds", "weightsync over a Unix domain socket (own row)"),
+    ("weightsync_shm", "weightsync through a shared-memory file, co-located pods (own row)"),
     ("gloo", "torch.distributed gloo send/recv"),
     ("grpc_naive", "naive gRPC stream, generated protobuf, 1 MiB chunks"),
     ("safetensors_shm", "safetensors file through /dev/shm"),

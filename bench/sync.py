@@ -28,8 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 class Rollout(RolloutProcess):
     """`python -m rollout_side serve --engine torch` in its own process, on TCP or a Unix socket."""
 
-    def __init__(self, model_dir: Path, *, unix: bool = False) -> None:
-        super().__init__(model_dir, engine="torch", args=["--log-level", "WARNING"], unix=unix)
+    def __init__(self, model_dir: Path, *, unix: bool = False, shared_memory: Path | None = None) -> None:
+        args = ["--log-level", "WARNING"]
+        if shared_memory:
+            args += ["--shared-memory-dir", str(shared_memory)]
+        super().__init__(model_dir, engine="torch", args=args, unix=unix)
 
 
 @dataclass(kw_only=True)
@@ -56,17 +59,18 @@ def measure_sync(
     warmup: int,
     chunk_bytes: int | None = None,
     streams: int | None = None,
+    shared_memory: Path | None = None,
     on_run: Callable[[int, float, float], None] | None = None,
 ) -> SyncRuns:
     """Pushes `state` to every rollout `warmup + runs` times; pairs each with a socket fan-out."""
-    options: dict[str, int] = {}
+    options: dict[str, object] = {"shared_memory": shared_memory}
     if chunk_bytes:
         options["chunk_bytes"] = chunk_bytes
     if streams:
         options["streams"] = streams
     views = [tensor_bytes(t) for t in state.values()]
     out = SyncRuns()
-    with Publisher([r.address for r in rollouts], progress=False, **options) as publisher:
+    with Publisher([r.address for r in rollouts], progress=False, **options) as publisher:  # type: ignore[arg-type]
         trainer_before = rss()  # the state and channels exist; what pushing adds is measured
         reset_peak_rss()
         for i in range(warmup + runs):

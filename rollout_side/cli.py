@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="on SIGTERM, seconds in-flight calls may take to finish (health says NOT_SERVING first)",
     )
+    serve.add_argument(
+        "--shared-memory-dir",
+        type=Path,
+        help="accept versions from a co-located trainer as files in this directory (a /dev/shm shared "
+        "with it, or a memory-backed emptyDir mounted in both pods) instead of over the socket",
+    )
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
     add_security_arguments(serve, server=True)
     serve.add_argument("--log-level", default="INFO")
@@ -128,6 +134,7 @@ async def serve(args: argparse.Namespace) -> None:
         idle_timeout=args.idle_timeout,
         max_update_seconds=args.max_update_seconds,
         reject_nonfinite=args.reject_nonfinite,
+        shared_memory_dir=args.shared_memory_dir,
     )
     await receiver.start(args.weights, args.weights_version)
     rollout = await create_server(

@@ -16,6 +16,8 @@ import asyncio
 import enum
 import logging
 import math
+import mmap
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -37,10 +39,12 @@ from weightsync.errors import (
     EngineUnavailable,
     IncompleteUpdate,
     NonFiniteWeights,
+    SharedMemoryRefused,
     StaleVersion,
     TooLarge,
     UnknownUpdate,
     VersionNotReached,
+    WeightSyncError,
 )
 from weightsync.manifest import Manifest, TensorEntry, manifest_of_state, tensor_bytes
 from weightsync.wire import chunk_checksum, chunk_count, chunk_span
@@ -51,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 MIN_CHUNK_BYTES = 4 << 10
 MAX_CHUNK_BYTES = 64 << 20
+_FILE_BLOCK = 4 << 20  # a shared-memory file is staged in blocks of this size, the event loop free between them
 
 
 class Phase(enum.Enum):
@@ -114,8 +119,10 @@ class Receiver:
         idle_timeout: float = 60.0,
         max_update_seconds: float = 1800.0,
         reject_nonfinite: bool = False,
+        shared_memory_dir: Path | None = None,
     ) -> None:
         self.engine = engine
+        self.shared_memory_dir = shared_memory_dir.resolve() if shared_memory_dir else None
         self.max_chunk_bytes = max_chunk_bytes
         self.idle_timeout = idle_timeout
         self.max_update_seconds = max_update_seconds
@@ -285,6 +292,58 @@ class Receiver:
         if ready > update.verifier.position:
             update.verifier.feed(ready)
         return data.nbytes
+
+    async def stage_file(self, update_id: str, name: str) -> int:
+        """Copies a co-located trainer's file (the whole flat layout) into staging and checksums it; returns bytes.
+
+        Runs on the event loop in blocks of a few MiB, yielding between them, so Generate keeps being served
+        and an abort in between stops it; any fault aborts the update, as a bad chunk would.
+        """
+        update = self._current(update_id)
+        try:
+            path = self._shared_file(name)
+            if update.plan.patches or update.base_fingerprint or update.manifest.pending:
+                raise SharedMemoryRefused("a shared-memory file carries a full version with its checksums only")
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != update.wire_bytes:
+                    raise ChunkCorrupt(f"{path} has {size} bytes; the manifest lays out {update.wire_bytes}")
+                data = memoryview(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)) if size else memoryview(b"")
+        except (OSError, ValueError) as error:
+            self.abort(update.id, f"cannot read {name}: {error}")
+            raise SharedMemoryRefused(f"cannot read the shared-memory file {name!r}: {error}") from None
+        except WeightSyncError as error:
+            self.abort(update.id, str(error))
+            raise
+        try:
+            for start in range(0, size, _FILE_BLOCK):
+                block = data[start : start + _FILE_BLOCK]
+                update.router.write(start, block)
+                update.verifier.feed(start + block.nbytes)
+                update.received_bytes = start + block.nbytes
+                update.last_activity = time.monotonic()
+                await asyncio.sleep(0)  # let Generate and other calls in between blocks
+                if self._update is not update:
+                    raise UnknownUpdate(f"update {update.id} was aborted while its file was being read")
+        finally:
+            data.release()
+        update.received[:] = b"\x01" * update.chunk_count
+        update.received_chunks = update.contiguous = update.chunk_count
+        metrics.Rollout.received_bytes.inc(size)
+        return size
+
+    def _shared_file(self, name: str) -> Path:
+        """The file `name` if it lies in --shared-memory-dir (symlinks resolved) and is a regular file."""
+        if self.shared_memory_dir is None:
+            raise SharedMemoryRefused(
+                "this rollout takes no shared-memory files; start it with --shared-memory-dir to allow them"
+            )
+        path = Path(name).resolve()
+        if path.parent != self.shared_memory_dir:
+            raise SharedMemoryRefused(f"{name!r} is not in the shared-memory directory {self.shared_memory_dir}")
+        if not path.is_file():
+            raise SharedMemoryRefused(f"{name!r} is not a regular file")
+        return path
 
     async def commit(
         self, update_id: str, checksums: Sequence[str] = (), fingerprint: str = ""

@@ -135,3 +135,10 @@ def assert_gated(rollout: Rollout) -> None:
     with pytest.raises(grpc.RpcError) as info:
         rollout.generate.Generate(pb.GenerateRequest(prompt="the cat"), timeout=30)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+
+
+def reference_model(model_dir: Path, state: dict[str, torch.Tensor]):  # type: ignore[no-untyped-def]
+    """Hugging Face transformers on exactly the weights that went on the wire (bf16)."""
+    model = new_model(model_dir)
+    model.load_state_dict(state)
+    return model.to(torch.bfloat16).eval()

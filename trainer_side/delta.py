@@ -115,6 +115,11 @@ class Outgoing:
             **fields,  # type: ignore[arg-type]
         )
 
+    def adopt_checksums(self, checksums: Sequence[str]) -> None:
+        """Takes checksums computed elsewhere over these payloads (a shared-memory file, written by the caller)."""
+        self.announced.with_checksums(checksums)  # validates the count and form
+        self._checksums[:] = checksums
+
     def commit_request(self, update_id: str, *, pending: bool) -> pb.CommitRequest:
         """The Commit of an update; one begun with checksums pending carries them (and the fingerprint)."""
         if not pending:

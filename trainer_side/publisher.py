@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from trainer_side.broadcast import Broadcast, counted
 from trainer_side.delta import BaseStore, Outgoing
 from trainer_side.relay import relay_tree, subtree_addresses
+from trainer_side.shared_memory import SharedVersionFile
 from weightsync import metrics
 from weightsync.manifest import build_layout, manifest_of_state, wire_tensors
 from weightsync.memory import keep_freed_memory
@@ -98,11 +100,16 @@ class Publisher:
         relay: int = 0,
         delta: bool = False,
         reconcile_every: float | None = None,
+        shared_memory: str | Path | None = None,
     ) -> None:
         """`delta` keeps the last version pushed (one more copy of the model in trainer memory) to send
         rollouts only what changed, and lets `reconcile` restore rollouts; `reconcile_every` (seconds)
         starts a thread that calls `reconcile`. Off by default so that a publisher costs no extra memory
-        and benchmarks of full syncs stay full syncs; a training loop wants it on."""
+        and benchmarks of full syncs stay full syncs; a training loop wants it on.
+
+        `shared_memory` names a directory every rollout can read too (they run on this host, started with
+        --shared-memory-dir naming it): full versions are then written there once and read by each rollout,
+        not streamed. Deltas still stream (they are small)."""
         if not rollouts:
             raise ValueError("no rollouts given; pass at least one HOST:PORT")
         if streams < 1:
@@ -115,6 +122,10 @@ class Publisher:
         self.timeout = timeout
         self.progress = progress
         self.relay = relay  # 0: push to every rollout; k: a relay tree of fanout k (1 = a chain)
+        if shared_memory and relay:
+            raise ValueError("shared_memory and relay exclude each other: co-located rollouts each read the file")
+        self._shared = SharedVersionFile(shared_memory) if shared_memory else None
+        self._in_file: Outgoing | None = None  # what the shared-memory file holds now
         self._base = BaseStore() if delta else None
         self._lock = threading.Lock()  # one push or reconcile at a time: a rollout takes one update at a time
         self._stop = threading.Event()
@@ -311,7 +322,15 @@ class Publisher:
         update_id: str = "",
     ) -> list[PushResult]:
         update_id = update_id or f"v{outgoing.version}-{uuid.uuid4().hex[:12]}"
-        broadcast = Broadcast(outgoing.chunks(update_id, self.chunk_bytes), consumers=len(targets), window=self.window)
+        broadcast = None
+        if self._shared is not None and not outgoing.is_delta and not relay_to:
+            if self._in_file is not outgoing:
+                outgoing.adopt_checksums(self._shared.write(outgoing.payloads))
+                self._in_file = outgoing
+        else:
+            broadcast = Broadcast(
+                outgoing.chunks(update_id, self.chunk_bytes), consumers=len(targets), window=self.window
+            )
         logger.info(
             "push %s: version %d, %d tensors, %.1f MB%s to %d rollout(s)%s",
             update_id,
@@ -333,7 +352,7 @@ class Publisher:
         self,
         address: str,
         slot: int,
-        broadcast: Broadcast,
+        broadcast: Broadcast | None,
         outgoing: Outgoing,
         update_id: str,
         relay_to: Sequence[pb.RelayTarget] = (),
@@ -354,6 +373,8 @@ class Publisher:
         accepted = False
         try:
             request = outgoing.request(self.chunk_bytes, update_id, relay_to=relay_to)
+            if broadcast is None and self._shared is not None:
+                request.shared_memory_file = str(self._shared.path)  # the rollout reads it before it answers
             began = stub.BeginUpdate(request, timeout=self.timeout, metadata=self._metadata)
             accepted = True
             if outgoing.is_delta and began.chunk_count != chunk_count(outgoing.wire_bytes, self.chunk_bytes):
@@ -367,7 +388,7 @@ class Publisher:
                     code="FAILED_PRECONDITION",
                     error=f"the rollout expects {began.chunk_count} chunks: it does not take deltas; {SEND_FULL}",
                 )
-            sent = self._stream_chunks(address, broadcast, slot, bar)
+            sent = self._stream_chunks(address, broadcast, slot, bar) if broadcast else outgoing.wire_bytes
             answer = stub.Commit(
                 outgoing.commit_request(update_id, pending=request.checksums_at_commit),
                 timeout=self.timeout,
@@ -381,7 +402,8 @@ class Publisher:
                 address=address, version=version, ok=False, error=_describe(error), delta=outgoing.is_delta, code=code
             )
         finally:
-            broadcast.leave(slot)
+            if broadcast is not None:
+                broadcast.leave(slot)
             bar.close()
         seconds = time.perf_counter() - started
         manifest = outgoing.manifest  # complete now: its chunks have all gone out
@@ -445,6 +467,8 @@ class Publisher:
             self._reconciler.join(self.timeout)
         if self._base is not None:
             self._base.close()
+        if self._shared is not None:
+            self._shared.close()
         for channel in self._channels.values():
             channel.close()
 

@@ -14,6 +14,7 @@ __all__ = [
     "IncompleteUpdate",
     "NoWeights",
     "NonFiniteWeights",
+    "SharedMemoryRefused",
     "StaleVersion",
     "TooLarge",
     "UnknownUpdate",
@@ -52,6 +53,12 @@ class BaseMismatch(WeightSyncError):
     Never an error in the data: the rollout restarted, missed a version, or dropped its copy of the
     base. The answer is the same in every case: send a full version.
     """
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class SharedMemoryRefused(WeightSyncError):
+    """A version offered by shared-memory file this rollout cannot or may not read (see --shared-memory-dir)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 

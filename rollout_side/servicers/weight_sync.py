@@ -13,6 +13,7 @@ from rollout_side.relay import Relay
 from rollout_side.servicers.errors import grpc_errors
 from rollout_side.servicers.registry import add_service
 from weightsync import wire
+from weightsync.errors import SharedMemoryRefused
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -61,6 +62,11 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
             plan=plan,
             checksums_at_commit=request.checksums_at_commit,
         )
+        if request.shared_memory_file:
+            if request.relay_to:
+                self.receiver.abort(update.id, "relay_to with a shared-memory file")
+                raise SharedMemoryRefused("a shared-memory file is read here; it cannot also be relayed")
+            await self.receiver.stage_file(update.id, request.shared_memory_file)
         if request.relay_to:
             relay = Relay(request.relay_to, _authorization(context))
             self._relays[update.id] = relay

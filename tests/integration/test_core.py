@@ -5,11 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2
 
 from rollout_side.process import RolloutProcess
@@ -19,16 +17,9 @@ from weightsync.manifest import manifest_of_state
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
-from conftest import health_of
+from conftest import health_of, reference_model
 
 PROMPTS = ["the cat sat", "monday tuesday", "one two three", "red orange"]
-
-
-def reference_model(model_dir: Path, state: dict[str, torch.Tensor]):  # type: ignore[no-untyped-def]
-    """Hugging Face transformers on exactly the weights that went on the wire (bf16)."""
-    model = new_model(model_dir)
-    model.load_state_dict(state)
-    return model.to(torch.bfloat16).eval()
 
 
 def test_generate_is_refused_before_the_first_commit(rollout) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,137 @@
+"""The shared-memory transport for co-located pods: a file instead of chunks, the same handshake and checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from trainer_side.publisher import Publisher
+from trainer_side.train import greedy, new_model
+from weightsync.manifest import manifest_of_state, tensor_bytes
+from weightsync.v1 import weightsync_pb2 as pb
+
+import raw
+from conftest import LoopThread, Rollout, reference_model, start_rollout
+
+PROMPTS = ["the cat sat", "one two three", "red orange"]
+
+
+@pytest.fixture
+def shm(tmp_path: Path) -> Path:
+    """Stands in for a /dev/shm (or memory-backed emptyDir) both sides mount."""
+    directory = tmp_path / "shm"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def colocated(loop_thread: LoopThread, model_dir: Path, shm: Path) -> Iterator[Rollout]:
+    r = start_rollout(loop_thread, model_dir, idle_timeout=3.0, shared_memory_dir=shm)
+    yield r
+    r.channel.close()
+    loop_thread.run(r.server.stop(grace=0))
+
+
+def test_push_through_a_shared_file_equals_transformers(colocated, shm, model_dir, tokenizer, trained_state) -> None:  # type: ignore[no-untyped-def]
+    with Publisher([colocated.address], progress=False, shared_memory=shm) as publisher:
+        [result] = publisher.push(trained_state, version=3)
+        assert result.ok, result.error
+        assert result.fingerprint == manifest_of_state(trained_state).fingerprint
+        assert [p.name for p in shm.iterdir()] == [publisher._shared.path.name]  # type: ignore[union-attr]
+        # Versions keep coming through the same file.
+        bumped = {k: v + 1 if k.endswith("norm.weight") else v for k, v in trained_state.items()}
+        [again] = publisher.push(bumped, version=4)
+        assert again.ok and again.fingerprint == manifest_of_state(bumped).fingerprint
+        [back] = publisher.push(trained_state, version=5)
+        assert back.ok
+    assert not list(shm.iterdir()), "the publisher removes its file on close"
+    reference = reference_model(model_dir, trained_state)
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer = colocated.generate.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=12), timeout=30)
+        assert (list(answer.token_ids), answer.weight_version) == (greedy(reference, ids, 12), 5), prompt
+
+
+def _begin_from_file(
+    rollout: Rollout,
+    state: dict[str, torch.Tensor],
+    path: Path,
+    version: int = 2,
+    contents: dict[str, torch.Tensor] | None = None,
+) -> str:
+    """Writes `contents` (default: `state`) to `path` and begins `state`'s version from it."""
+    _, manifest = raw.prepare(state)
+    tensors, _ = raw.prepare(contents if contents is not None else state)
+    path.write_bytes(b"".join(tensor_bytes(t).tobytes() for t in tensors))
+    request = pb.BeginUpdateRequest(
+        version=version,
+        manifest=raw.wire.manifest_to_proto(manifest),
+        chunk_bytes=raw.CHUNK,
+        fingerprint=manifest.fingerprint,
+        shared_memory_file=str(path),
+    )
+    return rollout.weight_sync.BeginUpdate(request, timeout=10).update_id
+
+
+def _served(rollout: Rollout, state: dict[str, torch.Tensor]) -> str:
+    with Publisher([rollout.address], progress=False) as publisher:  # over the socket
+        [result] = publisher.push(state, 1)
+    assert result.ok
+    return result.fingerprint
+
+
+def _assert_still(rollout: Rollout, fingerprint: str) -> None:
+    status = rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
+    assert (status.weight_version, status.fingerprint, status.update_id) == (1, fingerprint, "")
+    assert rollout.generate.Generate(pb.GenerateRequest(prompt="the cat", max_tokens=4), timeout=30).weight_version == 1
+
+
+def test_a_rollout_reads_files_only_where_it_was_told(rollout, colocated, shm, tmp_path, trained_state) -> None:  # type: ignore[no-untyped-def]
+    fingerprints: dict[int, str] = {}
+    for target, path, text in [
+        (rollout, shm / "v.bin", "start it with --shared-memory-dir"),
+        (colocated, tmp_path / "elsewhere.bin", "is not in the shared-memory directory"),
+        (colocated, shm / ".." / "elsewhere.bin", "is not in the shared-memory directory"),
+    ]:
+        fingerprint = fingerprints.get(id(target)) or fingerprints.setdefault(
+            id(target), _served(target, trained_state)
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            _begin_from_file(target, trained_state, path)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+        assert text in info.value.details()
+        _assert_still(target, fingerprint)
+    (shm / "link.bin").symlink_to(tmp_path / "elsewhere.bin")
+    with pytest.raises(grpc.RpcError, match="is not in the shared-memory directory"):
+        _begin_from_file(colocated, trained_state, shm / "link.bin")
+
+
+def test_a_short_or_tampered_file_changes_nothing(colocated, shm, model_dir, trained_state) -> None:  # type: ignore[no-untyped-def]
+    fingerprint = _served(colocated, trained_state)
+    other = new_model(model_dir, seed=5).state_dict()
+    path = shm / "v.bin"
+    update_id = _begin_from_file(colocated, trained_state, path, contents=other)  # other bytes, this manifest
+    path.write_bytes(b"")  # rewritten after the rollout copied it: too late to matter
+    _, manifest = raw.prepare(trained_state)
+    request = pb.BeginUpdateRequest(
+        version=3,
+        manifest=raw.wire.manifest_to_proto(manifest),
+        chunk_bytes=raw.CHUNK,
+        shared_memory_file=str(path),
+    )
+    with pytest.raises(grpc.RpcError) as info:  # one update at a time: the first is still open
+        colocated.weight_sync.BeginUpdate(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.ABORTED
+    with pytest.raises(grpc.RpcError) as info:
+        colocated.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "does not match its checksum" in info.value.details()
+    _assert_still(colocated, fingerprint)
+    with pytest.raises(grpc.RpcError) as info:  # an empty file for a whole model
+        colocated.weight_sync.BeginUpdate(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS and "has 0 bytes" in info.value.details()
+    _assert_still(colocated, fingerprint)
