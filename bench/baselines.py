@@ -39,12 +39,11 @@ def _sink_main(nbytes: int, unix_path: str | None, ready: mp.Queue) -> None:  # 
     if unix_path:
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(unix_path)
-        ready.put(unix_path)
     else:
         server = socket.socket()
         server.bind(("127.0.0.1", 0))
-        ready.put(server.getsockname()[1])
-    server.listen(1)
+    server.listen(1)  # before saying ready: a connect to a socket not yet listening is refused
+    ready.put(unix_path or server.getsockname()[1])
     conn, _ = server.accept()
     while True:
         got = 0
