@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="send to the first rollout only and let rollouts forward to each other: 1 = a chain, "
         "k = a tree of fanout k (default 0: push to every rollout directly)",
     )
+    push.add_argument(
+        "--shared-memory",
+        type=Path,
+        metavar="DIR",
+        help="rollouts on this host that read DIR too (started with --shared-memory-dir DIR): write the version "
+        "there once instead of streaming it to each",
+    )
 
     train = sub.add_parser(
         "train",
@@ -118,9 +125,19 @@ def _push(args: argparse.Namespace) -> int:
         return 2
     chunk_bytes = int(args.chunk_mib * (1 << 20))
     delta = base is not None
-    with Publisher(
-        args.rollouts, chunk_bytes=chunk_bytes, relay=args.relay, delta=delta, **connection(args)
-    ) as publisher:
+    try:
+        publisher = Publisher(
+            args.rollouts,
+            chunk_bytes=chunk_bytes,
+            relay=args.relay,
+            delta=delta,
+            shared_memory=args.shared_memory,
+            **connection(args),
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with publisher:
         if base is not None:
             holders = publisher.assume_base(base)
             logging.getLogger(__name__).info("rollouts that hold --base get a delta: %s", ", ".join(holders) or "none")

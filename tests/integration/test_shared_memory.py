@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from weightsync.manifest import manifest_of_state, tensor_bytes
 from weightsync.v1 import weightsync_pb2 as pb
 
 import raw
-from conftest import LoopThread, Rollout, reference_model, start_rollout
+from conftest import ROOT, LoopThread, Rollout, reference_model, start_rollout
 
 PROMPTS = ["the cat sat", "one two three", "red orange"]
 
@@ -135,3 +137,14 @@ def test_a_short_or_tampered_file_changes_nothing(colocated, shm, model_dir, tra
         colocated.weight_sync.BeginUpdate(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.DATA_LOSS and "has 0 bytes" in info.value.details()
     _assert_still(colocated, fingerprint)
+
+
+def test_push_command_through_a_shared_file(colocated, shm, trained_checkpoint, trained_state) -> None:  # type: ignore[no-untyped-def]
+    command = [sys.executable, "-m", "trainer_side", "push", "--checkpoint", str(trained_checkpoint)]
+    command += ["--version", "4", "--rollouts", colocated.address, "--shared-memory", str(shm)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "version 4 committed" in done.stdout
+    status = colocated.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
+    assert (status.weight_version, status.fingerprint) == (4, manifest_of_state(trained_state).fingerprint)
+    assert not list(shm.iterdir())
