@@ -28,6 +28,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import overload
 
 import numpy as np
 import torch
@@ -49,6 +50,8 @@ from weightsync.manifest import (
     build_manifest,
     tensor_bytes,
     tensor_checksum,
+    to_wire,
+    wire_layout,
 )
 from weightsync.memory import prefaulted_buffer
 from weightsync.v1 import weightsync_pb2 as pb
@@ -69,7 +72,7 @@ class Outgoing:
 
     version: int
     announced: Manifest  # as first known: checksums may be pending
-    payloads: tuple[memoryview, ...]  # each tensor's wire bytes, in manifest order
+    payloads: Sequence[memoryview]  # each tensor's wire bytes, in manifest order (maybe made on demand)
     plan: TransferPlan | None = None
     base_fingerprint: str = ""
     _checksums: list[str] = field(default_factory=list)
@@ -77,6 +80,18 @@ class Outgoing:
     @classmethod
     def full(cls, version: int, manifest: Manifest, tensors: Sequence[torch.Tensor]) -> Outgoing:
         return cls(version, manifest, tuple(tensor_bytes(t) for t in tensors))
+
+    @classmethod
+    def streamed(cls, version: int, sources: Sequence[tuple[str, torch.Tensor]]) -> Outgoing:
+        """A full version of tensors in any float dtype, on any device, cast to bf16 as their chunks go out."""
+        return cls(version, wire_layout(sources), WirePayloads([t for _, t in sources]))
+
+    @property
+    def sizes(self) -> list[int]:
+        """Each payload's size, known without making the payloads."""
+        if self.plan is not None:
+            return [t.wire_bytes for t in self.plan.transfers]
+        return [e.byte_size for e in self.announced]
 
     @property
     def manifest(self) -> Manifest:
@@ -98,7 +113,7 @@ class Outgoing:
 
     @property
     def wire_bytes(self) -> int:
-        return sum(p.nbytes for p in self.payloads)
+        return sum(self.sizes)
 
     def request(self, chunk_bytes: int, update_id: str, **fields: object) -> pb.BeginUpdateRequest:
         delta = {"base_fingerprint": self.base_fingerprint, "plan": wire.plan_to_proto(self.plan)} if self.plan else {}
@@ -136,8 +151,9 @@ class Outgoing:
         own checksum and its copy into the message read the same bytes again, from cache.
         """
         key = update_id.encode()
-        sums = StreamingChecksums([p.nbytes for p in self.payloads]) if self.pending else None
-        for index, pieces in wire.iter_wire_payloads(self.payloads, chunk_bytes):
+        sizes = self.sizes
+        sums = StreamingChecksums(sizes) if self.pending else None
+        for index, pieces in wire.iter_wire_payloads(self.payloads, chunk_bytes, sizes):
             if sums is not None:
                 for piece in pieces:
                     sums.update(piece)
@@ -146,6 +162,34 @@ class Outgoing:
             if not sums.done:
                 raise RuntimeError("the chunks did not cover every tensor")
             self._checksums[:] = sums.checksums
+
+
+class WirePayloads(Sequence[memoryview]):
+    """Each source tensor's bf16 bytes on the CPU, made when first asked for and kept until another is.
+
+    The chunk encoder and the shared-memory writer walk tensors in order, so a push of fp32 or GPU
+    weights holds one cast (or device-to-host) copy at a time beside the window of encoded chunks,
+    not a cast copy of the whole model. A bf16 CPU tensor is used as it is, without a copy.
+    """
+
+    def __init__(self, sources: Sequence[torch.Tensor]) -> None:
+        self._sources = sources
+        self._index = -1
+        self._view = memoryview(b"")
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    @overload
+    def __getitem__(self, i: int) -> memoryview: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[memoryview]: ...
+    def __getitem__(self, i: int | slice) -> memoryview | Sequence[memoryview]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i != self._index:
+            self._index, self._view = i, tensor_bytes(to_wire(self._sources[i]))
+        return self._view
 
 
 class BaseStore:

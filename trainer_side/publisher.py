@@ -33,7 +33,7 @@ from trainer_side.delta import BaseStore, Outgoing
 from trainer_side.relay import relay_tree, subtree_addresses
 from trainer_side.shared_memory import SharedVersionFile
 from weightsync import metrics
-from weightsync.manifest import build_layout, manifest_of_state, wire_tensors
+from weightsync.manifest import build_layout, manifest_of_state, wire_sources, wire_tensors
 from weightsync.memory import keep_freed_memory
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -180,23 +180,25 @@ class Publisher:
         refuses it gets the full version before this returns.
         """
         with self._lock:
-            tensors = dict(wire_tensors(state))
             base = self._base
-            holders = base.holders(self.rollouts) if base is not None else []
-            if base is not None and holders:
+            if base is None:  # cast, copied to the CPU and checksummed tensor by tensor as the chunks go out
+                results = self._deliver(Outgoing.streamed(version, wire_sources(state)), None, [])
+                self._record(results)
+                return results
+            tensors = dict(wire_tensors(state))  # a delta diffs whole tensors, and keeps them as the next base
+            holders = base.holders(self.rollouts)
+            if holders:
                 manifest, diffs = base.scan(tensors)  # checksums and diffs in one pass
             else:
                 manifest, diffs = build_layout(tensors.items()), None  # checksummed as the chunks go out
             full = Outgoing.full(version, manifest, list(tensors.values()))
-            delta = base.delta(full, diffs) if base is not None and diffs is not None else None
-            if base is not None:
-                base.advance(version, manifest, tensors, diffs, state)  # written while the chunks stream
+            delta = base.delta(full, diffs) if diffs is not None else None
+            base.advance(version, manifest, tensors, diffs, state)  # written while the chunks stream
             try:
                 results = self._deliver(full, delta, holders if delta is not None else [])
             finally:
-                if base is not None:
-                    base.join()  # the caller may change its tensors once we return
-                    base.complete(full)
+                base.join()  # the caller may change its tensors once we return
+                base.complete(full)
             self._record(results)
         return results
 
@@ -325,7 +327,7 @@ class Publisher:
         broadcast = None
         if self._shared is not None and not outgoing.is_delta and not relay_to:
             if self._in_file is not outgoing:
-                outgoing.adopt_checksums(self._shared.write(outgoing.payloads))
+                outgoing.adopt_checksums(self._shared.write(outgoing.payloads, outgoing.sizes))
                 self._in_file = outgoing
         else:
             broadcast = Broadcast(

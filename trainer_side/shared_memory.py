@@ -32,13 +32,13 @@ class SharedVersionFile:
         self._file = self.path.open("w+b")
         self._map: mmap.mmap | None = None
 
-    def write(self, payloads: Sequence[memoryview]) -> list[str]:
-        """Writes the tensors' bytes back to back; returns each tensor's checksum, computed on the way."""
-        total = sum(p.nbytes for p in payloads)
-        view = self._mapping(total)
-        sums = StreamingChecksums([p.nbytes for p in payloads])
+    def write(self, payloads: Sequence[memoryview], sizes: Sequence[int]) -> list[str]:
+        """Writes the tensors' bytes back to back, asking for each in turn; returns each one's checksum."""
+        view = self._mapping(sum(sizes))
+        sums = StreamingChecksums(sizes)
         position = 0
-        for payload in payloads:
+        for i in range(len(sizes)):
+            payload = payloads[i]
             for start in range(0, payload.nbytes, _BLOCK):
                 block = payload[start : start + _BLOCK]
                 target = view[position : position + block.nbytes]

@@ -20,8 +20,13 @@ __all__ = [
     "TensorEntry",
     "build_layout",
     "build_manifest",
+    "manifest_of_state",
     "tensor_bytes",
     "tensor_checksum",
+    "to_wire",
+    "wire_layout",
+    "wire_sources",
+    "wire_tensors",
 ]
 
 # Element types allowed on the wire, by their short names (as in safetensors).
@@ -205,12 +210,20 @@ def manifest_of_state(state: Mapping[str, torch.Tensor]) -> Manifest:
 
 
 def wire_tensors(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Casts a state dict to contiguous bf16 CPU tensors, skipping tensors that alias one already seen.
+    """Casts a state dict to contiguous bf16 CPU tensors, skipping tensors that alias one already seen."""
+    for name, tensor in wire_sources(state):
+        yield name, to_wire(tensor)
 
-    Tied weights (embed_tokens / lm_head) share storage; sending them once is both smaller and what
-    the receiving model expects, since it ties them again itself.
+
+def wire_sources(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a state dict that go on the wire, as they are (any float dtype, any device).
+
+    Non-float tensors are left out, and tensors that alias one already seen: tied weights
+    (embed_tokens / lm_head) share storage; sending them once is both smaller and what the
+    receiving model expects, since it ties them again itself.
     """
     seen: set[tuple[object, ...]] = set()
+    out = []
     for name, tensor in state.items():
         if not tensor.is_floating_point():
             continue
@@ -218,7 +231,18 @@ def wire_tensors(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch
         if tensor.numel() and key in seen:
             continue
         seen.add(key)
-        yield name, tensor.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+        out.append((name, tensor))
+    return out
+
+
+def to_wire(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as it travels: bf16, contiguous, on the CPU (itself, if it already is)."""
+    return tensor.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+
+
+def wire_layout(sources: Iterable[tuple[str, torch.Tensor]]) -> Manifest:
+    """The layout (checksums pending) `sources` will have on the wire, without casting or copying them."""
+    return build_layout((name, torch.empty(t.shape, dtype=torch.bfloat16, device="meta")) for name, t in sources)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

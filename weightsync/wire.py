@@ -150,10 +150,17 @@ def iter_chunk_payloads(
         yield index, pieces
 
 
-def iter_wire_payloads(payloads: Sequence[memoryview], chunk_bytes: int) -> Iterator[tuple[int, list[memoryview]]]:
-    """Yields (index, pieces) per chunk of the wire layout that `payloads` tile in order (zero-copy)."""
-    total = sum(p.nbytes for p in payloads)
-    ends = list(itertools.accumulate(p.nbytes for p in payloads))
+def iter_wire_payloads(
+    payloads: Sequence[memoryview], chunk_bytes: int, sizes: Sequence[int] | None = None
+) -> Iterator[tuple[int, list[memoryview]]]:
+    """Yields (index, pieces) per chunk of the wire layout that `payloads` tile in order (zero-copy).
+
+    Given their `sizes`, payloads are asked for in order, only as their chunks come: a sequence that
+    makes them on demand (casting a tensor to bf16) then needs to hold one at a time.
+    """
+    sizes = [p.nbytes for p in payloads] if sizes is None else sizes
+    total = sum(sizes)
+    ends = list(itertools.accumulate(sizes))
     t = 0
     for index in range(chunk_count(total, chunk_bytes)):
         start, end = chunk_span(index, total, chunk_bytes)
@@ -161,7 +168,7 @@ def iter_wire_payloads(payloads: Sequence[memoryview], chunk_bytes: int) -> Iter
         while start < end:
             while ends[t] <= start:
                 t += 1
-            offset = ends[t] - payloads[t].nbytes
+            offset = ends[t] - sizes[t]
             stop = min(end, ends[t])
             pieces.append(payloads[t][start - offset : stop - offset])
             start = stop

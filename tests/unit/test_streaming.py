@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import random
 import threading
+import weakref
 
 import pytest
 import torch
 
 from rollout_side.receiver import _Verifier
 from trainer_side.publisher import _Broadcast
-from weightsync.manifest import build_manifest, tensor_bytes
+from weightsync.manifest import build_manifest, tensor_bytes, wire_sources, wire_tensors
 from weightsync.memory import keep_freed_memory, prefaulted_buffer
 
 
@@ -87,3 +88,30 @@ def test_prefaulted_buffer_is_a_writable_flat_buffer() -> None:
 def test_keep_freed_memory_is_idempotent() -> None:
     first = keep_freed_memory()
     assert keep_freed_memory() == first
+
+
+def test_streamed_version_casts_one_tensor_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 sources go out as the same chunks and checksums as a cast-first version, holding at most the
+    casts the chunk in hand spans, not a cast copy of the model."""
+    from trainer_side import delta
+
+    gen = torch.Generator().manual_seed(0)
+    state = {f"t{i}": torch.randn(n, generator=gen) for i, n in enumerate([3000, 10, 0, 70000, 5, 40000])}
+    live: set[int] = set()
+    most = [0]
+
+    def counted(tensor: torch.Tensor) -> torch.Tensor:
+        cast = tensor.to(torch.bfloat16)
+        live.add(id(cast))
+        weakref.finalize(cast, live.discard, id(cast))
+        most[0] = max(most[0], len(live))
+        return cast
+
+    monkeypatch.setattr(delta, "to_wire", counted)
+    streamed = delta.Outgoing.streamed(1, wire_sources(state))
+    chunks = list(streamed.chunks("u", 16 << 10))
+    eager = dict(wire_tensors(state))
+    manifest = build_manifest(eager.items())
+    assert chunks == list(delta.Outgoing.full(1, manifest, list(eager.values())).chunks("u", 16 << 10))
+    assert streamed.manifest == manifest and streamed.wire_bytes == manifest.total_bytes
+    assert most[0] <= 2, f"{most[0]} casts alive at once"
