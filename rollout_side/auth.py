@@ -23,6 +23,7 @@ class ServerSecurity:
     token: str | None = None
     generate_token: str | None = None
     tls: grpc.ServerCredentials | None = None
+    relay: grpc.ChannelCredentials | None = None  # how it reaches the rollouts it relays to (None: plaintext)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         tokens = {"weightsync.v1.WeightSync": self.token, "weightsync.v1.Generate": self.generate_token}

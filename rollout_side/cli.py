@@ -12,7 +12,7 @@ from rollout_side.auth import ServerSecurity
 from rollout_side.engines.base import Engine
 from weightsync.logs import setup_logging
 from weightsync.metrics import serve_metrics
-from weightsync.security import add_security_arguments, load_token, server_credentials
+from weightsync.security import add_security_arguments, channel_credentials, load_token, server_credentials
 
 __all__ = ["main"]
 
@@ -96,6 +96,9 @@ def make_security(args: argparse.Namespace) -> ServerSecurity:
             token=load_token(args.auth_token_file),
             generate_token=load_token(args.generate_token_file, env="WEIGHTSYNC_GENERATE_TOKEN"),
             tls=server_credentials(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None,
+            # A TLS rollout relays over TLS: it verifies downstream rollouts with --tls-ca (the system's roots
+            # without it) and shows its own certificate, which mutual TLS downstream asks for.
+            relay=channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_cert else None,
         )
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None

@@ -28,12 +28,22 @@ _END = b""  # never a valid chunk message: an empty PushChunksRequest has no dat
 class _Downstream:
     """One downstream rollout: its own BeginUpdate, a chunk stream fed from a queue, its Commit."""
 
-    def __init__(self, target: pb.RelayTarget, metadata: tuple[tuple[str, str], ...], timeout: float) -> None:
+    def __init__(
+        self,
+        target: pb.RelayTarget,
+        metadata: tuple[tuple[str, str], ...],
+        timeout: float,
+        credentials: grpc.ChannelCredentials | None,
+    ) -> None:
         self.address = target.address
         self.target = target
         self.metadata = metadata
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(target.address)
+        self.channel = (
+            grpc.aio.secure_channel(target.address, credentials)
+            if credentials
+            else grpc.aio.insecure_channel(target.address)
+        )
         self.stub = pb_grpc.WeightSyncStub(self.channel)
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(WINDOW)
         self.stream: asyncio.Task[object] | None = None
@@ -115,9 +125,15 @@ class Relay:
     """The downstream half of one update on a relaying rollout."""
 
     def __init__(
-        self, targets: Sequence[pb.RelayTarget], metadata: tuple[tuple[str, str], ...], timeout: float = 60.0
+        self,
+        targets: Sequence[pb.RelayTarget],
+        metadata: tuple[tuple[str, str], ...],
+        timeout: float = 60.0,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self._downstream = [_Downstream(t, metadata, timeout) for t in targets]
+        """`credentials` reach the downstream rollouts over TLS (None: plaintext)."""
+        self._downstream = [_Downstream(t, metadata, timeout, credentials) for t in targets]
 
     async def begin(self, request: pb.BeginUpdateRequest) -> None:
         await asyncio.gather(*(d.begin(request) for d in self._downstream))

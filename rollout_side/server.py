@@ -64,7 +64,7 @@ async def create_server(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    add_weight_sync(WeightSyncServicer(receiver, model), server)
+    add_weight_sync(WeightSyncServicer(receiver, model, relay_credentials=security.relay), server)
     add_service(GenerateServicer(receiver), server, pb.DESCRIPTOR.services_by_name["Generate"])
     reflection.enable_server_reflection(
         (GENERATE_SERVICE, WEIGHT_SYNC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server

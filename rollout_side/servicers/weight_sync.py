@@ -23,9 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 class WeightSyncServicer(pb_grpc.WeightSyncServicer):
-    def __init__(self, receiver: Receiver, model: str) -> None:
+    def __init__(
+        self, receiver: Receiver, model: str, *, relay_credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
         self.receiver = receiver
         self.model = model
+        self.relay_credentials = relay_credentials  # for the rollouts this one relays to; None: plaintext
         self._relays: dict[str, Relay] = {}  # update id -> its downstream, on a relaying rollout
         self._aborting: set[asyncio.Future[None]] = set()
 
@@ -68,7 +71,7 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
                 raise SharedMemoryRefused("a shared-memory file is read here; it cannot also be relayed")
             await self.receiver.stage_file(update.id, request.shared_memory_file)
         if request.relay_to:
-            relay = Relay(request.relay_to, _authorization(context))
+            relay = Relay(request.relay_to, _authorization(context), credentials=self.relay_credentials)
             self._relays[update.id] = relay
             await relay.begin(request)
         return pb.BeginUpdateResponse(update_id=update.id, chunk_count=update.chunk_count)

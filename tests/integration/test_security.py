@@ -171,3 +171,25 @@ def test_tls_and_mutual_tls(loop_thread, model_dir, trained_state, pki, mutual: 
         assert result.ok, result.error
     finally:
         loop_thread.run(server.stop(grace=0))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("relay_tls", [True, False])
+def test_relay_under_mutual_tls(loop_thread, model_dir, trained_state, pki, relay_tls: bool) -> None:  # type: ignore[no-untyped-def]
+    """A TLS rollout relays over TLS with its own certificate; one that could not reach its downstream
+    leaves it to the trainer, which pushes to it directly: every rollout ends on the version either way."""
+    tls = server_credentials(pki["server_cert"], pki["server_key"], pki["ca_cert"])
+    relay = channel_credentials(ca=pki["ca_cert"], cert=pki["server_cert"], key=pki["server_key"])
+    security = ServerSecurity(token=TOKEN, tls=tls, relay=relay if relay_tls else None)
+    servers = [_start(loop_thread, model_dir, security) for _ in range(2)]
+    addresses = [f"127.0.0.1:{port}" for _, port in servers]
+    try:
+        credentials = channel_credentials(ca=pki["ca_cert"], cert=pki["client_cert"], key=pki["client_key"])
+        with Publisher(addresses, progress=False, token=TOKEN, credentials=credentials, relay=1) as publisher:
+            results = publisher.push(trained_state, 1)
+            statuses = publisher.status()
+        assert all(r.ok for r in results), [r.line() for r in results]
+        assert results[1].relayed_by == (addresses[0] if relay_tls else "")
+        assert {s.weight_version for s in statuses.values()} == {1}  # type: ignore[union-attr]
+    finally:
+        for server, _ in servers:
+            loop_thread.run(server.stop(grace=0))  # type: ignore[attr-defined]
