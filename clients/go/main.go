@@ -1,8 +1,10 @@
 // Command weightsync-client calls a weightsync rollout from Go: it reads WeightSync.GetStatus,
 // then calls Generate.Generate.
 //
-//	weightsync-client [-max-tokens N] [-timeout DURATION] ADDRESS PROMPT
+//	weightsync-client [-max-tokens N] [-timeout DURATION] [-token-file FILE] ADDRESS PROMPT
 //
+// With -token-file (or WEIGHTSYNC_AUTH_TOKEN), every call carries "authorization: Bearer <token>",
+// for a rollout started with --auth-token-file (and --generate-token-file holding the same token).
 // The stubs are generated from proto/ by protoc-gen-go and protoc-gen-go-grpc (`make go-client`).
 // Prints one JSON object in the protobuf JSON mapping with proto field names (uint64 as strings):
 //
@@ -22,6 +24,7 @@ import (
 	"unicode"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -54,8 +57,9 @@ func codeName(camel string) string {
 func main() {
 	maxTokens := flag.Uint("max-tokens", 16, "upper bound on generated tokens")
 	timeout := flag.Duration("timeout", 30*time.Second, "deadline of each call")
+	tokenFile := flag.String("token-file", "", "file holding the bearer token (default: $WEIGHTSYNC_AUTH_TOKEN)")
 	flag.Usage = func() {
-		fmt.Fprintln(os.Stderr, "usage: weightsync-client [-max-tokens N] [-timeout DURATION] ADDRESS PROMPT")
+		fmt.Fprintln(os.Stderr, "usage: weightsync-client [-max-tokens N] [-timeout DURATION] [-token-file FILE] ADDRESS PROMPT")
 		flag.PrintDefaults()
 	}
 	flag.Parse()
@@ -64,6 +68,22 @@ func main() {
 		os.Exit(2)
 	}
 	address, prompt := flag.Arg(0), flag.Arg(1)
+	token := os.Getenv("WEIGHTSYNC_AUTH_TOKEN")
+	if *tokenFile != "" {
+		raw, err := os.ReadFile(*tokenFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		token = strings.TrimSpace(string(raw))
+	}
+	callContext := func() (context.Context, context.CancelFunc) {
+		ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+		if token != "" {
+			ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+		}
+		return ctx, cancel
+	}
 
 	conn, err := grpc.Dial(address, grpc.WithInsecure())
 	if err != nil {
@@ -85,7 +105,7 @@ func main() {
 
 	exitCode := 0
 	err = func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+		ctx, cancel := callContext()
 		defer cancel()
 		st, err := weightsyncv1.NewWeightSyncClient(conn).GetStatus(ctx, &weightsyncv1.GetStatusRequest{})
 		if err != nil {
@@ -93,7 +113,7 @@ func main() {
 		}
 		put("status", st)
 
-		ctx, cancel = context.WithTimeout(context.Background(), *timeout)
+		ctx, cancel = callContext()
 		defer cancel()
 		response, err := weightsyncv1.NewGenerateClient(conn).Generate(ctx, &weightsyncv1.GenerateRequest{
 			Prompt:    prompt,

@@ -2,8 +2,10 @@
 // @ts-check
 // A weightsync client in JavaScript: reads WeightSync.GetStatus, then calls Generate.Generate.
 //
-//   node client.js [--max-tokens N] [--timeout SECONDS] [--proto DIR] ADDRESS PROMPT
+//   node client.js [--max-tokens N] [--timeout SECONDS] [--proto DIR] [--token-file FILE] ADDRESS PROMPT
 //
+// With --token-file (or WEIGHTSYNC_AUTH_TOKEN), every call carries "authorization: Bearer <token>",
+// for a rollout started with --auth-token-file (and --generate-token-file holding the same token).
 // The stubs come from proto/ at runtime (@grpc/proto-loader), so nothing is generated or committed.
 // Prints one JSON object in the protobuf JSON mapping with proto field names (uint64 as strings):
 //   {"status": GetStatusResponse, "response": GenerateResponse}            exit 0
@@ -11,6 +13,7 @@
 //                                                                           before the first commit)
 "use strict";
 
+const fs = require("node:fs");
 const path = require("node:path");
 const { parseArgs } = require("node:util");
 const grpc = require("@grpc/grpc-js");
@@ -22,13 +25,21 @@ const { values: flags, positionals } = parseArgs({
     "max-tokens": { type: "string", default: "16" },
     timeout: { type: "string", default: "30" },
     proto: { type: "string", default: path.resolve(__dirname, "..", "..", "proto") },
+    "token-file": { type: "string" },
   },
 });
 if (positionals.length !== 2) {
-  process.stderr.write("usage: client.js [--max-tokens N] [--timeout SECONDS] [--proto DIR] ADDRESS PROMPT\n");
+  process.stderr.write(
+    "usage: client.js [--max-tokens N] [--timeout SECONDS] [--proto DIR] [--token-file FILE] ADDRESS PROMPT\n",
+  );
   process.exit(2);
 }
 const [address, prompt] = positionals;
+const token = flags["token-file"]
+  ? fs.readFileSync(flags["token-file"], "utf8").trim()
+  : process.env.WEIGHTSYNC_AUTH_TOKEN ?? "";
+const metadata = new grpc.Metadata();
+if (token) metadata.set("authorization", `Bearer ${token}`);
 
 const definition = protoLoader.loadSync("weightsync/v1/weightsync.proto", {
   includeDirs: [flags.proto],
@@ -54,7 +65,7 @@ const generate = new v1.Generate(address, credentials);
 function call(client, method, request) {
   const deadline = new Date(Date.now() + Number(flags.timeout) * 1000);
   return new Promise((resolve, reject) => {
-    client[method](request, { deadline }, (/** @type {any} */ error, /** @type {any} */ response) =>
+    client[method](request, metadata, { deadline }, (/** @type {any} */ error, /** @type {any} */ response) =>
       error ? reject(error) : resolve(response),
     );
   });

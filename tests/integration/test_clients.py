@@ -14,6 +14,10 @@ from typing import Any
 
 import pytest
 
+from rollout_side.auth import ServerSecurity
+from rollout_side.engines.torch_engine import TorchEngine
+from rollout_side.receiver import Receiver
+from rollout_side.server import create_server
 from trainer_side.publisher import Publisher
 from weightsync.v1 import weightsync_pb2 as pb
 
@@ -54,9 +58,9 @@ def client(request: pytest.FixtureRequest) -> list[str]:
     return build(request.param)
 
 
-def run(client: list[str], address: str) -> tuple[int, dict[str, Any]]:
+def run(client: list[str], address: str, *flags: str) -> tuple[int, dict[str, Any]]:
     done = subprocess.run(
-        [*client, "--max-tokens", str(MAX_TOKENS), address, PROMPT], capture_output=True, text=True, timeout=60
+        [*client, "--max-tokens", str(MAX_TOKENS), *flags, address, PROMPT], capture_output=True, text=True, timeout=60
     )
     assert done.returncode in (0, 1), f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     return done.returncode, json.loads(done.stdout)
@@ -91,3 +95,29 @@ def test_client_generates_what_python_does_with_the_pushed_version(client, rollo
     assert response["token_ids"] == list(expected.token_ids)
     assert response["text"] == expected.text
     assert response["finish_reason"] == expected.finish_reason
+
+
+def test_client_sends_the_bearer_token(client, loop_thread, model_dir, trained_state, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A rollout that guards both services: refused without the token, served with it."""
+    token = "s3cret-token"
+
+    async def boot():  # type: ignore[no-untyped-def]
+        receiver = Receiver(TorchEngine(model_dir))
+        await receiver.start()
+        security = ServerSecurity(token=token, generate_token=token)
+        return await create_server(receiver, address="127.0.0.1:0", security=security)
+
+    server = loop_thread.run(boot())
+    address = f"127.0.0.1:{server.port}"
+    try:
+        with Publisher([address], progress=False, token=token) as publisher:
+            assert publisher.push(trained_state, version=2)[0].ok
+        code, out = run(client, address)
+        assert code == 1 and out["error"]["name"] == "UNAUTHENTICATED", out
+        token_file = tmp_path / "token"
+        token_file.write_text(token + "\n")
+        code, out = run(client, address, "--token-file", str(token_file))
+        assert code == 0, out
+        assert int(out["status"]["weight_version"]) == 2 and int(out["response"]["weight_version"]) == 2
+    finally:
+        loop_thread.run(server.stop(grace=0))
