@@ -266,14 +266,16 @@ def _dense(trainer: Trainer, plain: Publisher, deltas: Publisher, nbytes: int, r
         unchanged = _unchanged(before, trainer.state())
         extra = _fallback_work(before, trainer.state())
         del before
+        had_base = bool(deltas.delta_holders)  # else it has none to fall back from (see trainer_side/delta.py)
         plain_s, _, fallback_s, fallback = _both(plain, deltas, trainer.state(), delta_first=i % 2 == 0)
         if fallback.delta or fallback.bytes_sent != nbytes:
             raise RuntimeError("a dense update was sent as a delta")
         logger.info(
-            "dense %s: plain full %.3f s, delta publisher (fell back to full) %.3f s (%.3fx), %.1f%% unchanged; "
+            "dense %s: plain full %.3f s, delta publisher (%s) %.3f s (%.3fx), %.1f%% unchanged; "
             "alone: scan %.4f s vs manifest %.4f s",
             "warm-up" if i == 0 else i - 1,
             plain_s,
+            "fell back to full" if had_base else "held no base",
             fallback_s,
             fallback_s / plain_s,
             100 * unchanged,
@@ -281,11 +283,17 @@ def _dense(trainer: Trainer, plain: Publisher, deltas: Publisher, nbytes: int, r
             extra["extra_manifest_s"],
         )
         if i:
-            rows.append({"plain_s": plain_s, "fallback_s": fallback_s, "overhead": fallback_s / plain_s - 1, **extra})
-    out = {key: summary([r[key] for r in rows]) for key in rows[0]}
+            row = {"plain_s": plain_s, "fallback_s": fallback_s, "overhead": fallback_s / plain_s - 1, **extra}
+            rows.append({**row, "had_base": float(had_base)})
+    out = {key: summary([r[key] for r in rows]) for key in rows[0] if key != "had_base"}
     out["overhead_of_medians"] = (
         statistics.median(r["fallback_s"] for r in rows) / statistics.median(r["plain_s"] for r in rows) - 1
     )
+    # With a base the push is the fallback itself (sampled diff, base dropped); without one, the publisher
+    # may keep this version as its next base, copying the model while the chunks stream.
+    for name, want in (("with_base", 1.0), ("without_base", 0.0)):
+        some = [r["overhead"] for r in rows if r["had_base"] == want]
+        out[f"overhead_{name}"] = summary(some) if some else {"runs": 0}
     return out
 
 
@@ -396,6 +404,10 @@ def _print(results: dict[str, object]) -> None:
         f"{100 * float(dense['overhead_of_medians']):+.1f}% (ratio of medians); alone: scan "  # type: ignore[index]
         f"{med(dense, 'extra_scan_s'):.4f} s vs plain manifest {med(dense, 'extra_manifest_s'):.4f} s"
     )
+    for name in ("with_base", "without_base"):
+        block = dense[f"overhead_{name}"]  # type: ignore[index]
+        if block.get("runs"):
+            print(f"  {name.replace('_', ' ')}: {100 * block['median']:+.1f}% median of {block['runs']} runs")
 
 
 if __name__ == "__main__":

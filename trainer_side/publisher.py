@@ -450,6 +450,12 @@ class Publisher:
                 call.cancel()
             raise
 
+    @property
+    def delta_holders(self) -> list[str]:
+        """The rollouts the next push may send a delta: they confirmed the base this publisher keeps."""
+        with self._lock:
+            return self._base.holders(self.rollouts) if self._base is not None else []
+
     def status(self) -> dict[str, pb.GetStatusResponse | str]:
         """Each rollout's GetStatus, or the reason it could not be reached."""
         return self._statuses(timeout=self.timeout)
