@@ -29,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from trainer_side.broadcast import Broadcast, counted
-from trainer_side.delta import BaseStore, Outgoing
+from trainer_side.delta import BaseStore
+from trainer_side.outgoing import Outgoing
 from trainer_side.relay import relay_tree, subtree_addresses
 from trainer_side.shared_memory import SharedVersionFile
 from weightsync import metrics

@@ -93,7 +93,7 @@ def test_keep_freed_memory_is_idempotent() -> None:
 def test_streamed_version_casts_one_tensor_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 sources go out as the same chunks and checksums as a cast-first version, holding at most the
     casts the chunk in hand spans, not a cast copy of the model."""
-    from trainer_side import delta
+    from trainer_side import outgoing
 
     gen = torch.Generator().manual_seed(0)
     state = {f"t{i}": torch.randn(n, generator=gen) for i, n in enumerate([3000, 10, 0, 70000, 5, 40000])}
@@ -107,11 +107,11 @@ def test_streamed_version_casts_one_tensor_at_a_time(monkeypatch: pytest.MonkeyP
         most[0] = max(most[0], len(live))
         return cast
 
-    monkeypatch.setattr(delta, "to_wire", counted)
-    streamed = delta.Outgoing.streamed(1, wire_sources(state))
+    monkeypatch.setattr(outgoing, "to_wire", counted)
+    streamed = outgoing.Outgoing.streamed(1, wire_sources(state))
     chunks = list(streamed.chunks("u", 16 << 10))
     eager = dict(wire_tensors(state))
     manifest = build_manifest(eager.items())
-    assert chunks == list(delta.Outgoing.full(1, manifest, list(eager.values())).chunks("u", 16 << 10))
+    assert chunks == list(outgoing.Outgoing.full(1, manifest, list(eager.values())).chunks("u", 16 << 10))
     assert streamed.manifest == manifest and streamed.wire_bytes == manifest.total_bytes
     assert most[0] <= 2, f"{most[0]} casts alive at once"
