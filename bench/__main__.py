@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         if size == sizes[0]:
             results["sweep"] = _sweep(model_dir, state, nbytes, runs, sweep_chunks, sweep_streams)
             results["fanout"] = _fanout(model_dir, state, nbytes, runs, args.warmup, fanouts)
+            shared = Path(tempfile.mkdtemp(prefix="ws-bench-shm-", dir=_shm_root(work)))
+            try:
+                results["fanout_shm"] = _fanout(model_dir, state, nbytes, runs, args.warmup, fanouts, shared)
+            finally:
+                shutil.rmtree(shared, ignore_errors=True)
             results["fanout_model"] = size
         del state
     results["seconds"] = time.perf_counter() - started
@@ -114,7 +119,7 @@ def _transfer(
     out["weightsync_uds"] = _sync_summary(uds_runs, nbytes, 1)
 
     logger.info("weightsync through a shared-memory file (co-located pods), paired with raw TCP")
-    shared = Path(tempfile.mkdtemp(prefix="ws-bench-shm-", dir="/dev/shm" if Path("/dev/shm").is_dir() else work))
+    shared = Path(tempfile.mkdtemp(prefix="ws-bench-shm-", dir=_shm_root(work)))
     sink = baselines.SocketSink(nbytes)
     rollout = Rollout(model_dir, shared_memory=shared)
     try:
@@ -192,16 +197,24 @@ def _sweep(
 
 
 def _fanout(
-    model_dir: Path, state: dict[str, torch.Tensor], nbytes: int, runs: int, warmup: int, counts: list[int]
+    model_dir: Path,
+    state: dict[str, torch.Tensor],
+    nbytes: int,
+    runs: int,
+    warmup: int,
+    counts: list[int],
+    shared: Path | None = None,
 ) -> dict[str, object]:
+    """One trainer to N rollouts at once, over TCP or (`shared`) through one shared-memory file."""
     out: dict[str, object] = {}
     for count in counts:
-        logger.info("fan-out to %d rollout(s), paired with raw TCP to %d receivers", count, count)
+        how = "through a shared-memory file" if shared else ""
+        logger.info("fan-out to %d rollout(s) %s, paired with raw TCP to %d receivers", count, how, count)
         sinks = [baselines.SocketSink(nbytes) for _ in range(count)]
         rollouts = []
         try:
-            rollouts = [Rollout(model_dir) for _ in range(count)]
-            got = measure_sync(state, rollouts, sinks, runs=runs, warmup=warmup)
+            rollouts = [Rollout(model_dir, shared_memory=shared) for _ in range(count)]
+            got = measure_sync(state, rollouts, sinks, runs=runs, warmup=warmup, shared_memory=shared)
         finally:
             for r in rollouts:
                 r.stop()
@@ -209,6 +222,11 @@ def _fanout(
                 s.close()
         out[str(count)] = _sync_summary(got, nbytes, count)
     return out
+
+
+def _shm_root(work: Path) -> Path:
+    """Where co-located pods would share memory: /dev/shm, or the scratch folder where there is none."""
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else work
 
 
 def _runtime_rss() -> int:

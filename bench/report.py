@@ -64,11 +64,15 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"Fan-out, {results['fanout_model']} model, one trainer to N rollouts at once (aggregate GB/s):",
             "",
-            "| rollouts | weightsync | raw TCP to N receivers | ratio |",
-            "|---:|---:|---:|---:|",
+            "| rollouts | weightsync | raw TCP to N receivers | ratio | through shared memory (own column) | ratio |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
+        shm = results.get("fanout_shm", {})
         for count, entry in results["fanout"].items():
-            lines.append(f"| {count} | {_fmt(entry['gbps'])} | {_fmt(entry['socket_gbps'])} | {_fmt(entry['ratio'])} |")
+            row = f"| {count} | {_fmt(entry['gbps'])} | {_fmt(entry['socket_gbps'])} | {_fmt(entry['ratio'])} |"
+            other = shm.get(count)
+            row += f" {_fmt(other['gbps'])} | {_fmt(other['ratio'])} |" if other else " | |"
+            lines.append(row)
     lines += [
         "",
         "Memory and swap (single rollout):",
@@ -136,17 +140,21 @@ def plot(results: dict[str, Any], path: Path) -> None:
     if panels == 2:
         ax = axes[0][1]
         counts = list(results["fanout"])
-        for j, (field, label) in enumerate([("gbps", "weightsync"), ("socket_gbps", "raw TCP")]):
-            s = [results["fanout"][c][field] for c in counts]
+        bars = [("fanout", "gbps", "weightsync"), ("fanout", "socket_gbps", "raw TCP")]
+        if "fanout_shm" in results:
+            bars.append(("fanout_shm", "gbps", "shared memory"))
+        width = 0.8 / len(bars)
+        for j, (block, field, label) in enumerate(bars):
+            s = [results[block][c][field] for c in counts]
             ax.bar(
-                [k + j * 0.4 for k in range(len(counts))],
+                [k + j * width for k in range(len(counts))],
                 [x["median"] for x in s],
-                0.4,
+                width,
                 yerr=[[x["median"] - x["min"] for x in s], [x["max"] - x["median"] for x in s]],
                 capsize=2,
                 label=label,
             )
-        ax.set_xticks([k + 0.2 for k in range(len(counts))])
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(counts))])
         ax.set_xticklabels([f"{c} rollout(s)" for c in counts])
         ax.set_ylabel("aggregate GB/s")
         ax.set_title(f"fan-out, {results['fanout_model']}")
