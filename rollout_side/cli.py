@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--shared-memory-dir",
         type=Path,
-        help="accept versions from a co-located trainer as files in this directory (a /dev/shm shared "
-        "with it, or a memory-backed emptyDir mounted in both pods) instead of over the socket",
+        metavar="DIR",
+        help="accept versions from a co-located trainer as files in DIR (a /dev/shm shared with it, or a "
+        "memory-backed emptyDir mounted in both containers of a pod) instead of over the socket",
     )
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
     add_security_arguments(serve, server=True)

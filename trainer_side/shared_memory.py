@@ -1,9 +1,9 @@
 """The trainer's side of the shared-memory transport: one file in a directory co-located rollouts can read.
 
-A trainer and rollouts on one host (pods sharing a memory-backed emptyDir, or processes sharing /dev/shm)
-need not push bytes through sockets at all: the publisher writes a version once into a file there, each
-rollout copies it into its own staging buffer, and the handshake, checksums and commit are the usual
-gRPC ones. The file is kept and rewritten in place for every version: its pages stay allocated, and
+A trainer and rollouts on one host (containers of a pod sharing a memory-backed emptyDir, or processes
+sharing /dev/shm) need not push bytes through sockets at all: the publisher writes a version once into a
+file there, each rollout copies it into its own staging buffer, and the handshake, checksums and commit
+are the usual gRPC ones. The file is kept and rewritten in place for every version: its pages stay allocated, and
 writing into warm pages runs several times faster than into fresh ones.
 """
 
