@@ -36,8 +36,8 @@ from bench.models import make_model
 from rollout_side.process import RolloutProcess
 from trainer_side.delta import BaseStore
 from trainer_side.publisher import Publisher, PushResult
-from weightsync.delta import apply_patch, element_view
-from weightsync.manifest import build_layout, build_manifest, tensor_bytes, tensor_checksum
+from weightsync.delta import TensorDiff, apply_patch, element_view
+from weightsync.manifest import Manifest, build_layout, build_manifest, tensor_bytes, tensor_checksum
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("bench.delta")
@@ -218,6 +218,21 @@ def _sparse(
     return {key: summary([r[key] for r in rows]) for key in rows[0]}
 
 
+def _timed_scan(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
+) -> tuple[Manifest, list[TensorDiff] | None, float]:
+    """The delta publisher's scan of `after` against `before` as its base, and the seconds it took."""
+    store = BaseStore()
+    try:
+        store.advance(0, build_manifest(before.items()), before, None, {})
+        store.join()
+        started = time.perf_counter()
+        manifest, diffs = store.scan(after)
+        return manifest, diffs, time.perf_counter() - started
+    finally:
+        store.close()  # its diff threads
+
+
 def _breakdown(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
     """Where a delta's time goes, each part alone on the same two versions (same code as the real path).
 
@@ -225,13 +240,8 @@ def _breakdown(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) 
     sync spends on checksums; rollout_apply_verify_s: decoding and applying every patch to a copy of the
     base and checksumming every tensor, as the rollout must before commit.
     """
-    store = BaseStore()
-    store.advance(0, build_manifest(before.items()), before, None, {})
-    store.join()
     tensors = dict(after.items())
-    started = time.perf_counter()
-    manifest, diffs = store.scan(tensors)
-    diff_s = time.perf_counter() - started
+    manifest, diffs, diff_s = _timed_scan(before, tensors)
     started = time.perf_counter()
     build_manifest(tensors.items())
     hash_s = time.perf_counter() - started
@@ -301,13 +311,8 @@ def _fallback_work(before: dict[str, torch.Tensor], after: dict[str, torch.Tenso
     """The delta publisher's part of a dense push, alone: its scan (a sampled diff) vs a plain push's layout.
 
     Neither hashes: a dense update is sent like a plain full version, checksummed as its chunks go out."""
-    store = BaseStore()
-    store.advance(0, build_manifest(before.items()), before, None, {})
-    store.join()
     tensors = dict(after.items())
-    started = time.perf_counter()
-    _, diffs = store.scan(tensors)
-    scan_s = time.perf_counter() - started
+    _, diffs, scan_s = _timed_scan(before, tensors)
     if diffs is None or any(d.patch is not None for d in diffs):
         raise RuntimeError("the dense update was not recognised as dense")
     started = time.perf_counter()

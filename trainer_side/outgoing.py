@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import overload
 
 import torch
@@ -54,9 +55,10 @@ class Outgoing:
             return [t.wire_bytes for t in self.plan.transfers]
         return [e.byte_size for e in self.announced]
 
-    @property
+    @cached_property
     def manifest(self) -> Manifest:
-        """The complete manifest; for a pending one, available once `chunks` has run to its end."""
+        """The complete manifest; for a pending one, available once `chunks` has run to its end (or
+        `adopt_checksums`), and then made once: its fingerprint is asked for by every rollout's result."""
         if not self.announced.pending:
             return self.announced
         if not self._checksums:
