@@ -134,6 +134,8 @@ def _transfer(
     out["gloo"] = rate(baselines.gloo_seconds(model_dir, runs, warmup))
     logger.info("naive protobuf gRPC")
     out["grpc_naive"] = rate(baselines.naive_grpc_seconds(model_dir, nbytes, runs, warmup))
+    logger.info("gRPC alone: pre-encoded messages, received and dropped")
+    out["grpc_bare"] = rate(baselines.naive_grpc_seconds(model_dir, nbytes, runs, warmup, bare=True))
     logger.info("safetensors through /dev/shm")
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
     out["safetensors_shm"] = rate(baselines.safetensors_seconds(state, shm / work.name, runs, 1, disk=False))

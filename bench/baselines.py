@@ -213,13 +213,20 @@ def safetensors_seconds(
 # -- naive gRPC: generated protobuf classes, one PushChunksRequest per chunk ------------------------
 
 
-def _naive_server(nbytes: int, chunk_bytes: int, ready: mp.Queue) -> None:  # type: ignore[type-arg]
+def _naive_server(nbytes: int, chunk_bytes: int, bare: bool, ready: mp.Queue) -> None:  # type: ignore[type-arg]
     import grpc
 
+    from weightsync.memory import keep_freed_memory
     from weightsync.v1 import weightsync_pb2 as pb
     from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
     staging = tensor_bytes(prefaulted_buffer(nbytes))
+
+    async def drop(request_iterator, context):  # type: ignore[no-untyped-def]
+        size = 0
+        async for raw in request_iterator:
+            size += len(raw)
+        return pb.PushChunksResponse(bytes=size)
 
     class Servicer(pb_grpc.WeightSyncServicer):
         async def PushChunks(self, request_iterator, context):  # type: ignore[no-untyped-def]
@@ -233,7 +240,16 @@ def _naive_server(nbytes: int, chunk_bytes: int, ready: mp.Queue) -> None:  # ty
     async def serve() -> None:
         options = [("grpc.max_receive_message_length", 64 << 20)]
         server = grpc.aio.server(options=options)
-        pb_grpc.add_WeightSyncServicer_to_server(Servicer(), server)
+        if bare:
+            keep_freed_memory()
+            handler = grpc.stream_unary_rpc_method_handler(
+                drop, request_deserializer=None, response_serializer=pb.PushChunksResponse.SerializeToString
+            )
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler("weightsync.v1.WeightSync", {"PushChunks": handler}),)
+            )
+        else:
+            pb_grpc.add_WeightSyncServicer_to_server(Servicer(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         ready.put(port)
@@ -242,11 +258,12 @@ def _naive_server(nbytes: int, chunk_bytes: int, ready: mp.Queue) -> None:  # ty
     asyncio.run(serve())
 
 
-def _naive_client(port: int, model_dir: str, chunk_bytes: int, runs: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _naive_client(port: int, model_dir: str, chunk_bytes: int, bare: bool, runs: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
     import grpc
 
     from weightsync import wire
     from weightsync.manifest import build_manifest, wire_tensors
+    from weightsync.memory import keep_freed_memory
     from weightsync.v1 import weightsync_pb2 as pb
     from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -254,29 +271,47 @@ def _naive_client(port: int, model_dir: str, chunk_bytes: int, runs: int, out: m
     tensors = list(named.values())
     manifest = build_manifest(named.items())
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
-    stub = pb_grpc.WeightSyncStub(channel)
+    push = pb_grpc.WeightSyncStub(channel).PushChunks
 
     def requests():  # type: ignore[no-untyped-def]
         for index, pieces in wire.iter_chunk_payloads(tensors, manifest, chunk_bytes):
             yield pb.PushChunksRequest(update_id="naive", index=index, data=b"".join(pieces))
 
+    messages = requests
+    if bare:  # every message encoded before the clock starts: what is left is gRPC moving them
+        keep_freed_memory()
+        chunks = wire.iter_chunk_payloads(tensors, manifest, chunk_bytes)
+        encoded = [wire.encode_chunk(b"bare", i, p) for i, p in chunks]
+        messages = lambda: iter(encoded)  # noqa: E731
+        push = channel.stream_unary(
+            "/weightsync.v1.WeightSync/PushChunks",
+            request_serializer=None,
+            response_deserializer=pb.PushChunksResponse.FromString,
+        )
+
     seconds = []
     for _ in range(runs):
         started = time.perf_counter()
-        stub.PushChunks(requests(), timeout=_TIMEOUT)
+        push(messages(), timeout=_TIMEOUT)
         seconds.append(time.perf_counter() - started)
     out.put(seconds)
     channel.close()
 
 
-def naive_grpc_seconds(model_dir: Path, nbytes: int, runs: int, warmup: int, chunk_bytes: int = 1 << 20) -> list[float]:
-    """A generated-protobuf PushChunks stream, both ends in fresh processes with default settings."""
+def naive_grpc_seconds(
+    model_dir: Path, nbytes: int, runs: int, warmup: int, chunk_bytes: int = 1 << 20, *, bare: bool = False
+) -> list[float]:
+    """A generated-protobuf PushChunks stream, both ends in fresh processes with default settings.
+
+    `bare`: gRPC's part alone, the ceiling of any sync through it: chunk messages encoded before the clock
+    starts, sent without a serializer, received as bytes and dropped (freed buffers kept warm on both ends).
+    """
     ready: mp.Queue = _CTX.Queue()  # type: ignore[type-arg]
-    server = _CTX.Process(target=_naive_server, args=(nbytes, chunk_bytes, ready), daemon=True)
+    server = _CTX.Process(target=_naive_server, args=(nbytes, chunk_bytes, bare, ready), daemon=True)
     server.start()
     port = ready.get(timeout=_TIMEOUT)
     out: mp.Queue = _CTX.Queue()  # type: ignore[type-arg]
-    client = _CTX.Process(target=_naive_client, args=(port, str(model_dir), chunk_bytes, runs + warmup, out))
+    client = _CTX.Process(target=_naive_client, args=(port, str(model_dir), chunk_bytes, bare, runs + warmup, out))
     client.start()
     try:
         seconds = out.get(timeout=_TIMEOUT)

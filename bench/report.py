@@ -20,6 +20,7 @@ ROWS = [
     ("weightsync_shm", "weightsync through a shared-memory file, co-located pods (own row)"),
     ("gloo", "torch.distributed gloo send/recv"),
     ("grpc_naive", "naive gRPC stream, generated protobuf, 1 MiB chunks"),
+    ("grpc_bare", "gRPC alone: 1 MiB messages encoded beforehand, received and dropped (no checks, no staging)"),
     ("safetensors_shm", "safetensors file through /dev/shm"),
     ("safetensors_disk", "safetensors file through disk (fsync, cold read)"),
 ]
