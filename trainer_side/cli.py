@@ -47,13 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="send to the first rollout only and let rollouts forward to each other: 1 = a chain, "
         "k = a tree of fanout k (default 0: push to every rollout directly)",
     )
-    push.add_argument(
-        "--shared-memory",
-        type=Path,
-        metavar="DIR",
-        help="rollouts on this host that read DIR too (started with --shared-memory-dir DIR): write the version "
-        "there once instead of streaming it to each",
-    )
+    _add_shared_memory(push)
 
     train = sub.add_parser(
         "train",
@@ -64,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rollouts(train)
     train.add_argument("--steps", type=int, default=3)
     train.add_argument("--model", type=Path, default=Path("models/tiny"))
+    _add_shared_memory(train)
 
     status = sub.add_parser("status", help="show each rollout's version, fingerprint and state")
     _add_rollouts(status)
@@ -86,6 +81,16 @@ def _add_rollouts(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_shared_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shared-memory",
+        type=Path,
+        metavar="DIR",
+        help="rollouts on this host that read DIR too (started with --shared-memory-dir DIR): write each full "
+        "version there once instead of streaming it to each (deltas still stream)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.metrics_port is not None:
@@ -98,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from trainer_side.train import run_demo
 
-        return 0 if run_demo(args.model, args.rollouts, args.steps, **connection(args)) else 1
+        ok = run_demo(args.model, args.rollouts, args.steps, shared_memory=args.shared_memory, **connection(args))
+        return 0 if ok else 1
     return _status(args)
 
 

@@ -335,7 +335,7 @@ class Publisher:
                 outgoing.chunks(update_id, self.chunk_bytes), consumers=len(targets), window=self.window
             )
         logger.info(
-            "push %s: version %d, %d tensors, %.1f MB%s to %d rollout(s)%s",
+            "push %s: version %d, %d tensors, %.1f MB%s to %d rollout(s)%s%s",
             update_id,
             outgoing.version,
             len(outgoing.announced),
@@ -343,6 +343,7 @@ class Publisher:
             f" as a {outgoing.wire_bytes / 1e6:.1f} MB delta" if outgoing.is_delta else "",
             len(targets),
             f", relayed to {len(subtree_addresses(relay_to))} more" if relay_to else "",
+            f" through the shared-memory file {self._shared.path}" if broadcast is None and self._shared else "",
         )
         with ThreadPoolExecutor(max_workers=len(targets)) as pool:
             futures = [

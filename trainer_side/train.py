@@ -76,6 +76,7 @@ def run_demo(
     iterations_per_step: int = 20,
     token: str | None = None,
     credentials: grpc.ChannelCredentials | None = None,
+    shared_memory: Path | None = None,
 ) -> bool:
     """Trains, pushes after every step and checks each rollout answers as the trainer's own model.
 
@@ -87,7 +88,7 @@ def run_demo(
     channel = (lambda a: grpc.secure_channel(a, credentials)) if credentials else grpc.insecure_channel
     generators = {a: pb_grpc.GenerateStub(channel(a)) for a in rollouts}
     all_ok = True
-    with Publisher(rollouts, token=token, credentials=credentials) as publisher:
+    with Publisher(rollouts, token=token, credentials=credentials, shared_memory=shared_memory) as publisher:
         start = 1 + max((s.weight_version for s in publisher.status().values() if not isinstance(s, str)), default=0)
         for version in range(start, start + steps):
             loss = train_iterations(model, tokenizer, iterations_per_step)

@@ -101,6 +101,12 @@ def workloads(docs: list[Doc]) -> list[Doc]:
     return [doc for doc in docs + EXAMPLES if pod_spec(doc) is not None]
 
 
+def colocated(workload: Doc) -> bool:
+    """A pod that runs its own rollout beside the trainer (examples/colocated-shared-memory.yaml)."""
+    images = [c["image"] for c in containers(pod_spec(workload) or {})]
+    return workload["kind"] != "StatefulSet" and any(i.startswith("weightsync/rollout") for i in images)
+
+
 # --- schemas ------------------------------------------------------------------------------------------
 
 
@@ -207,6 +213,8 @@ def test_trainers_push_to_every_rollout_by_its_stable_name(docs: list[Doc]) -> N
     expected = [f"{ROLLOUT}-{i}.{HEADLESS}:{GRPC_PORT}" for i in range(statefulset["spec"]["replicas"])]
     seen = 0
     for workload in workloads(docs):
+        if colocated(workload):
+            continue  # pushes to its own rollout: test_colocated_trainer_hands_versions_over_shared_memory
         for container in containers(pod_spec(workload) or {}):
             args = container.get("args", [])
             if "--rollouts" in args:
@@ -220,10 +228,35 @@ def test_networkpolicy_admits_trainers_to_the_rollouts(docs: list[Doc]) -> None:
     assert selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels(find(docs, "StatefulSet", ROLLOUT)))
     (rule,) = policy["spec"]["ingress"]
     assert [p["port"] for p in rule["ports"]] == [GRPC_PORT]
-    trainers = [find(docs, "Job", TRAINER), *(d for d in EXAMPLES if d["kind"] == "Job")]
+    trainers = [find(docs, "Job", TRAINER), *(d for d in EXAMPLES if d["kind"] == "Job" and not colocated(d))]
     for trainer in trainers:
         admitted = any(selects(peer["podSelector"]["matchLabels"], pod_labels(trainer)) for peer in rule["from"])
         assert admitted, f"{doc_id(trainer)} cannot reach the rollouts"
+
+
+def test_colocated_trainer_hands_versions_over_shared_memory() -> None:
+    """Trainer and rollout in one pod: it pushes on loopback, once the rollout listens, through one Memory emptyDir."""
+    pods = [w for w in EXAMPLES if colocated(w)]
+    assert pods, "examples/colocated-shared-memory.yaml"
+    for pod in pods:
+        spec = pod_spec(pod) or {}
+        (rollout,) = [c for c in spec.get("initContainers", []) if c["image"].startswith("weightsync/rollout")]
+        (trainer,) = [c for c in spec["containers"] if c["image"].startswith("weightsync/trainer")]
+        assert rollout.get("restartPolicy") == "Always", "a native sidecar: up before the trainer, stopped after it"
+        probe = rollout["startupProbe"]["grpc"]
+        assert probe.get("service") == "weightsync.v1.WeightSync", "the trainer starts once pushes are accepted"
+        served = rollout_parser().parse_args(rollout["args"])
+        pushed = trainer_parser().parse_args(trainer["args"])
+        assert pushed.rollouts == [f"127.0.0.1:{served.port}"] and probe["port"] == served.port
+        assert served.shared_memory_dir is not None and pushed.shared_memory == served.shared_memory_dir
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = [
+            next(m for m in c["volumeMounts"] if PurePosixPath(m["mountPath"]) == served.shared_memory_dir)
+            for c in (rollout, trainer)
+        ]
+        assert mounts[0]["name"] == mounts[1]["name"], "both containers must mount the same volume"
+        assert not mounts[1].get("readOnly"), "the trainer writes the version file"
+        assert volumes[mounts[0]["name"]]["emptyDir"].get("medium") == "Memory", "a tmpfs, not the node's disk"
 
 
 # --- containers: args, secrets, security -------------------------------------------------------------

@@ -148,3 +148,16 @@ def test_push_command_through_a_shared_file(colocated, shm, trained_checkpoint, 
     status = colocated.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
     assert (status.weight_version, status.fingerprint) == (4, manifest_of_state(trained_state).fingerprint)
     assert not list(shm.iterdir())
+
+
+def test_train_command_through_a_shared_file(colocated, shm, model_dir) -> None:  # type: ignore[no-untyped-def]
+    """The demo trainer of the co-located Kubernetes example: every step through the file, answers checked."""
+    command = [sys.executable, "-m", "trainer_side", "train", "--model", str(model_dir), "--steps", "2"]
+    command += ["--rollouts", colocated.address, "--shared-memory", str(shm), "--log-level", "INFO"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("== trainer") == 2, done.stdout
+    assert done.stderr.count("through the shared-memory file") == 2, done.stderr
+    status = colocated.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
+    assert status.weight_version == 2
+    assert not list(shm.iterdir())
