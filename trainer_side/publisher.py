@@ -11,25 +11,25 @@ rollouts that confirmed it a patch per tensor where that is smaller; the others 
 A rollout that refuses a delta (it restarted, dropped its copy, or a tensor failed its checksum) gets
 the full version in the same push, and `reconcile` (or `reconcile_every`) brings any rollout that
 came back empty or behind to the latest version without waiting for the next training step.
+
+One update to one rollout (the handshake, its chunks, what the answer means) is trainer_side/link.py.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import torch
-from tqdm import tqdm
 
-from trainer_side.broadcast import Broadcast, counted
+from trainer_side.broadcast import Broadcast
 from trainer_side.delta import BaseStore
+from trainer_side.link import Link, PushResult, wants_full
 from trainer_side.outgoing import Outgoing
 from trainer_side.relay import relay_tree, subtree_addresses
 from trainer_side.shared_memory import SharedVersionFile
@@ -37,51 +37,13 @@ from weightsync import metrics
 from weightsync.manifest import build_layout, manifest_of_state, wire_sources, wire_tensors
 from weightsync.memory import keep_freed_memory
 from weightsync.v1 import weightsync_pb2 as pb
-from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
-from weightsync.wire import chunk_count
 
 __all__ = ["Publisher", "PushResult"]
-
-_Broadcast = Broadcast  # the name older callers import
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # measured (bench/): 256 KiB and 4 MiB were both slower
 DEFAULT_STREAMS = 1  # PushChunks streams per rollout; measured (bench/): more were slower on 2 cores
-# How a rollout refuses a delta that a full version of the same push can fix (the base is not what it holds,
-# or a patched tensor failed its checksum): FAILED_PRECONDITION with this phrase, as the proto documents.
-SEND_FULL = "send a full version"
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 65 << 20),
-    ("grpc.max_receive_message_length", 65 << 20),
-]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PushResult:
-    """What one rollout answered; `ok` only if it committed the version with our fingerprint."""
-
-    address: str
-    version: int
-    ok: bool
-    fingerprint: str = ""
-    seconds: float = 0.0
-    bytes_sent: int = 0
-    swap_seconds: float = 0.0
-    error: str = ""
-    relayed_by: str = ""  # the relay that delivered this version, if the trainer did not
-    relayed: tuple[pb.RelayResult, ...] = ()  # what this rollout's relay downstream answered
-    delta: bool = False  # sent as a delta against the version it held (bytes_sent counts the wire bytes)
-    code: str = ""  # the gRPC status name of a failure ("FINGERPRINT" if it committed something else)
-
-    def line(self) -> str:
-        if self.ok:
-            if self.relayed_by:
-                return f"{self.address}: version {self.version} committed via relay {self.relayed_by}"
-            rate = self.bytes_sent / self.seconds / 1e9 if self.seconds else 0.0
-            how = f" as a delta of {self.bytes_sent / 1e6:.1f} MB" if self.delta else f" ({rate:.2f} GB/s)"
-            return f"{self.address}: version {self.version} committed in {self.seconds:.2f} s{how}"
-        return f"{self.address}: version {self.version} FAILED: {self.error}"
 
 
 class Publisher:
@@ -133,46 +95,29 @@ class Publisher:
         self._reconciler: threading.Thread | None = None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._credentials = credentials
-        self._channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[str, pb_grpc.WeightSyncStub] = {}
-        self._push_chunks: dict[str, grpc.StreamUnaryMultiCallable] = {}
-        for address in self.rollouts:
-            self._connect(address)
+        self._links = {address: self._link(address) for address in self.rollouts}
         if reconcile_every:
             self._reconciler = threading.Thread(
                 target=self._reconcile_forever, args=(reconcile_every,), name="weightsync-reconcile", daemon=True
             )
             self._reconciler.start()
 
-    def _connect(self, address: str) -> None:
-        channel = (
-            grpc.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS)
-            if self._credentials
-            else grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        )
-        self._channels[address] = channel
-        self._stubs[address] = pb_grpc.WeightSyncStub(channel)
-        self._push_chunks[address] = channel.stream_unary(
-            "/weightsync.v1.WeightSync/PushChunks",
-            request_serializer=None,  # chunks arrive already encoded, once for all rollouts
-            response_deserializer=pb.PushChunksResponse.FromString,
-        )
+    def _link(self, address: str) -> Link:
+        return Link(address, credentials=self._credentials, metadata=self._metadata, timeout=self.timeout)
 
     def set_rollouts(self, joined: Sequence[str], left: Sequence[str]) -> None:
         """Adds and drops rollouts (discovery calls this); newcomers get the latest version at `reconcile`."""
         with self._lock:
             for address in left:
-                if address in self._channels:
+                if address in self._links:
                     self.rollouts.remove(address)
-                    self._stubs.pop(address)
-                    self._push_chunks.pop(address)
-                    self._channels.pop(address).close()
+                    self._links.pop(address).close()
                     if self._base is not None:
                         self._base.forget(address)
             for address in joined:
-                if address not in self._channels:
+                if address not in self._links:
                     self.rollouts.append(address)
-                    self._connect(address)
+                    self._links[address] = self._link(address)
 
     def push(self, state: Mapping[str, torch.Tensor], version: int) -> list[PushResult]:
         """Pushes `state` (any float dtype, any device) as `version` to every rollout concurrently.
@@ -208,7 +153,7 @@ class Publisher:
         if self.relay and len(self.rollouts) > 1:
             everyone = delta is not None and set(holders) == set(self.rollouts)
             results = self._push_relayed(delta if everyone and delta is not None else full, full)
-            if everyone and _wants_full(results[0]):
+            if everyone and wants_full(results[0]):
                 logger.warning("relayed delta refused (%s); relaying the full version", results[0].error)
                 results = self._push_relayed(full, full)
             return results
@@ -217,7 +162,7 @@ class Publisher:
             patched = pool.submit(self._push_to, holders, delta) if delta is not None and holders else None
             whole = self._push_to(rest, full) if rest else []
             results = {r.address: r for r in [*whole, *(patched.result() if patched else [])]}
-        refused = [a for a in holders if _wants_full(results[a])]
+        refused = [a for a in holders if wants_full(results[a])]
         if refused:
             for a in refused:
                 logger.warning("%s refused the delta (%s); sending the full version", a, results[a].error)
@@ -313,7 +258,7 @@ class Publisher:
         if missed:
             logger.warning("relay missed %s; pushing to them directly", ", ".join(missed))
             for address in missed:  # a relay that died mid-stream may have left them holding the update open
-                _abort_quietly(self._stubs[address], update_id, self._metadata)
+                self._links[address].abort(update_id)
             reached |= {r.address: r for r in self._push_to(missed, full)}
         return [result, *(reached[a] for a in self.rollouts[1:])]
 
@@ -347,110 +292,21 @@ class Publisher:
         )
         with ThreadPoolExecutor(max_workers=len(targets)) as pool:
             futures = [
-                pool.submit(self._push_one, address, i, broadcast, outgoing, update_id, relay_to)
+                pool.submit(
+                    self._links[address].push,
+                    outgoing,
+                    update_id,
+                    chunk_bytes=self.chunk_bytes,
+                    broadcast=broadcast,
+                    slot=i,
+                    streams=self.streams,
+                    progress=self.progress,
+                    relay_to=relay_to,
+                    shared_file=str(self._shared.path) if self._shared is not None else "",
+                )
                 for i, address in enumerate(targets)
             ]
             return [f.result() for f in futures]
-
-    def _push_one(
-        self,
-        address: str,
-        slot: int,
-        broadcast: Broadcast | None,
-        outgoing: Outgoing,
-        update_id: str,
-        relay_to: Sequence[pb.RelayTarget] = (),
-    ) -> PushResult:
-        started = time.perf_counter()
-        stub = self._stubs[address]
-        version = outgoing.version
-        # progress=None shows bars only on a terminal.
-        bar = tqdm(
-            total=outgoing.wire_bytes,
-            unit="B",
-            unit_scale=True,
-            desc=address,
-            position=slot,
-            leave=False,
-            disable=None if self.progress is None else not self.progress,
-        )
-        accepted = False
-        try:
-            request = outgoing.request(self.chunk_bytes, update_id, relay_to=relay_to)
-            if broadcast is None and self._shared is not None:
-                request.shared_memory_file = str(self._shared.path)  # the rollout reads it before it answers
-            began = stub.BeginUpdate(request, timeout=self.timeout, metadata=self._metadata)
-            accepted = True
-            if outgoing.is_delta and began.chunk_count != chunk_count(outgoing.wire_bytes, self.chunk_bytes):
-                # A rollout from before delta sync ignores the plan and expects the full layout's chunks.
-                _abort_quietly(stub, update_id, self._metadata)
-                return PushResult(
-                    address=address,
-                    version=version,
-                    ok=False,
-                    delta=True,
-                    code="FAILED_PRECONDITION",
-                    error=f"the rollout expects {began.chunk_count} chunks: it does not take deltas; {SEND_FULL}",
-                )
-            sent = self._stream_chunks(address, broadcast, slot, bar) if broadcast else outgoing.wire_bytes
-            answer = stub.Commit(
-                outgoing.commit_request(update_id, pending=request.checksums_at_commit),
-                timeout=self.timeout,
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as error:
-            if accepted:
-                _abort_quietly(stub, update_id, self._metadata)
-            code = error.code().name if hasattr(error, "code") and error.code() else "UNKNOWN"
-            return PushResult(
-                address=address, version=version, ok=False, error=_describe(error), delta=outgoing.is_delta, code=code
-            )
-        finally:
-            if broadcast is not None:
-                broadcast.leave(slot)
-            bar.close()
-        seconds = time.perf_counter() - started
-        manifest = outgoing.manifest  # complete now: its chunks have all gone out
-        if answer.weight_version != version or answer.fingerprint != manifest.fingerprint:
-            return PushResult(
-                address=address,
-                version=version,
-                ok=False,
-                seconds=seconds,
-                delta=outgoing.is_delta,
-                code="FINGERPRINT",
-                error=f"rollout committed version {answer.weight_version} with fingerprint {answer.fingerprint}, "
-                f"expected {version} with {manifest.fingerprint}",
-            )
-        return PushResult(
-            address=address,
-            version=version,
-            ok=True,
-            fingerprint=answer.fingerprint,
-            seconds=seconds,
-            bytes_sent=sent,
-            swap_seconds=answer.swap_seconds,
-            relayed=tuple(answer.relayed),
-            delta=outgoing.is_delta,
-        )
-
-    def _stream_chunks(self, address: str, broadcast: Broadcast, slot: int, bar: tqdm) -> int:  # type: ignore[type-arg]
-        """Sends this rollout's chunks over `streams` parallel PushChunks calls; returns bytes sent.
-
-        All streams draw from the rollout's one position in the broadcast, so each chunk goes out
-        once, on whichever stream is free. If one stream fails, the others stop and the error is raised.
-        """
-        reader = broadcast.shared_reader(slot, self.streams)
-        calls = [
-            self._push_chunks[address].future(counted(reader(), bar), metadata=self._metadata)
-            for _ in range(self.streams)
-        ]
-        try:
-            return sum(call.result().bytes for call in calls)
-        except grpc.RpcError:
-            for call in calls:
-                call.cancel()
-            raise
 
     @property
     def delta_holders(self) -> list[str]:
@@ -463,13 +319,7 @@ class Publisher:
         return self._statuses(timeout=self.timeout)
 
     def _statuses(self, *, timeout: float) -> dict[str, pb.GetStatusResponse | str]:
-        out: dict[str, pb.GetStatusResponse | str] = {}
-        for address, stub in self._stubs.items():
-            try:
-                out[address] = stub.GetStatus(pb.GetStatusRequest(), timeout=timeout, metadata=self._metadata)
-            except grpc.RpcError as error:
-                out[address] = _describe(error)
-        return out
+        return {address: link.status(timeout) for address, link in self._links.items()}
 
     def close(self) -> None:
         self._stop.set()
@@ -479,28 +329,11 @@ class Publisher:
             self._base.close()
         if self._shared is not None:
             self._shared.close()
-        for channel in self._channels.values():
-            channel.close()
+        for link in self._links.values():
+            link.close()
 
     def __enter__(self) -> Publisher:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _abort_quietly(stub: pb_grpc.WeightSyncStub, update_id: str, metadata: tuple[tuple[str, str], ...] | None) -> None:
-    try:
-        stub.AbortUpdate(pb.AbortUpdateRequest(update_id=update_id), timeout=5, metadata=metadata)
-    except grpc.RpcError:
-        pass  # the rollout already dropped it, or is gone
-
-
-def _wants_full(result: PushResult) -> bool:
-    return result.delta and not result.ok and result.code == "FAILED_PRECONDITION" and SEND_FULL in result.error
-
-
-def _describe(error: grpc.RpcError) -> str:
-    code = error.code() if hasattr(error, "code") else None
-    details = error.details() if hasattr(error, "details") else str(error)
-    return f"{code.name if code else 'ERROR'}: {details}"

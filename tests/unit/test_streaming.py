@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rollout_side.receiver import _Verifier
-from trainer_side.publisher import _Broadcast
+from trainer_side.broadcast import Broadcast
 from weightsync.manifest import build_manifest, tensor_bytes, wire_sources, wire_tensors
 from weightsync.memory import keep_freed_memory, prefaulted_buffer
 
@@ -45,7 +45,7 @@ def test_verifier_names_the_first_tensor_that_differs() -> None:
 
 
 def test_shared_reader_splits_chunks_across_streams_once_each() -> None:
-    broadcast = _Broadcast(iter([bytes([i]) for i in range(200)]), consumers=2, window=4)
+    broadcast = Broadcast(iter([bytes([i]) for i in range(200)]), consumers=2, window=4)
     got: dict[int, list[bytes]] = {0: [], 1: [], 2: []}
     make = broadcast.shared_reader(0, 3)
 
@@ -64,7 +64,7 @@ def test_shared_reader_splits_chunks_across_streams_once_each() -> None:
 
 
 def test_shared_reader_stops_every_stream_when_one_fails() -> None:
-    broadcast = _Broadcast(iter([bytes([i % 256]) for i in range(100)]), consumers=1, window=8)
+    broadcast = Broadcast(iter([bytes([i % 256]) for i in range(100)]), consumers=1, window=8)
     make = broadcast.shared_reader(0, 2)
     first, second = make(), make()
     next(first)
