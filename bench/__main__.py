@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bench import baselines, report
-from bench.measure import GB, MiB, machine, rss, summary
+from bench.measure import GB, Cpu, MiB, machine, rss, summary
 from bench.models import make_model, model_bytes, random_state
 from bench.sync import Rollout, SyncRuns, measure_sync
 from trainer_side.publisher import DEFAULT_CHUNK_BYTES, DEFAULT_STREAMS
@@ -105,6 +106,7 @@ def _transfer(
         rollout.stop()
     out["raw_tcp"] = rate(tcp_runs.socket_seconds)
     out["weightsync"] = _sync_summary(tcp_runs, nbytes, 1)
+    cpu = {"raw_tcp": _cpu_summary(tcp_runs.socket_cpu), "weightsync": _cpu_summary(tcp_runs.cpu)}
     sink.close()
 
     logger.info("weightsync over a Unix socket, paired with a raw Unix socket")
@@ -129,19 +131,34 @@ def _transfer(
         sink.close()
         shutil.rmtree(shared, ignore_errors=True)
     out["weightsync_shm"] = _sync_summary(shm_runs, nbytes, 1)
+    cpu["weightsync_shm"] = _cpu_summary(shm_runs.cpu)
 
     logger.info("gloo")
     out["gloo"] = rate(baselines.gloo_seconds(model_dir, runs, warmup))
     logger.info("naive protobuf gRPC")
-    out["grpc_naive"] = rate(baselines.naive_grpc_seconds(model_dir, nbytes, runs, warmup))
+    out["grpc_naive"] = rate(baselines.naive_grpc_seconds(model_dir, nbytes, runs, warmup)[0])
     logger.info("gRPC alone: pre-encoded messages, received and dropped")
-    out["grpc_bare"] = rate(baselines.naive_grpc_seconds(model_dir, nbytes, runs, warmup, bare=True))
+    bare_seconds, bare_cpu = baselines.naive_grpc_seconds(model_dir, nbytes, runs, warmup, bare=True)
+    out["grpc_bare"] = rate(bare_seconds)
+    cpu["grpc_bare"] = _cpu_summary(bare_cpu)
+    out["cpu"] = cpu
     logger.info("safetensors through /dev/shm")
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
     out["safetensors_shm"] = rate(baselines.safetensors_seconds(state, shm / work.name, runs, 1, disk=False))
     logger.info("safetensors through disk")
     out["safetensors_disk"] = rate(baselines.safetensors_seconds(state, work / "disk", runs, 1, disk=True))
     return out
+
+
+def _cpu_summary(cpu: Cpu) -> dict[str, object]:
+    """Mean CPU milliseconds per run of each side: /proc counts in 10 ms ticks, so a mean, not a median."""
+    return {
+        "sender_ms": 1e3 * statistics.mean(cpu.sender),
+        "receiver_ms": 1e3 * statistics.mean(cpu.receiver),
+        "runs": len(cpu.sender),
+        "sender_samples": [round(c, 3) for c in cpu.sender],
+        "receiver_samples": [round(c, 3) for c in cpu.receiver],
+    }
 
 
 def _sync_summary(runs: SyncRuns, nbytes: int, rollouts: int) -> dict[str, object]:
@@ -162,6 +179,7 @@ def _sync_summary(runs: SyncRuns, nbytes: int, rollouts: int) -> dict[str, objec
         "rollout_idle_rss": max(runs.rollout_idle_rss) if runs.rollout_idle_rss else 0,
         "rss_bound": bound,
         "trainer_rss_added": runs.trainer_rss_added,
+        "cpu": _cpu_summary(runs.cpu) if runs.cpu.sender else {},
     }
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bench.measure import Cpu, cpu_seconds
 from bench.models import random_state
 from rollout_side.process import free_port
 from weightsync.manifest import tensor_bytes
@@ -258,7 +259,15 @@ def _naive_server(nbytes: int, chunk_bytes: int, bare: bool, ready: mp.Queue) ->
     asyncio.run(serve())
 
 
-def _naive_client(port: int, model_dir: str, chunk_bytes: int, bare: bool, runs: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _naive_client(
+    port: int,
+    server_pid: int,
+    model_dir: str,
+    chunk_bytes: int,
+    bare: bool,
+    runs: int,
+    out: mp.Queue,  # type: ignore[type-arg]
+) -> None:
     import grpc
 
     from weightsync import wire
@@ -289,34 +298,39 @@ def _naive_client(port: int, model_dir: str, chunk_bytes: int, bare: bool, runs:
             response_deserializer=pb.PushChunksResponse.FromString,
         )
 
-    seconds = []
+    seconds, cpu = [], Cpu()
     for _ in range(runs):
+        sender, receiver = cpu_seconds(), cpu_seconds(server_pid)
         started = time.perf_counter()
         push(messages(), timeout=_TIMEOUT)
         seconds.append(time.perf_counter() - started)
-    out.put(seconds)
+        cpu.sender.append(cpu_seconds() - sender)
+        cpu.receiver.append(cpu_seconds(server_pid) - receiver)
+    out.put((seconds, cpu))
     channel.close()
 
 
 def naive_grpc_seconds(
     model_dir: Path, nbytes: int, runs: int, warmup: int, chunk_bytes: int = 1 << 20, *, bare: bool = False
-) -> list[float]:
+) -> tuple[list[float], Cpu]:
     """A generated-protobuf PushChunks stream, both ends in fresh processes with default settings.
 
     `bare`: gRPC's part alone, the ceiling of any sync through it: chunk messages encoded before the clock
     starts, sent without a serializer, received as bytes and dropped (freed buffers kept warm on both ends).
+    Returns each measured run's seconds, and the CPU time both ends used in it.
     """
     ready: mp.Queue = _CTX.Queue()  # type: ignore[type-arg]
     server = _CTX.Process(target=_naive_server, args=(nbytes, chunk_bytes, bare, ready), daemon=True)
     server.start()
     port = ready.get(timeout=_TIMEOUT)
     out: mp.Queue = _CTX.Queue()  # type: ignore[type-arg]
-    client = _CTX.Process(target=_naive_client, args=(port, str(model_dir), chunk_bytes, bare, runs + warmup, out))
+    args = (port, server.pid, str(model_dir), chunk_bytes, bare, runs + warmup, out)
+    client = _CTX.Process(target=_naive_client, args=args)
     client.start()
     try:
-        seconds = out.get(timeout=_TIMEOUT)
+        seconds, cpu = out.get(timeout=_TIMEOUT)
     finally:
         client.join(30)
         server.kill()
         server.join(10)
-    return seconds[warmup:]
+    return seconds[warmup:], Cpu(cpu.sender[warmup:], cpu.receiver[warmup:])

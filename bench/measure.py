@@ -1,4 +1,4 @@
-"""Summaries of repeated runs, and the resident memory of processes (peak and current)."""
+"""Summaries of repeated runs, and what processes use: resident memory (peak and current) and CPU time."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import re
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import torch
 
-__all__ = ["GB", "MiB", "peak_rss", "reset_peak_rss", "rss", "summary"]
+__all__ = ["GB", "Cpu", "MiB", "cpu_seconds", "peak_rss", "reset_peak_rss", "rss", "summary"]
 
 GB = 1e9
 MiB = 1 << 20
@@ -28,6 +29,24 @@ def summary(samples: Sequence[float]) -> dict[str, object]:
         "runs": len(samples),
         "samples": [round(s, 6) for s in samples],
     }
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """CPU time (user + system, every thread) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+@dataclass
+class Cpu:
+    """CPU seconds per measured run of the sending and the receiving processes (all of them together).
+
+    On a machine whose cores are all busy during a transfer, wall time is at least their sum divided by
+    the cores: the figure that says what a transfer costs beside how fast it went.
+    """
+
+    sender: list[float] = field(default_factory=list)
+    receiver: list[float] = field(default_factory=list)
 
 
 def _status_kib(pid: int | str, field: str) -> int:

@@ -60,6 +60,7 @@ def markdown(results: dict[str, Any]) -> str:
             ratio = _fmt(entry["ratio"]) if key == "weightsync" else f"{_rate(entry)['median'] / tcp:.2f}"
             cells += [_fmt(_rate(entry)), ratio]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _cpu_table(results)
     if "fanout" in results:
         lines += [
             "",
@@ -105,6 +106,41 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {row['chunk_bytes'] >> 10} KiB | {row['streams']} | {_fmt(row['gbps'])} | {_fmt(row['ratio'])} |"
             )
     return "\n".join(lines) + "\n"
+
+
+CPU_ROWS = [
+    ("raw_tcp", "raw TCP loopback"),
+    ("grpc_bare", "gRPC alone (no checks, no staging)"),
+    ("weightsync", "**weightsync** over TCP"),
+    ("weightsync_shm", "weightsync through a shared-memory file"),
+]
+
+
+def _cpu_table(results: dict[str, Any]) -> list[str]:
+    """What each path costs in CPU time, beside the wall time it took (one receiver)."""
+    sizes = [s for s in results["transfer"] if "cpu" in results["transfer"][s]]
+    if not sizes:
+        return []
+    lines = [
+        "",
+        "CPU time per transfer, one receiver (mean ms of user + system time over every thread of each process): "
+        "with both cores busy, wall time is at least (sender + receiver) / cores.",
+        "",
+        "| path | " + " | ".join(f"{s}: sender | receiver | wall" for s in sizes) + " |",
+        "|---|" + "---:|---:|---:|" * len(sizes),
+    ]
+    for key, label in CPU_ROWS:
+        cells = []
+        for size in sizes:
+            transfer = results["transfer"][size]
+            cpu, entry = transfer["cpu"].get(key), transfer.get(key)
+            if cpu is None or entry is None:
+                cells += ["", "", ""]
+                continue
+            wall_ms = 1e3 * results["models"][size]["bytes"] / (_rate(entry)["median"] * 1e9)
+            cells += [f"{cpu['sender_ms']:.0f} ms", f"{cpu['receiver_ms']:.0f} ms", f"{wall_ms:.0f} ms"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _num(s: dict[str, Any]) -> dict[str, float]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bench.baselines import SocketSink, socket_fanout_seconds
-from bench.measure import peak_rss, reset_peak_rss, rss
+from bench.measure import Cpu, cpu_seconds, peak_rss, reset_peak_rss, rss
 from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
 from weightsync.manifest import tensor_bytes
@@ -45,6 +45,8 @@ class SyncRuns:
     rollout_peak_rss: list[int] = field(default_factory=list)
     rollout_idle_rss: list[int] = field(default_factory=list)
     trainer_rss_added: int = 0  # peak during all pushes (warm-up included) minus RSS before them
+    cpu: Cpu = field(default_factory=Cpu)  # this process while it pushes; the rollouts together
+    socket_cpu: Cpu = field(default_factory=Cpu)  # this process while it sends; the sinks together
 
 
 _versions = itertools.count(1)
@@ -79,11 +81,14 @@ def measure_sync(
                 out.rollout_idle_rss = [rss(r.pid) for r in rollouts]
                 for r in rollouts:
                     reset_peak_rss(r.pid)
+            before = _cpu(rollouts, sinks)
             socket_s = socket_fanout_seconds(sinks, views)
+            sent = _cpu(rollouts, sinks)
             version = next(_versions)
             started = time.perf_counter()
             results = publisher.push(state, version)
             seconds = time.perf_counter() - started
+            pushed = _cpu(rollouts, sinks)
             failed = [r.line() for r in results if not r.ok]
             if failed:
                 raise RuntimeError("push failed: " + "; ".join(failed))
@@ -91,8 +96,21 @@ def measure_sync(
                 out.seconds.append(seconds)
                 out.socket_seconds.append(socket_s)
                 out.swap_seconds.append(max(r.swap_seconds for r in results))
+                out.socket_cpu.sender.append(sent[0] - before[0])
+                out.socket_cpu.receiver.append(sent[2] - before[2])
+                out.cpu.sender.append(pushed[0] - sent[0])
+                out.cpu.receiver.append(pushed[1] - sent[1])
                 if on_run:
                     on_run(i - warmup, seconds, socket_s)
         out.rollout_peak_rss = [peak_rss(r.pid) for r in rollouts]
         out.trainer_rss_added = max(0, peak_rss() - trainer_before)
     return out
+
+
+def _cpu(rollouts: Sequence[Rollout], sinks: Sequence[SocketSink]) -> tuple[float, float, float]:
+    """CPU seconds so far of this process, of the rollouts together and of the sinks together."""
+    return (
+        cpu_seconds(),
+        sum(cpu_seconds(r.pid) for r in rollouts),
+        sum(cpu_seconds(s.process.pid) for s in sinks),  # type: ignore[misc]
+    )
