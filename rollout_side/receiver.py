@@ -16,7 +16,6 @@ import asyncio
 import enum
 import logging
 import math
-import mmap
 import os
 import time
 import uuid
@@ -294,21 +293,20 @@ class Receiver:
         return data.nbytes
 
     async def stage_file(self, update_id: str, name: str) -> int:
-        """Copies a co-located trainer's file (the whole flat layout) into staging and checksums it; returns bytes.
+        """Reads a co-located trainer's file (the whole flat layout) into staging and checksums it; returns bytes.
 
-        Runs on the event loop in blocks of a few MiB, yielding between them, so Generate keeps being served
-        and an abort in between stops it; any fault aborts the update, as a bad chunk would.
+        Read with pread straight into the staging buffer: one copy, from the page cache, and no mapping
+        (mapping the file cost page faults on every update, ~1.6x the time, and a file cut short by the
+        writer would raise SIGBUS on a mapped read, where pread just comes back short). Runs on the event
+        loop in blocks of a few MiB, yielding between them, so Generate keeps being served and an abort
+        in between stops it; any fault aborts the update, as a bad chunk would.
         """
         update = self._current(update_id)
         try:
             path = self._shared_file(name)
             if update.plan.patches or update.base_fingerprint or update.manifest.pending:
                 raise SharedMemoryRefused("a shared-memory file carries a full version with its checksums only")
-            with path.open("rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != update.wire_bytes:
-                    raise ChunkCorrupt(f"{path} has {size} bytes; the manifest lays out {update.wire_bytes}")
-                data = memoryview(mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)) if size else memoryview(b"")
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except (OSError, ValueError) as error:
             self.abort(update.id, f"cannot read {name}: {error}")
             raise SharedMemoryRefused(f"cannot read the shared-memory file {name!r}: {error}") from None
@@ -316,17 +314,26 @@ class Receiver:
             self.abort(update.id, str(error))
             raise
         try:
+            size = os.fstat(fd).st_size
+            if size != update.wire_bytes:
+                raise ChunkCorrupt(f"{path} has {size} bytes; the manifest lays out {update.wire_bytes}")
+            staged = tensor_bytes(update.staging)  # a full version: wire offsets are staging offsets
             for start in range(0, size, _FILE_BLOCK):
-                block = data[start : start + _FILE_BLOCK]
-                update.router.write(start, block)
-                update.verifier.feed(start + block.nbytes)
-                update.received_bytes = start + block.nbytes
+                block = staged[start : min(start + _FILE_BLOCK, size)]
+                got = os.preadv(fd, [block], start)
+                if got != block.nbytes:
+                    raise ChunkCorrupt(f"{path} ended at byte {start + got} while being read; it lays out {size}")
+                update.verifier.feed(start + got)
+                update.received_bytes = start + got
                 update.last_activity = time.monotonic()
                 await asyncio.sleep(0)  # let Generate and other calls in between blocks
                 if self._update is not update:
                     raise UnknownUpdate(f"update {update.id} was aborted while its file was being read")
+        except ChunkCorrupt as error:
+            self.abort(update.id, str(error))
+            raise
         finally:
-            data.release()
+            os.close(fd)
         update.received[:] = b"\x01" * update.chunk_count
         update.received_chunks = update.contiguous = update.chunk_count
         metrics.Rollout.received_bytes.inc(size)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import grpc
 import pytest
 import torch
 
+from rollout_side import receiver as receiver_module
 from trainer_side.publisher import Publisher
 from trainer_side.train import greedy, new_model
 from weightsync.manifest import manifest_of_state, tensor_bytes
@@ -136,6 +140,28 @@ def test_a_short_or_tampered_file_changes_nothing(colocated, shm, model_dir, tra
     with pytest.raises(grpc.RpcError) as info:  # an empty file for a whole model
         colocated.weight_sync.BeginUpdate(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.DATA_LOSS and "has 0 bytes" in info.value.details()
+    _assert_still(colocated, fingerprint)
+
+
+def test_a_file_cut_short_while_it_is_read_changes_nothing(colocated, shm, trained_state, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The file is read with pread, not mapped: a writer that truncates it mid-read is refused, not a SIGBUS."""
+    fingerprint = _served(colocated, trained_state)
+    path = shm / "v.bin"
+    monkeypatch.setattr(receiver_module, "_FILE_BLOCK", 64 << 10)  # several blocks for the tiny model
+    cut: list[int] = []
+
+    async def sleep(delay: float, *args: object) -> None:  # the receiver yields between blocks: cut the file there
+        if not cut:
+            cut.append(path.stat().st_size)
+            os.truncate(path, 100_000)
+        await asyncio.sleep(delay)
+
+    monkeypatch.setattr(receiver_module, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": sleep}))
+    with pytest.raises(grpc.RpcError) as info:
+        _begin_from_file(colocated, trained_state, path)
+    assert cut and cut[0] > 100_000
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "ended at byte 100000 while being read" in info.value.details()
     _assert_still(colocated, fingerprint)
 
 
