@@ -16,7 +16,6 @@ import asyncio
 import enum
 import logging
 import math
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from rollout_side.engines.base import Engine, ParamSpec
+from rollout_side.shared_file import SharedFile, resolve
 from rollout_side.spare import Spare
 from rollout_side.staging import Router, Verifier
 from weightsync import metrics
@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 MIN_CHUNK_BYTES = 4 << 10
 MAX_CHUNK_BYTES = 64 << 20
-_FILE_BLOCK = 4 << 20  # a shared-memory file is staged in blocks of this size, the event loop free between them
 
 
 class Phase(enum.Enum):
@@ -91,6 +90,7 @@ class _Update:
     router: Router
     verifier: Verifier
     base_fingerprint: str = ""  # a delta's base: the committed version when it began
+    file: SharedFile | None = None  # where the bytes come from instead of chunks (shared memory)
     received_chunks: int = 0
     received_bytes: int = 0
     contiguous: int = 0  # the first chunk not yet received: every wire byte before it has arrived
@@ -264,6 +264,8 @@ class Receiver:
         """Verifies one chunk and copies it into staging; any fault aborts the whole update."""
         update = self._current(update_id)
         try:
+            if update.file is not None:
+                raise ChunkCorrupt("this update's bytes come from its shared-memory file, not in chunks")
             if index >= update.chunk_count:
                 raise ChunkCorrupt(f"chunk {index} is outside the layout ({update.chunk_count} chunks)")
             start, end = chunk_span(index, update.wire_bytes, update.chunk_bytes)
@@ -292,65 +294,47 @@ class Receiver:
             update.verifier.feed(ready)
         return data.nbytes
 
-    async def stage_file(self, update_id: str, name: str) -> int:
-        """Reads a co-located trainer's file (the whole flat layout) into staging and checksums it; returns bytes.
-
-        Read with pread straight into the staging buffer: one copy, from the page cache, and no mapping
-        (mapping the file cost page faults on every update, ~1.6x the time, and a file cut short by the
-        writer would raise SIGBUS on a mapped read, where pread just comes back short). Runs on the event
-        loop in blocks of a few MiB, yielding between them, so Generate keeps being served and an abort
-        in between stops it; any fault aborts the update, as a bad chunk would.
-        """
+    def open_file(self, update_id: str, name: str) -> None:
+        """Takes the update's bytes from a co-located trainer's file (rollout_side/shared_file.py), not chunks."""
         update = self._current(update_id)
         try:
-            path = self._shared_file(name)
-            if update.plan.patches or update.base_fingerprint or update.manifest.pending:
-                raise SharedMemoryRefused("a shared-memory file carries a full version with its checksums only")
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            if update.plan.patches or update.base_fingerprint:
+                raise SharedMemoryRefused("a shared-memory file carries a full version only")
+            update.file = SharedFile(resolve(self.shared_memory_dir, name), update.wire_bytes)
         except (OSError, ValueError) as error:
             self.abort(update.id, f"cannot read {name}: {error}")
             raise SharedMemoryRefused(f"cannot read the shared-memory file {name!r}: {error}") from None
         except WeightSyncError as error:
             self.abort(update.id, str(error))
             raise
+
+    async def read_file(self, update_id: str, upto: int) -> int:
+        """Reads the update's file up to byte `upto` (announced as written) into staging; returns bytes read."""
+        update = self._current(update_id)
         try:
-            size = os.fstat(fd).st_size
-            if size != update.wire_bytes:
-                raise ChunkCorrupt(f"{path} has {size} bytes; the manifest lays out {update.wire_bytes}")
-            staged = tensor_bytes(update.staging)  # a full version: wire offsets are staging offsets
-            for start in range(0, size, _FILE_BLOCK):
-                block = staged[start : min(start + _FILE_BLOCK, size)]
-                got = os.preadv(fd, [block], start)
-                if got != block.nbytes:
-                    raise ChunkCorrupt(f"{path} ended at byte {start + got} while being read; it lays out {size}")
-                update.verifier.feed(start + got)
-                update.received_bytes = start + got
+            if update.file is None:
+                raise ChunkCorrupt("file progress for an update whose bytes come in chunks")
+
+            def block_done(end: int) -> None:
+                update.verifier.feed(end)
+                update.received_bytes = end
                 update.last_activity = time.monotonic()
-                await asyncio.sleep(0)  # let Generate and other calls in between blocks
-                if self._update is not update:
-                    raise UnknownUpdate(f"update {update.id} was aborted while its file was being read")
+
+            got = await update.file.read(tensor_bytes(update.staging), upto, block_done, lambda: self._update is update)
         except ChunkCorrupt as error:
             self.abort(update.id, str(error))
             raise
-        finally:
-            os.close(fd)
-        update.received[:] = b"\x01" * update.chunk_count
-        update.received_chunks = update.contiguous = update.chunk_count
-        metrics.Rollout.received_bytes.inc(size)
-        return size
+        metrics.Rollout.received_bytes.inc(got)
+        if update.file.position == update.wire_bytes:
+            update.received[:] = b"\x01" * update.chunk_count
+            update.received_chunks = update.contiguous = update.chunk_count
+            update.file.close()
+        return got
 
-    def _shared_file(self, name: str) -> Path:
-        """The file `name` if it lies in --shared-memory-dir (symlinks resolved) and is a regular file."""
-        if self.shared_memory_dir is None:
-            raise SharedMemoryRefused(
-                "this rollout takes no shared-memory files; start it with --shared-memory-dir to allow them"
-            )
-        path = Path(name).resolve()
-        if path.parent != self.shared_memory_dir:
-            raise SharedMemoryRefused(f"{name!r} is not in the shared-memory directory {self.shared_memory_dir}")
-        if not path.is_file():
-            raise SharedMemoryRefused(f"{name!r} is not a regular file")
-        return path
+    async def stage_file(self, update_id: str, name: str) -> int:
+        """Reads a whole file the trainer has finished writing; returns its bytes."""
+        self.open_file(update_id, name)
+        return await self.read_file(update_id, self._current(update_id).wire_bytes)
 
     async def commit(
         self, update_id: str, checksums: Sequence[str] = (), fingerprint: str = ""
@@ -363,6 +347,8 @@ class Receiver:
         started = time.perf_counter()
         self._committing = True
         self._update = None
+        if update.file is not None:
+            update.file.close()  # what is not in staging by now never will be
         try:
             self._verify(update, checksums, fingerprint)
             if self.reject_nonfinite:
@@ -417,6 +403,8 @@ class Receiver:
         logger.warning("update %s (version %d) aborted: %s", update.id, update.version, reason)
         metrics.Rollout.updates.labels("aborted").inc()
         self._update = None
+        if update.file is not None:
+            update.file.close()
         self._spare.put_back(update.staging)  # partly written
         self._set_phase(self._resting_phase())
 
@@ -459,6 +447,10 @@ class Receiver:
             raise BadManifest(f"missing tensors: {shown}; a full version must carry every parameter")
 
     def _verify(self, update: _Update, checksums: Sequence[str], fingerprint: str) -> None:
+        if update.file is not None and update.file.position < update.wire_bytes:
+            raise IncompleteUpdate(
+                f"the shared-memory file was announced up to byte {update.file.position} of {update.wire_bytes}"
+            )
         missing = update.chunk_count - update.received_chunks
         if missing:
             raise IncompleteUpdate(f"{missing} of {update.chunk_count} chunks have not arrived")

@@ -98,8 +98,9 @@ class Link:
         relay_to: Sequence[pb.RelayTarget] = (),
         shared_file: str = "",
     ) -> PushResult:
-        """One update: its chunks from `broadcast` (this rollout reads at `slot`), or, without one, the
-        rollout reads `shared_file`. `progress` None shows a bar only on a terminal."""
+        """One update: its chunks from `broadcast` (this rollout reads at `slot`); with `shared_file`, the
+        rollout reads that file instead, as far as `broadcast` says it is written, or all of it at once
+        without one. `progress` None shows a bar only on a terminal."""
         started = time.perf_counter()
         version = outgoing.version
         bar = tqdm(
@@ -114,8 +115,9 @@ class Link:
         accepted = False
         try:
             request = outgoing.request(chunk_bytes, update_id, relay_to=relay_to)
-            if broadcast is None:
-                request.shared_memory_file = shared_file  # the rollout reads it before it answers
+            if shared_file:  # written already (the rollout reads it before it answers), or being written
+                request.shared_memory_file = shared_file
+                request.shared_memory_streamed = broadcast is not None
             began = self._stub.BeginUpdate(request, timeout=self.timeout, metadata=self._metadata)
             accepted = True
             if outgoing.is_delta and began.chunk_count != chunk_count(outgoing.wire_bytes, chunk_bytes):

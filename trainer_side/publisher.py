@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from trainer_side.link import Link, PushResult, wants_full
 from trainer_side.outgoing import Outgoing
 from trainer_side.relay import relay_tree, subtree_addresses
 from trainer_side.shared_memory import SharedVersionFile
-from weightsync import metrics
+from weightsync import metrics, wire
 from weightsync.manifest import build_layout, manifest_of_state, wire_sources, wire_tensors
 from weightsync.memory import keep_freed_memory
 from weightsync.v1 import weightsync_pb2 as pb
@@ -270,11 +270,14 @@ class Publisher:
         update_id: str = "",
     ) -> list[PushResult]:
         update_id = update_id or f"v{outgoing.version}-{uuid.uuid4().hex[:12]}"
-        broadcast = None
+        broadcast, shared_file = None, ""
         if self._shared is not None and not outgoing.is_delta and not relay_to:
-            if self._in_file is not outgoing:
-                outgoing.adopt_checksums(self._shared.write(outgoing.payloads, outgoing.sizes))
-                self._in_file = outgoing
+            shared_file = str(self._shared.path)
+            if self._in_file is not outgoing:  # written while the rollouts read it; else it is there already
+                self._in_file = None
+                self._shared.resize(outgoing.wire_bytes)
+                messages = self._write_file(outgoing, update_id)
+                broadcast = Broadcast(messages, consumers=len(targets), window=self.window)
         else:
             broadcast = Broadcast(
                 outgoing.chunks(update_id, self.chunk_bytes), consumers=len(targets), window=self.window
@@ -288,7 +291,7 @@ class Publisher:
             f" as a {outgoing.wire_bytes / 1e6:.1f} MB delta" if outgoing.is_delta else "",
             len(targets),
             f", relayed to {len(subtree_addresses(relay_to))} more" if relay_to else "",
-            f" through the shared-memory file {self._shared.path}" if broadcast is None and self._shared else "",
+            f" through the shared-memory file {shared_file}" if shared_file else "",
         )
         with ThreadPoolExecutor(max_workers=len(targets)) as pool:
             futures = [
@@ -302,11 +305,20 @@ class Publisher:
                     streams=self.streams,
                     progress=self.progress,
                     relay_to=relay_to,
-                    shared_file=str(self._shared.path) if self._shared is not None else "",
+                    shared_file=shared_file,
                 )
                 for i, address in enumerate(targets)
             ]
             return [f.result() for f in futures]
+
+    def _write_file(self, outgoing: Outgoing, update_id: str) -> Iterator[bytes]:
+        """Writes `outgoing` into the shared-memory file, saying after every block how much is written."""
+        assert self._shared is not None
+        key = update_id.encode()
+        for written in self._shared.blocks(outgoing.payloads, outgoing.sizes):
+            yield wire.encode_file_progress(key, written)
+        outgoing.adopt_checksums(self._shared.checksums)
+        self._in_file = outgoing
 
     @property
     def delta_holders(self) -> list[str]:

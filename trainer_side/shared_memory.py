@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from weightsync.manifest import StreamingChecksums
@@ -32,23 +32,44 @@ class SharedVersionFile:
         self._file = self.path.open("w+b")
         self._map: mmap.mmap | None = None
 
-    def write(self, payloads: Sequence[memoryview], sizes: Sequence[int]) -> list[str]:
-        """Writes the tensors' bytes back to back, asking for each in turn; returns each one's checksum."""
+    def resize(self, size: int) -> None:
+        """Gives the file its final size before a rollout opens it (it checks the size when it does)."""
+        self._mapping(size).release()
+
+    def blocks(self, payloads: Sequence[memoryview], sizes: Sequence[int]) -> Iterator[int]:
+        """Writes the tensors' bytes back to back, asking for each in turn, and yields the bytes written
+        after each block, so rollouts can copy them while the rest is written. `checksums` holds each
+        tensor's checksum once the last block is written."""
+        self.checksums: list[str] = []
         view = self._mapping(sum(sizes))
         sums = StreamingChecksums(sizes)
-        position = 0
-        for i in range(len(sizes)):
-            payload = payloads[i]
-            for start in range(0, payload.nbytes, _BLOCK):
-                block = payload[start : start + _BLOCK]
-                target = view[position : position + block.nbytes]
-                target[:] = block
-                sums.update(target)
-                position += block.nbytes
-        view.release()
+        position = announced = 0
+        try:
+            for i in range(len(sizes)):
+                payload = payloads[i]
+                for start in range(0, payload.nbytes, _BLOCK):
+                    block = payload[start : start + _BLOCK]
+                    target = view[position : position + block.nbytes]
+                    target[:] = block
+                    sums.update(target)
+                    target.release()
+                    position += block.nbytes
+                    if position - announced >= _BLOCK:  # small tensors are announced together
+                        yield position
+                        announced = position
+            if position > announced:
+                yield position
+        finally:
+            view.release()
         if not sums.done:  # only zero-byte tensors can be left, and update() closes those
             raise RuntimeError("the shared-memory file does not cover every tensor")
-        return sums.checksums
+        self.checksums = sums.checksums
+
+    def write(self, payloads: Sequence[memoryview], sizes: Sequence[int]) -> list[str]:
+        """Writes the whole version; returns each tensor's checksum."""
+        for _ in self.blocks(payloads, sizes):
+            pass
+        return self.checksums
 
     def _mapping(self, size: int) -> memoryview:
         if size == 0:

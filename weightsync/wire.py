@@ -26,6 +26,7 @@ __all__ = [
     "chunk_span",
     "decode_chunk",
     "encode_chunk",
+    "encode_file_progress",
     "iter_chunk_payloads",
     "iter_wire_payloads",
     "manifest_from_proto",
@@ -46,6 +47,7 @@ _TAG_UPDATE_ID = 0x0A  # 1, length-delimited
 _TAG_INDEX = 0x10  # 2, varint
 _TAG_CHECKSUM = 0x18  # 3, varint
 _TAG_DATA = 0x22  # 4, length-delimited
+_TAG_FILE_BYTES = 0x28  # 5, varint
 
 
 def manifest_to_proto(manifest: Manifest) -> pb.Manifest:
@@ -199,6 +201,19 @@ def encode_chunk(update_id: bytes, index: int, pieces: Sequence[memoryview]) -> 
     return b"".join([header, *pieces])
 
 
+def encode_file_progress(update_id: bytes, file_bytes: int) -> bytes:
+    """A PushChunksRequest that says the shared-memory file's first `file_bytes` bytes are written."""
+    message = bytearray()
+    if update_id:
+        message.append(_TAG_UPDATE_ID)
+        _put_varint(message, len(update_id))
+        message += update_id
+    if file_bytes:
+        message.append(_TAG_FILE_BYTES)
+        _put_varint(message, file_bytes)
+    return bytes(message)
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """A decoded PushChunksRequest; `data` is a view into the received message, not a copy."""
@@ -207,13 +222,14 @@ class Chunk:
     index: int
     checksum: int
     data: memoryview
+    file_bytes: int = 0  # a shared-memory file's progress (a message with no data)
 
 
 def decode_chunk(message: bytes) -> Chunk:
     """Parses any valid proto3 encoding of PushChunksRequest (fields in any order, unknown ones
     skipped; deprecated groups are refused)."""
     view = memoryview(message)
-    update_id, index, checksum, data = "", 0, 0, view[0:0]
+    update_id, index, checksum, data, file_bytes = "", 0, 0, view[0:0], 0
     pos, size = 0, len(view)
     while pos < size:
         key, pos = _get_varint(view, pos)
@@ -224,6 +240,8 @@ def decode_chunk(message: bytes) -> Chunk:
                 index = value
             elif field == 3:
                 checksum = value
+            elif field == 5:
+                file_bytes = value
         elif wire_type == 2:
             length, pos = _get_varint(view, pos)
             if pos + length > size:
@@ -241,7 +259,7 @@ def decode_chunk(message: bytes) -> Chunk:
             raise ChunkCorrupt(f"chunk message has invalid wire type {wire_type}")
     if pos != size:
         raise ChunkCorrupt("chunk message is truncated")
-    return Chunk(update_id, index, checksum, data)
+    return Chunk(update_id, index, checksum, data, file_bytes)
 
 
 def _put_varint(out: bytearray, value: int) -> None:

@@ -69,7 +69,10 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
             if request.relay_to:
                 self.receiver.abort(update.id, "relay_to with a shared-memory file")
                 raise SharedMemoryRefused("a shared-memory file is read here; it cannot also be relayed")
-            await self.receiver.stage_file(update.id, request.shared_memory_file)
+            if request.shared_memory_streamed:  # still being written: PushChunks says how far
+                self.receiver.open_file(update.id, request.shared_memory_file)
+            else:
+                await self.receiver.stage_file(update.id, request.shared_memory_file)
         if request.relay_to:
             relay = Relay(request.relay_to, _authorization(context), credentials=self.relay_credentials)
             self._relays[update.id] = relay
@@ -86,7 +89,10 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):
             async for raw in request_iterator:
                 chunk = wire.decode_chunk(raw)
                 update_id = chunk.update_id
-                size += self.receiver.put_chunk(chunk.update_id, chunk.index, chunk.checksum, chunk.data)
+                if chunk.file_bytes:  # how far a co-located trainer has written its file
+                    size += await self.receiver.read_file(update_id, chunk.file_bytes)
+                else:
+                    size += self.receiver.put_chunk(chunk.update_id, chunk.index, chunk.checksum, chunk.data)
                 chunks += 1
                 if relay := self._relays.get(chunk.update_id):
                     await relay.forward(raw)  # verified above: each hop checks before passing on

@@ -14,7 +14,7 @@ import grpc
 import pytest
 import torch
 
-from rollout_side import receiver as receiver_module
+from rollout_side import shared_file
 from trainer_side.publisher import Publisher
 from trainer_side.train import greedy, new_model
 from weightsync.manifest import manifest_of_state, tensor_bytes
@@ -83,6 +83,25 @@ def _begin_from_file(
     return rollout.weight_sync.BeginUpdate(request, timeout=10).update_id
 
 
+def _begin_streamed(rollout: Rollout, state: dict[str, torch.Tensor], path: Path, version: int = 2) -> tuple[str, int]:
+    """Writes `state` to `path` and begins it as a file still being written; returns (update id, its size)."""
+    tensors, manifest = raw.prepare(state)
+    path.write_bytes(b"".join(tensor_bytes(t).tobytes() for t in tensors))
+    request = pb.BeginUpdateRequest(
+        version=version,
+        manifest=raw.wire.manifest_to_proto(manifest),
+        chunk_bytes=raw.CHUNK,
+        fingerprint=manifest.fingerprint,
+        shared_memory_file=str(path),
+        shared_memory_streamed=True,
+    )
+    return rollout.weight_sync.BeginUpdate(request, timeout=10).update_id, manifest.total_bytes
+
+
+def _progress(update_id: str, *marks: int) -> list[bytes]:
+    return [raw.wire.encode_file_progress(update_id.encode(), m) for m in marks]
+
+
 def _served(rollout: Rollout, state: dict[str, torch.Tensor]) -> str:
     with Publisher([rollout.address], progress=False) as publisher:  # over the socket
         [result] = publisher.push(state, 1)
@@ -147,7 +166,7 @@ def test_a_file_cut_short_while_it_is_read_changes_nothing(colocated, shm, train
     """The file is read with pread, not mapped: a writer that truncates it mid-read is refused, not a SIGBUS."""
     fingerprint = _served(colocated, trained_state)
     path = shm / "v.bin"
-    monkeypatch.setattr(receiver_module, "_FILE_BLOCK", 64 << 10)  # several blocks for the tiny model
+    monkeypatch.setattr(shared_file, "BLOCK", 64 << 10)  # several blocks for the tiny model
     cut: list[int] = []
 
     async def sleep(delay: float, *args: object) -> None:  # the receiver yields between blocks: cut the file there
@@ -156,7 +175,7 @@ def test_a_file_cut_short_while_it_is_read_changes_nothing(colocated, shm, train
             os.truncate(path, 100_000)
         await asyncio.sleep(delay)
 
-    monkeypatch.setattr(receiver_module, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": sleep}))
+    monkeypatch.setattr(shared_file, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": sleep}))
     with pytest.raises(grpc.RpcError) as info:
         _begin_from_file(colocated, trained_state, path)
     assert cut and cut[0] > 100_000
@@ -187,3 +206,55 @@ def test_train_command_through_a_shared_file(colocated, shm, model_dir) -> None:
     status = colocated.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
     assert status.weight_version == 2
     assert not list(shm.iterdir())
+
+
+def test_a_streamed_file_is_read_as_far_as_it_is_announced(colocated, shm, trained_state) -> None:  # type: ignore[no-untyped-def]
+    _served(colocated, trained_state)
+    bumped = {k: v + 1 if k.endswith("norm.weight") else v for k, v in trained_state.items()}
+    update_id, size = _begin_streamed(colocated, bumped, shm / "v.bin")
+    half = raw.push_chunks(colocated.channel, _progress(update_id, size // 2))
+    assert half.bytes == size // 2
+    assert colocated.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5).received_bytes == size // 2
+    rest = raw.push_chunks(colocated.channel, _progress(update_id, size // 2, size))
+    assert rest.bytes == size - size // 2
+    answer = colocated.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10)
+    assert (answer.weight_version, answer.fingerprint) == (2, manifest_of_state(bumped).fingerprint)
+
+
+@pytest.mark.parametrize(
+    ("marks", "chunks", "text"),
+    [
+        (lambda size: [size // 2, size // 4], False, "back from"),
+        (lambda size: [size + 1], False, "past the"),
+        (lambda size: [], True, "come from its shared-memory file, not in chunks"),
+    ],
+    ids=["backwards", "past-the-end", "chunks-instead"],
+)
+def test_a_streamed_file_refuses_bad_progress(colocated, shm, trained_state, marks, chunks, text) -> None:  # type: ignore[no-untyped-def]
+    fingerprint = _served(colocated, trained_state)
+    update_id, size = _begin_streamed(colocated, trained_state, shm / "v.bin")
+    tensors, manifest = raw.prepare(trained_state)
+    messages = raw.encoded_chunks(update_id, tensors, manifest) if chunks else _progress(update_id, *marks(size))
+    with pytest.raises(grpc.RpcError) as info:
+        raw.push_chunks(colocated.channel, messages)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS, info.value.details()
+    assert text in info.value.details()
+    _assert_still(colocated, fingerprint)
+
+
+def test_progress_for_an_update_without_a_file_and_an_early_commit_are_refused(colocated, shm, trained_state) -> None:  # type: ignore[no-untyped-def]
+    fingerprint = _served(colocated, trained_state)
+    _, manifest = raw.prepare(trained_state)
+    update_id = raw.begin(colocated.weight_sync, 2, manifest).update_id  # chunks, no file
+    with pytest.raises(grpc.RpcError) as info:
+        raw.push_chunks(colocated.channel, _progress(update_id, 1024))
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "file progress for an update whose bytes come in chunks" in info.value.details()
+    _assert_still(colocated, fingerprint)
+    update_id, size = _begin_streamed(colocated, trained_state, shm / "v.bin", version=3)
+    raw.push_chunks(colocated.channel, _progress(update_id, size // 2))
+    with pytest.raises(grpc.RpcError) as info:
+        colocated.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"announced up to byte {size // 2} of {size}" in info.value.details()
+    _assert_still(colocated, fingerprint)

@@ -77,6 +77,7 @@ def same_fields(chunk: wire.Chunk, message: pb.PushChunksRequest) -> None:
     assert chunk.index == message.index
     assert chunk.checksum == message.checksum
     assert bytes(chunk.data) == message.data
+    assert chunk.file_bytes == message.file_bytes
 
 
 # --- encode_chunk / decode_chunk -------------------------------------------------------------------
@@ -128,6 +129,22 @@ def test_encode_matches_generated_serializer(update_id: str, index: int, payload
     assert encoded == expected.SerializeToString()
     assert pb.PushChunksRequest.FromString(encoded) == expected
     same_fields(wire.decode_chunk(encoded), expected)
+
+
+@FAST
+@given(update_id=update_ids, file_bytes=indices)
+def test_file_progress_matches_generated_serializer(update_id: str, file_bytes: int) -> None:
+    expected = pb.PushChunksRequest(update_id=update_id, file_bytes=file_bytes)
+    encoded = wire.encode_file_progress(update_id.encode(), file_bytes)
+    assert encoded == expected.SerializeToString()
+    chunk = wire.decode_chunk(encoded)
+    assert (chunk.update_id, chunk.file_bytes, chunk.index, chunk.checksum, bytes(chunk.data)) == (
+        update_id,
+        file_bytes,
+        0,
+        0,
+        b"",
+    )
 
 
 def test_encode_with_no_pieces_is_empty_payload() -> None:
@@ -186,7 +203,7 @@ def test_decode_merged_partial_messages(
 
 # A field of a protobuf message: (field number, wire type, value), encoded independently of wire.py.
 fields = st.one_of(
-    st.tuples(st.integers(1, 4), st.just(0), st.integers(0, U64)),
+    st.tuples(st.integers(1, 5), st.just(0), st.integers(0, U64)),
     st.tuples(st.integers(1, 4), st.just(2), st.binary(max_size=64)),
     st.tuples(st.integers(1, 2**29 - 1), st.just(0), st.integers(0, U64)),
     st.tuples(st.integers(1, 2**29 - 1), st.just(1), st.binary(min_size=8, max_size=8)),
