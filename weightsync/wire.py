@@ -183,11 +183,7 @@ def encode_chunk(update_id: bytes, index: int, pieces: Sequence[memoryview]) -> 
     digest = xxhash.xxh3_64()
     for piece in pieces:
         digest.update(piece)
-    header = bytearray()
-    if update_id:
-        header.append(_TAG_UPDATE_ID)
-        _put_varint(header, len(update_id))
-        header += update_id
+    header = _with_update_id(update_id)
     if index:
         header.append(_TAG_INDEX)
         _put_varint(header, index)
@@ -203,15 +199,21 @@ def encode_chunk(update_id: bytes, index: int, pieces: Sequence[memoryview]) -> 
 
 def encode_file_progress(update_id: bytes, file_bytes: int) -> bytes:
     """A PushChunksRequest that says the shared-memory file's first `file_bytes` bytes are written."""
-    message = bytearray()
-    if update_id:
-        message.append(_TAG_UPDATE_ID)
-        _put_varint(message, len(update_id))
-        message += update_id
+    message = _with_update_id(update_id)
     if file_bytes:
         message.append(_TAG_FILE_BYTES)
         _put_varint(message, file_bytes)
     return bytes(message)
+
+
+def _with_update_id(update_id: bytes) -> bytearray:
+    """A PushChunksRequest's encoding up to its update_id (field 1, omitted when empty as proto3 does)."""
+    out = bytearray()
+    if update_id:
+        out.append(_TAG_UPDATE_ID)
+        _put_varint(out, len(update_id))
+        out += update_id
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,8 +68,10 @@ def _begin_from_file(
     path: Path,
     version: int = 2,
     contents: dict[str, torch.Tensor] | None = None,
+    streamed: bool = False,
 ) -> str:
-    """Writes `contents` (default: `state`) to `path` and begins `state`'s version from it."""
+    """Writes `contents` (default: `state`) to `path` and begins `state`'s version from it (`streamed`: as a
+    file still being written, read as far as PushChunks announces)."""
     _, manifest = raw.prepare(state)
     tensors, _ = raw.prepare(contents if contents is not None else state)
     path.write_bytes(b"".join(tensor_bytes(t).tobytes() for t in tensors))
@@ -79,23 +81,15 @@ def _begin_from_file(
         chunk_bytes=raw.CHUNK,
         fingerprint=manifest.fingerprint,
         shared_memory_file=str(path),
+        shared_memory_streamed=streamed,
     )
     return rollout.weight_sync.BeginUpdate(request, timeout=10).update_id
 
 
 def _begin_streamed(rollout: Rollout, state: dict[str, torch.Tensor], path: Path, version: int = 2) -> tuple[str, int]:
-    """Writes `state` to `path` and begins it as a file still being written; returns (update id, its size)."""
-    tensors, manifest = raw.prepare(state)
-    path.write_bytes(b"".join(tensor_bytes(t).tobytes() for t in tensors))
-    request = pb.BeginUpdateRequest(
-        version=version,
-        manifest=raw.wire.manifest_to_proto(manifest),
-        chunk_bytes=raw.CHUNK,
-        fingerprint=manifest.fingerprint,
-        shared_memory_file=str(path),
-        shared_memory_streamed=True,
-    )
-    return rollout.weight_sync.BeginUpdate(request, timeout=10).update_id, manifest.total_bytes
+    """Begins `state` as a streamed file; returns (update id, the file's size)."""
+    update_id = _begin_from_file(rollout, state, path, version, streamed=True)
+    return update_id, raw.prepare(state)[1].total_bytes
 
 
 def _progress(update_id: str, *marks: int) -> list[bytes]:
