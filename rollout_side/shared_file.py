@@ -1,11 +1,11 @@
 """The rollout's side of the shared-memory transport: a co-located trainer's version file, read into staging.
 
 The file holds a full version in the manifest's flat layout. It is read with pread straight into the
-staging buffer: one copy from the page cache and no mapping (mapping it cost page faults on every
-update, ~1.4x the time, and a file cut short by its writer raises SIGBUS on a mapped read, where pread
-just comes back short). Reading goes in blocks of a few MiB on the event loop, yielding between
-them, so Generate keeps being served; the trainer may announce the file a part at a time while it
-is still writing the rest (BeginUpdateRequest.shared_memory_streamed).
+staging buffer: one copy from the page cache and no mapping. Mapping it cost page faults on every
+update (44 ms against 27 ms for 256 MiB, one-off), and a file cut short by its writer raises SIGBUS on
+a mapped read, where pread just comes back short. Reading goes in blocks of a few MiB on the event
+loop, yielding between them, so Generate keeps being served; the trainer may announce the file a part
+at a time while it is still writing the rest (BeginUpdateRequest.shared_memory_streamed).
 """
 
 from __future__ import annotations

@@ -71,8 +71,8 @@ class Publisher:
         and benchmarks of full syncs stay full syncs; a training loop wants it on.
 
         `shared_memory` names a directory every rollout can read too (they run on this host, started with
-        --shared-memory-dir naming it): full versions are then written there once and read by each rollout,
-        not streamed. Deltas still stream (they are small)."""
+        --shared-memory-dir naming it): full versions are then written there once, and each rollout reads
+        the file as it is written instead of receiving chunks. Deltas still go as chunks (they are small)."""
         if not rollouts:
             raise ValueError("no rollouts given; pass at least one HOST:PORT")
         if streams < 1:
@@ -270,18 +270,16 @@ class Publisher:
         update_id: str = "",
     ) -> list[PushResult]:
         update_id = update_id or f"v{outgoing.version}-{uuid.uuid4().hex[:12]}"
-        broadcast, shared_file = None, ""
+        messages: Iterator[bytes] | None = outgoing.chunks(update_id, self.chunk_bytes)
+        shared_file = ""
         if self._shared is not None and not outgoing.is_delta and not relay_to:
             shared_file = str(self._shared.path)
-            if self._in_file is not outgoing:  # written while the rollouts read it; else it is there already
+            messages = None  # there already: each rollout reads it whole at BeginUpdate
+            if self._in_file is not outgoing:  # written while the rollouts read it, as progress messages say
                 self._in_file = None
-                self._shared.resize(outgoing.wire_bytes)
+                self._shared.resize(outgoing.wire_bytes)  # before BeginUpdate: rollouts check the size then
                 messages = self._write_file(outgoing, update_id)
-                broadcast = Broadcast(messages, consumers=len(targets), window=self.window)
-        else:
-            broadcast = Broadcast(
-                outgoing.chunks(update_id, self.chunk_bytes), consumers=len(targets), window=self.window
-            )
+        broadcast = Broadcast(messages, consumers=len(targets), window=self.window) if messages is not None else None
         logger.info(
             "push %s: version %d, %d tensors, %.1f MB%s to %d rollout(s)%s%s",
             update_id,
@@ -314,10 +312,11 @@ class Publisher:
     def _write_file(self, outgoing: Outgoing, update_id: str) -> Iterator[bytes]:
         """Writes `outgoing` into the shared-memory file, saying after every block how much is written."""
         assert self._shared is not None
-        key = update_id.encode()
-        for written in self._shared.blocks(outgoing.payloads, outgoing.sizes):
+        key, pending = update_id.encode(), outgoing.pending
+        for written in self._shared.blocks(outgoing.payloads, outgoing.sizes, checksum=pending):
             yield wire.encode_file_progress(key, written)
-        outgoing.adopt_checksums(self._shared.checksums)
+        if pending:
+            outgoing.adopt_checksums(self._shared.checksums)
         self._in_file = outgoing
 
     @property

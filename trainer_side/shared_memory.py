@@ -18,11 +18,11 @@ from weightsync.manifest import StreamingChecksums
 
 __all__ = ["SharedVersionFile"]
 
-_BLOCK = 4 << 20  # copied, then checksummed while still in cache
+_BLOCK = 4 << 20  # what one progress message announces to the rollouts (smaller tensors go together)
 
 
 class SharedVersionFile:
-    """A file under `directory` holding the latest version's flat layout; `write` replaces its content."""
+    """A file under `directory` holding the latest version's flat layout; `blocks` replaces its content."""
 
     def __init__(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -31,18 +31,20 @@ class SharedVersionFile:
         self.path = directory / f"weightsync-{os.getpid()}-{id(self):x}.bin"
         self._file = self.path.open("w+b")
         self._map: mmap.mmap | None = None
+        self.checksums: list[str] = []  # of the version last written by `blocks(..., checksum=True)`
 
     def resize(self, size: int) -> None:
         """Gives the file its final size before a rollout opens it (it checks the size when it does)."""
         self._mapping(size).release()
 
-    def blocks(self, payloads: Sequence[memoryview], sizes: Sequence[int]) -> Iterator[int]:
+    def blocks(self, payloads: Sequence[memoryview], sizes: Sequence[int], *, checksum: bool) -> Iterator[int]:
         """Writes the tensors' bytes back to back, asking for each in turn, and yields the bytes written
-        after each block, so rollouts can copy them while the rest is written. `checksums` holds each
-        tensor's checksum once the last block is written."""
-        self.checksums: list[str] = []
+        after each block, so rollouts can copy them while the rest is written. With `checksum` (the
+        version's checksums are not known yet), each block is hashed as it is written and `checksums`
+        holds each tensor's once the last block is."""
+        self.checksums = []
         view = self._mapping(sum(sizes))
-        sums = StreamingChecksums(sizes)
+        sums = StreamingChecksums(sizes) if checksum else None
         position = announced = 0
         try:
             for i in range(len(sizes)):
@@ -51,7 +53,8 @@ class SharedVersionFile:
                     block = payload[start : start + _BLOCK]
                     target = view[position : position + block.nbytes]
                     target[:] = block
-                    sums.update(target)
+                    if sums is not None:
+                        sums.update(target)
                     target.release()
                     position += block.nbytes
                     if position - announced >= _BLOCK:  # small tensors are announced together
@@ -61,15 +64,10 @@ class SharedVersionFile:
                 yield position
         finally:
             view.release()
-        if not sums.done:  # only zero-byte tensors can be left, and update() closes those
-            raise RuntimeError("the shared-memory file does not cover every tensor")
-        self.checksums = sums.checksums
-
-    def write(self, payloads: Sequence[memoryview], sizes: Sequence[int]) -> list[str]:
-        """Writes the whole version; returns each tensor's checksum."""
-        for _ in self.blocks(payloads, sizes):
-            pass
-        return self.checksums
+        if sums is not None:
+            if not sums.done:  # only zero-byte tensors can be left, and update() closes those
+                raise RuntimeError("the shared-memory file does not cover every tensor")
+            self.checksums = sums.checksums
 
     def _mapping(self, size: int) -> memoryview:
         if size == 0:

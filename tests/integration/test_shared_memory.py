@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -107,6 +108,32 @@ def _assert_still(rollout: Rollout, fingerprint: str) -> None:
     status = rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
     assert (status.weight_version, status.fingerprint, status.update_id) == (1, fingerprint, "")
     assert rollout.generate.Generate(pb.GenerateRequest(prompt="the cat", max_tokens=4), timeout=30).weight_version == 1
+
+
+def test_a_delta_publisher_sends_newcomers_the_full_version_through_the_file(  # type: ignore[no-untyped-def]
+    loop_thread, colocated, shm, model_dir, trained_state, caplog
+) -> None:
+    """Beside a delta to the rollout that holds the base, a newcomer gets the full version, whose checksums
+    the diff already computed, through the file (written without hashing it again)."""
+    newcomer = start_rollout(loop_thread, model_dir, idle_timeout=3.0, shared_memory_dir=shm)
+    try:
+        with Publisher([colocated.address], progress=False, delta=True, shared_memory=shm) as publisher:
+            [first] = publisher.push(trained_state, version=2)
+            assert first.ok and not first.delta
+            publisher.set_rollouts([newcomer.address], [])
+            bumped = {k: v + 1 if k.endswith("norm.weight") else v for k, v in trained_state.items()}
+            with caplog.at_level(logging.INFO, logger="trainer_side.publisher"):
+                results = {r.address: r for r in publisher.push(bumped, version=3)}
+        assert all(r.ok for r in results.values()), [r.line() for r in results.values()]
+        assert results[colocated.address].delta and not results[newcomer.address].delta
+        expected = manifest_of_state(bumped).fingerprint
+        assert {r.fingerprint for r in results.values()} == {expected}
+        assert "to 1 rollout(s) through the shared-memory file" in caplog.text
+        status = newcomer.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
+        assert (status.weight_version, status.fingerprint) == (3, expected)
+    finally:
+        newcomer.channel.close()
+        loop_thread.run(newcomer.server.stop(grace=0))
 
 
 def test_a_rollout_reads_files_only_where_it_was_told(rollout, colocated, shm, tmp_path, trained_state) -> None:  # type: ignore[no-untyped-def]
