@@ -50,9 +50,10 @@ test: $(STUBS) $(MODEL_STAMP) clients  ## run the test suite (what CI runs)
 soak: $(STUBS) $(MODEL_STAMP)  ## Generate under load while pushes commit, for SOAK_SECONDS (300)
 	SOAK_SECONDS=$${SOAK_SECONDS:-300} SOAK_REPORT=bench/results/soak.json $(BIN)/python -m pytest tests/soak -q -s
 
-lint: $(STUBS) proto-breaking  ## ruff, buf lint and buf breaking
+lint: $(STUBS) proto-breaking  ## ruff, mypy (strict), buf lint and buf breaking
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/buf lint proto
 
 demo: $(STUBS) $(MODEL_STAMP)  ## boot a rollout with dummy weights, train and push 3 steps, check answers

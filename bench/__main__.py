@@ -1,6 +1,6 @@
 """`python -m bench [--quick]`: every figure is the median of N runs after warm-up, with min and max.
 
-Writes bench/results/bench.json and bench/results/bench.png, and the table in README.md between
+Writes bench/results/bench.json and bench/results/bench.png, and the table in docs/benchmarks.md between
 the bench markers. Rollouts are real `python -m rollout_side serve --engine torch` processes.
 """
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="measured runs per figure (default 5; at least 5 for the README)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured runs first (default 2)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench: %(message)s")
     logging.getLogger("trainer_side").setLevel(logging.WARNING)  # one line per push is noise here
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     table = report.markdown(results)
     print(table)
     if not args.no_readme:
-        report.update_readme(ROOT / "README.md", table)
+        report.update_readme(ROOT / "docs" / "benchmarks.md", table)
     logger.info("done in %.0f s: %s", results["seconds"], args.out)
     return 0
 

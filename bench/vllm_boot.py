@@ -156,7 +156,7 @@ def readme_table(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(result: dict[str, object], readme: Path = Path("README.md")) -> None:
+def update_readme(result: dict[str, object], readme: Path = Path("docs/benchmarks.md")) -> None:
     text = readme.read_text()
     begin, end = "<!-- boot:begin -->", "<!-- boot:end -->"
     head, _, rest = text.partition(begin)
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--size", default="1GiB")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/vllm_boot.json"))
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
     args = parser.parse_args()
     result = run(args.size, args.runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)

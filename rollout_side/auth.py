@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import grpc
 
 from rollout_side.servicers.registry import handler_factory
+from weightsync.errors import Reason, to_status
 
 __all__ = ["ServerSecurity", "TokenAuthInterceptor"]
 
@@ -58,18 +59,20 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:
             logger.warning("refused %s: no bearer token", details.method)
-            return _denying(handler, grpc.StatusCode.UNAUTHENTICATED, "authentication required")
+            return _denying(handler, grpc.StatusCode.UNAUTHENTICATED, "authentication required", Reason.UNAUTHENTICATED)
         if not hmac.compare_digest(presented.encode(), expected):
             logger.warning("refused %s: wrong token", details.method)
-            return _denying(handler, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            return _denying(handler, grpc.StatusCode.PERMISSION_DENIED, "permission denied", Reason.PERMISSION_DENIED)
         return handler
 
 
-def _denying(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _denying(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, reason: Reason
+) -> grpc.RpcMethodHandler:
     """A handler of the same streaming shape as `handler` that aborts without reading the request."""
 
     async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
+        await context.abort_with_status(to_status(code, message, reason))
 
     make = handler_factory(handler.request_streaming, handler.response_streaming)
     return make(

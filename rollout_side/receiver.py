@@ -30,14 +30,16 @@ from rollout_side.spare import Spare
 from rollout_side.staging import Router, Verifier
 from weightsync import metrics
 from weightsync.checkpoint import load_checkpoint
-from weightsync.delta import BadPatch, Encoding, TransferPlan
+from weightsync.delta import Encoding, TransferPlan
 from weightsync.errors import (
     BadManifest,
     BusyError,
+    ChecksumMismatch,
     ChunkCorrupt,
     EngineUnavailable,
     IncompleteUpdate,
     NonFiniteWeights,
+    Reason,
     SharedMemoryRefused,
     StaleVersion,
     TooLarge,
@@ -217,10 +219,7 @@ class Receiver:
         if fingerprint and fingerprint != manifest.fingerprint:
             raise BadManifest("announced fingerprint does not match the manifest")
         plan = plan or TransferPlan.full(manifest)
-        try:
-            plan.check_against(manifest)
-        except BadPatch as error:
-            raise BadManifest(f"bad transfer plan: {error}") from None
+        plan.check_against(manifest)
         if plan.patches and not base_fingerprint:
             raise BadManifest("a plan with patches needs base_fingerprint: the version they apply to")
         if base_fingerprint:
@@ -456,8 +455,10 @@ class Receiver:
             raise IncompleteUpdate(f"{missing} of {update.chunk_count} chunks have not arrived")
         update.verifier.feed(update.wire_bytes)  # a no-op unless chunks came out of order
         if update.verifier.mismatch is not None:
-            hint = "; send a full version" if update.base_fingerprint else ""
-            raise IncompleteUpdate(f"tensor {update.verifier.mismatch!r} {update.verifier.reason}{hint}")
+            message = f"tensor {update.verifier.mismatch!r} {update.verifier.reason}"
+            if update.base_fingerprint:
+                raise ChecksumMismatch(f"{message}; send a full version", reason=Reason.FULL_VERSION_NEEDED)
+            raise ChecksumMismatch(message)
         if not update.manifest.pending:
             if checksums or fingerprint:
                 raise BadManifest("checksums come with Commit only for an update begun with checksums_at_commit")
@@ -467,7 +468,7 @@ class Receiver:
         manifest = update.manifest.with_checksums(checksums)
         for entry, got in zip(manifest, update.verifier.checksums, strict=True):
             if got != entry.checksum:
-                raise IncompleteUpdate(f"tensor {entry.name!r} does not match its checksum")
+                raise ChecksumMismatch(f"tensor {entry.name!r} does not match its checksum")
         if fingerprint != manifest.fingerprint:
             raise BadManifest("the fingerprint in Commit does not match the checksums it completes")
         self._check_names(manifest)  # tied tensors must be equal, which only checksums show

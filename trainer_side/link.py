@@ -17,15 +17,13 @@ from tqdm import tqdm
 
 from trainer_side.broadcast import Broadcast, counted
 from trainer_side.outgoing import Outgoing
+from weightsync.errors import Reason, reason_of
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from weightsync.wire import chunk_count
 
-__all__ = ["CHANNEL_OPTIONS", "SEND_FULL", "Link", "PushResult", "describe", "wants_full"]
+__all__ = ["CHANNEL_OPTIONS", "Link", "PushResult", "describe", "wants_full"]
 
-# How a rollout refuses a delta that a full version of the same push can fix (the base is not what it holds,
-# or a patched tensor failed its checksum): FAILED_PRECONDITION with this phrase, as the proto documents.
-SEND_FULL = "send a full version"
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 65 << 20),
     ("grpc.max_receive_message_length", 65 << 20),
@@ -47,7 +45,8 @@ class PushResult:
     relayed_by: str = ""  # the relay that delivered this version, if the trainer did not
     relayed: tuple[pb.RelayResult, ...] = ()  # what this rollout's relay downstream answered
     delta: bool = False  # sent as a delta against the version it held (bytes_sent counts the wire bytes)
-    code: str = ""  # the gRPC status name of a failure ("FINGERPRINT" if it committed something else)
+    code: grpc.StatusCode | None = None  # the status of a failed call; None if ok or no call failed
+    reason: Reason | None = None  # why it failed, as the rollout (or, for FINGERPRINT_MISMATCH, we) said
 
     def line(self) -> str:
         if self.ok:
@@ -56,7 +55,8 @@ class PushResult:
             rate = self.bytes_sent / self.seconds / 1e9 if self.seconds else 0.0
             how = f" as a delta of {self.bytes_sent / 1e6:.1f} MB" if self.delta else f" ({rate:.2f} GB/s)"
             return f"{self.address}: version {self.version} committed in {self.seconds:.2f} s{how}"
-        return f"{self.address}: version {self.version} FAILED: {self.error}"
+        why = f" [{self.reason.value}]" if self.reason else ""
+        return f"{self.address}: version {self.version} FAILED{why}: {self.error}"
 
 
 class Link:
@@ -123,13 +123,10 @@ class Link:
             if outgoing.is_delta and began.chunk_count != chunk_count(outgoing.wire_bytes, chunk_bytes):
                 # A rollout from before delta sync ignores the plan and expects the full layout's chunks.
                 self.abort(update_id)
-                return PushResult(
-                    address=self.address,
-                    version=version,
-                    ok=False,
-                    delta=True,
-                    code="FAILED_PRECONDITION",
-                    error=f"the rollout expects {began.chunk_count} chunks: it does not take deltas; {SEND_FULL}",
+                return self._failed(
+                    outgoing,
+                    f"the rollout expects {began.chunk_count} chunks: it does not take deltas",
+                    reason=Reason.FULL_VERSION_NEEDED,
                 )
             sent = self._stream(broadcast, slot, streams, bar) if broadcast else outgoing.wire_bytes
             answer = self._stub.Commit(
@@ -140,15 +137,8 @@ class Link:
         except grpc.RpcError as error:
             if accepted:
                 self.abort(update_id)
-            code = error.code().name if hasattr(error, "code") and error.code() else "UNKNOWN"
-            return PushResult(
-                address=self.address,
-                version=version,
-                ok=False,
-                error=describe(error),
-                delta=outgoing.is_delta,
-                code=code,
-            )
+            code = error.code() if hasattr(error, "code") else None
+            return self._failed(outgoing, describe(error), code=code, reason=reason_of(error))
         finally:
             if broadcast is not None:
                 broadcast.leave(slot)
@@ -156,15 +146,12 @@ class Link:
         seconds = time.perf_counter() - started
         manifest = outgoing.manifest  # complete now: its chunks have all gone out
         if answer.weight_version != version or answer.fingerprint != manifest.fingerprint:
-            return PushResult(
-                address=self.address,
-                version=version,
-                ok=False,
-                seconds=seconds,
-                delta=outgoing.is_delta,
-                code="FINGERPRINT",
-                error=f"rollout committed version {answer.weight_version} with fingerprint {answer.fingerprint}, "
+            return self._failed(
+                outgoing,
+                f"rollout committed version {answer.weight_version} with fingerprint {answer.fingerprint}, "
                 f"expected {version} with {manifest.fingerprint}",
+                reason=Reason.FINGERPRINT_MISMATCH,
+                seconds=seconds,
             )
         return PushResult(
             address=self.address,
@@ -176,6 +163,26 @@ class Link:
             swap_seconds=answer.swap_seconds,
             relayed=tuple(answer.relayed),
             delta=outgoing.is_delta,
+        )
+
+    def _failed(
+        self,
+        outgoing: Outgoing,
+        error: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: Reason | None = None,
+        seconds: float = 0.0,
+    ) -> PushResult:
+        return PushResult(
+            address=self.address,
+            version=outgoing.version,
+            ok=False,
+            error=error,
+            delta=outgoing.is_delta,
+            code=code,
+            reason=reason,
+            seconds=seconds,
         )
 
     def _stream(self, broadcast: Broadcast, slot: int, streams: int, bar: tqdm) -> int:  # type: ignore[type-arg]
@@ -213,7 +220,7 @@ class Link:
 
 def wants_full(result: PushResult) -> bool:
     """Whether a rollout refused a delta in a way the full version of the same push fixes."""
-    return result.delta and not result.ok and result.code == "FAILED_PRECONDITION" and SEND_FULL in result.error
+    return result.delta and not result.ok and result.reason == Reason.FULL_VERSION_NEEDED
 
 
 def describe(error: grpc.RpcError) -> str:

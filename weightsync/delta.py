@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import xxhash
 
+from weightsync.errors import BadPatch
 from weightsync.manifest import CHECKSUM_PREFIX, Manifest
 
 __all__ = [
@@ -74,10 +75,6 @@ BLOCK_ELEMENTS = 1 << 20
 DENSE_FRACTION = 0.5
 _SAMPLE = 1024  # elements a dense check looks at: enough to tell "most changed" from "few changed"
 _SAMPLE_RUNS = 16  # in this many runs of contiguous elements (a few cache lines each)
-
-
-class BadPatch(ValueError):
-    """A patch that is malformed, or does not fit the tensor it is applied to."""
 
 
 class Encoding(enum.IntEnum):

@@ -11,7 +11,7 @@ import grpc
 
 from rollout_side.servicers.registry import Malformed
 from weightsync import metrics
-from weightsync.errors import BadRequest, WeightSyncError
+from weightsync.errors import BadRequest, Reason, WeightSyncError, to_status
 
 __all__ = ["grpc_errors", "grpc_stream_errors"]
 
@@ -54,9 +54,11 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, error: Exceptio
     """The one place an error becomes a status: ours keep theirs, anything else is INTERNAL and logged."""
     if isinstance(error, WeightSyncError):
         metrics.Rollout.refused.labels(method, error.code.name).inc()
-        await context.abort(error.code, str(error))
+        await context.abort_with_status(to_status(error.code, str(error), error.reason, error.metadata))
     logger.error("%s failed", method, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed; see the rollout's log")
+    await context.abort_with_status(
+        to_status(grpc.StatusCode.INTERNAL, f"{method} failed; see the rollout's log", Reason.INTERNAL)
+    )
 
 
 def _check_parsed(request: Any) -> None:

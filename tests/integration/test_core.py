@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2
 from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
 from trainer_side.train import greedy, new_model
+from weightsync.errors import Reason, reason_of
 from weightsync.manifest import manifest_of_state
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -26,7 +27,7 @@ def test_generate_is_refused_before_the_first_commit(rollout) -> None:  # type: 
     with pytest.raises(grpc.RpcError) as info:
         rollout.generate.Generate(pb.GenerateRequest(prompt="the cat"), timeout=10)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "no weights are committed yet" in info.value.details()
+    assert reason_of(info.value) == Reason.NO_WEIGHTS, info.value.details()
     assert health_of(rollout, "weightsync.v1.Generate") == health_pb2.HealthCheckResponse.NOT_SERVING
     assert health_of(rollout, "weightsync.v1.WeightSync") == health_pb2.HealthCheckResponse.SERVING
     assert health_of(rollout, "") == health_pb2.HealthCheckResponse.SERVING
@@ -159,6 +160,6 @@ def test_push_cli_exit_codes(rollout, trained_checkpoint) -> None:  # type: igno
     assert "version 4 committed" in ok.stdout
     stale = subprocess.run([*push, "--version", "4"], capture_output=True, text=True, timeout=120)
     assert stale.returncode == 1
-    assert "FAILED_PRECONDITION" in stale.stderr and "not newer" in stale.stderr
+    assert "FAILED_PRECONDITION" in stale.stderr and "STALE_VERSION" in stale.stderr
     gone = subprocess.run([*push[:-1], "127.0.0.1:1", "--version", "5"], capture_output=True, text=True, timeout=120)
     assert gone.returncode == 1 and "127.0.0.1:1" in gone.stderr

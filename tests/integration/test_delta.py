@@ -23,6 +23,7 @@ from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
 from trainer_side.train import greedy, new_model
 from weightsync import delta, wire
+from weightsync.errors import Reason, reason_of
 from weightsync.manifest import manifest_of_state, tensor_bytes
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -211,7 +212,7 @@ class TamperingProxy:
             try:
                 return self._call(name)(request, timeout=30)
             except grpc.RpcError as error:
-                context.abort(error.code(), error.details())
+                _relay_error(context, error)
 
         return forward
 
@@ -220,7 +221,7 @@ class TamperingProxy:
         try:
             answer = self._call("BeginUpdate")(request, timeout=30)
         except grpc.RpcError as error:
-            context.abort(error.code(), error.details())
+            _relay_error(context, error)
         update_id = pb.BeginUpdateResponse.FromString(answer).update_id
         for transfer in message.plan.tensors:
             if transfer.encoding == pb.TENSOR_ENCODING_PATCH and transfer.wire_bytes > delta.HEADER.size:
@@ -243,11 +244,17 @@ class TamperingProxy:
         try:
             return self._call("PushChunks", stream=True)(rewritten(), timeout=60)
         except grpc.RpcError as error:
-            context.abort(error.code(), error.details())
+            _relay_error(context, error)
 
     def close(self) -> None:
         self.server.stop(0)
         self.channel.close()
+
+
+def _relay_error(context: grpc.ServicerContext, error: grpc.RpcError) -> None:
+    """Passes the rollout's status on whole: code, message and the reason in its details."""
+    context.set_trailing_metadata(error.trailing_metadata())  # type: ignore[attr-defined]
+    context.abort(error.code(), error.details())  # type: ignore[attr-defined]
 
 
 def test_tampered_patch_is_refused_and_the_full_version_commits(
@@ -309,7 +316,7 @@ def test_patch_against_the_wrong_base_is_refused(rollout: Rollout, model_dir, to
         with pytest.raises(grpc.RpcError) as info:
             rollout.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "does not match its checksum; send a full version" in info.value.details()
+        assert reason_of(info.value) == Reason.FULL_VERSION_NEEDED, info.value.details()
         assert answers(rollout.generate, tokenizer) == before
         assert_serves(rollout, v3, 3)
 
@@ -336,7 +343,7 @@ def test_a_delta_to_a_rollout_without_that_base_is_refused_by_status(rollout: Ro
     with pytest.raises(grpc.RpcError) as info:
         rollout.weight_sync.BeginUpdate(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "holds no committed version; send a full version" in info.value.details()
+    assert reason_of(info.value) == Reason.FULL_VERSION_NEEDED, info.value.details()
     request.base_fingerprint = ""
     request.plan.tensors[0].encoding = pb.TENSOR_ENCODING_PATCH
     request.plan.tensors[0].wire_bytes = 24

@@ -16,6 +16,7 @@ import torch
 
 from trainer_side.publisher import Publisher
 from trainer_side.train import new_model
+from weightsync.errors import Reason, reason_of
 from weightsync.manifest import Manifest, build_manifest
 from weightsync.v1 import weightsync_pb2 as pb
 
@@ -62,11 +63,12 @@ def other_state(model_dir: Path) -> dict[str, torch.Tensor]:
     return new_model(model_dir, seed=5).state_dict()
 
 
-def refused(call, code: grpc.StatusCode, text: str) -> None:  # type: ignore[no-untyped-def]
+def refused(call, code: grpc.StatusCode, reason: Reason | None) -> None:  # type: ignore[no-untyped-def]
+    """`call` fails with `code` and the machine-readable `reason` (None: refused by gRPC itself, no reason)."""
     with pytest.raises(grpc.RpcError) as info:
         call()
     assert info.value.code() == code, info.value.details()
-    assert text in info.value.details()
+    assert reason_of(info.value) == reason, info.value.details()
 
 
 def edit(manifest: Manifest, entries: list) -> Manifest:  # type: ignore[type-arg]
@@ -84,7 +86,7 @@ def test_stale_or_repeated_version(served: Served, version: int) -> None:
     refused(
         lambda: raw.begin(served.rollout.weight_sync, version, manifest),
         grpc.StatusCode.FAILED_PRECONDITION,
-        "not newer than committed version 1",
+        Reason.STALE_VERSION,
     )
     served.assert_unchanged()
 
@@ -94,7 +96,7 @@ def test_unknown_tensor_name(served: Served) -> None:
     refused(
         lambda: raw.begin(served.rollout.weight_sync, 2, manifest),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "unknown tensor 'model.layers.99.mlp.up_proj.weight'",
+        Reason.BAD_MANIFEST,
     )
     served.assert_unchanged()
 
@@ -105,7 +107,7 @@ def test_missing_tensor(served: Served) -> None:
     refused(
         lambda: raw.begin(served.rollout.weight_sync, 2, manifest),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "missing tensors: model.layers.2.self_attn.o_proj.weight",
+        Reason.BAD_MANIFEST,
     )
     served.assert_unchanged()
 
@@ -116,7 +118,7 @@ def test_wrong_shape(served: Served) -> None:
     refused(
         lambda: raw.begin(served.rollout.weight_sync, 2, edit(manifest, entries)),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "model expects [512, 256]",
+        Reason.BAD_MANIFEST,
     )
     served.assert_unchanged()
 
@@ -126,7 +128,7 @@ def test_wrong_dtype(served: Served) -> None:
     refused(
         lambda: raw.begin(served.rollout.weight_sync, 2, manifest),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "this rollout takes torch.bfloat16",
+        Reason.BAD_MANIFEST,
     )
     served.assert_unchanged()
 
@@ -134,18 +136,18 @@ def test_wrong_dtype(served: Served) -> None:
 def test_oversized_update_and_chunks(served: Served) -> None:
     fp32 = build_manifest((k, v.float()) for k, v in served.state.items() if k != "lm_head.weight")
     refused(
-        lambda: raw.begin(served.rollout.weight_sync, 2, fp32), grpc.StatusCode.RESOURCE_EXHAUSTED, "this model takes"
+        lambda: raw.begin(served.rollout.weight_sync, 2, fp32), grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_LARGE
     )
     _, manifest = raw.prepare(served.state)
     refused(
         lambda: raw.begin(served.rollout.weight_sync, 2, manifest, chunk_bytes=1 << 30),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "chunk_bytes",
+        Reason.TOO_LARGE,
     )
     # A message over the server's limit never reaches the handler; the silent update is reaped.
     update_id = raw.begin(served.rollout.weight_sync, 2, manifest).update_id
     huge = pb.PushChunksRequest(update_id=update_id, index=0, data=bytes(70 << 20)).SerializeToString()
-    refused(lambda: raw.push_chunks(served.rollout.channel, [huge]), grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+    refused(lambda: raw.push_chunks(served.rollout.channel, [huge]), grpc.StatusCode.RESOURCE_EXHAUSTED, None)
     _wait_no_update(served.rollout)
     served.assert_unchanged()
     served.assert_next_push_works()
@@ -160,7 +162,7 @@ def test_forged_fingerprint_or_checksum(served: Served, other_state: dict[str, t
         chunk_bytes=raw.CHUNK,
         fingerprint="sha256:" + "0" * 64,
     )
-    refused(lambda: stub.BeginUpdate(forged, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "fingerprint")
+    refused(lambda: stub.BeginUpdate(forged, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, Reason.BAD_MANIFEST)
     # The manifest promises one set of tensors; chunks (each self-consistent) carry another.
     other_tensors, _ = raw.prepare(other_state)
     update_id = raw.begin(stub, 2, manifest).update_id
@@ -168,7 +170,7 @@ def test_forged_fingerprint_or_checksum(served: Served, other_state: dict[str, t
     refused(
         lambda: stub.Commit(pb.CommitRequest(update_id=update_id), timeout=10),
         grpc.StatusCode.FAILED_PRECONDITION,
-        "does not match its checksum",
+        Reason.CHECKSUM_MISMATCH,
     )
     served.assert_unchanged()
     served.assert_next_push_works()
@@ -197,20 +199,20 @@ def test_checksums_at_commit_that_do_not_match(
         _, manifest = raw.prepare(served.state)
         checksums = [e.checksum for e in manifest]
     commit = pb.CommitRequest(update_id=update_id, checksums=checksums, fingerprint=manifest.fingerprint)
-    code, text = grpc.StatusCode.FAILED_PRECONDITION, "does not match its checksum"
+    code, reason = grpc.StatusCode.FAILED_PRECONDITION, Reason.CHECKSUM_MISMATCH
     if fault == "no checksums":
         del commit.checksums[:]
         commit.ClearField("fingerprint")
-        code, text = grpc.StatusCode.INVALID_ARGUMENT, "must carry the fingerprint"
+        code, reason = grpc.StatusCode.INVALID_ARGUMENT, Reason.BAD_MANIFEST
     elif fault == "too few":
         del commit.checksums[-1]
-        code, text = grpc.StatusCode.INVALID_ARGUMENT, "checksums for a manifest of"
+        code, reason = grpc.StatusCode.INVALID_ARGUMENT, Reason.BAD_MANIFEST
     elif fault == "one wrong":
         commit.checksums[1] = "xxh3_128:" + "0" * 32
     elif fault == "wrong fingerprint":
         commit.fingerprint = "sha256:" + "0" * 64
-        code, text = grpc.StatusCode.INVALID_ARGUMENT, "fingerprint in Commit does not match"
-    refused(lambda: served.rollout.weight_sync.Commit(commit, timeout=10), code, text)
+        code, reason = grpc.StatusCode.INVALID_ARGUMENT, Reason.BAD_MANIFEST
+    refused(lambda: served.rollout.weight_sync.Commit(commit, timeout=10), code, reason)
     served.assert_unchanged()
     served.assert_next_push_works()
 
@@ -220,7 +222,7 @@ def test_checksums_at_commit_must_be_asked_for(served: Served) -> None:
     layout = raw.wire.manifest_to_proto(manifest.with_checksums([""] * len(manifest)))
     stub = served.rollout.weight_sync
     cases = [
-        (pb.BeginUpdateRequest(version=2, manifest=layout, chunk_bytes=raw.CHUNK), "set checksums_at_commit"),
+        (pb.BeginUpdateRequest(version=2, manifest=layout, chunk_bytes=raw.CHUNK), Reason.BAD_MANIFEST),
         (
             pb.BeginUpdateRequest(
                 version=2,
@@ -228,23 +230,23 @@ def test_checksums_at_commit_must_be_asked_for(served: Served) -> None:
                 chunk_bytes=raw.CHUNK,
                 checksums_at_commit=True,
             ),
-            "must leave every checksum empty",
+            Reason.BAD_MANIFEST,
         ),
         (
             pb.BeginUpdateRequest(
                 version=2, manifest=layout, chunk_bytes=raw.CHUNK, checksums_at_commit=True, base_fingerprint="x"
             ),
-            "full versions",
+            Reason.BAD_MANIFEST,
         ),
     ]
-    for request, text in cases:
-        refused(lambda r=request: stub.BeginUpdate(r, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, text)
+    for request, reason in cases:
+        refused(lambda r=request: stub.BeginUpdate(r, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, reason)
     # Checksums in a Commit of an update that announced them up front are refused too.
     tensors, _ = raw.prepare(served.state)
     update_id = raw.begin(stub, 2, manifest).update_id
     raw.push_chunks(served.rollout.channel, raw.encoded_chunks(update_id, tensors, manifest))
     commit = pb.CommitRequest(update_id=update_id, checksums=[e.checksum for e in manifest])
-    refused(lambda: stub.Commit(commit, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "only for an update begun")
+    refused(lambda: stub.Commit(commit, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, Reason.BAD_MANIFEST)
     served.assert_unchanged()
 
 
@@ -254,11 +256,11 @@ def test_tied_alias_that_differs(served: Served) -> None:
     refused(
         lambda: raw.begin(served.rollout.weight_sync, 2, manifest),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "tied in this model but differ",
+        Reason.BAD_MANIFEST,
     )
     with Publisher([served.rollout.address], progress=False) as publisher:  # checksums at commit: refused there
         [result] = publisher.push(state, 2)
-    assert not result.ok and "tied in this model but differ" in result.error
+    assert not result.ok and result.reason == Reason.BAD_MANIFEST, result.error
     served.assert_unchanged()
 
 
@@ -271,12 +273,12 @@ def test_corrupted_chunk_aborts_the_update(served: Served) -> None:
     refused(
         lambda: raw.push_chunks(served.rollout.channel, [*chunks[:3], bytes(bad), *chunks[4:]]),
         grpc.StatusCode.DATA_LOSS,
-        "chunk 3 failed its checksum",
+        Reason.CHUNK_CORRUPT,
     )
     refused(
         lambda: served.rollout.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10),
         grpc.StatusCode.NOT_FOUND,
-        "no update",
+        Reason.UNKNOWN_UPDATE,
     )
     served.assert_unchanged()
     served.assert_next_push_works()
@@ -287,20 +289,20 @@ def test_misplaced_chunks(served: Served, fault: str) -> None:
     tensors, manifest = raw.prepare(served.state)
     update_id = raw.begin(served.rollout.weight_sync, 2, manifest).update_id
     chunks = raw.encoded_chunks(update_id, tensors, manifest)
-    stream, code, text = {
-        "duplicate": ([chunks[0], chunks[1], chunks[0]], grpc.StatusCode.DATA_LOSS, "chunk 0 arrived twice"),
+    stream, code, reason = {
+        "duplicate": ([chunks[0], chunks[1], chunks[0]], grpc.StatusCode.DATA_LOSS, Reason.CHUNK_CORRUPT),
         "out_of_range": (
             [raw.wire.encode_chunk(update_id.encode(), len(chunks), [memoryview(b"x" * 16)])],
             grpc.StatusCode.DATA_LOSS,
-            "outside the layout",
+            Reason.CHUNK_CORRUPT,
         ),
         "wrong_update": (
             raw.encoded_chunks("someone-else", tensors, manifest)[:1],
             grpc.StatusCode.NOT_FOUND,
-            "no update 'someone-else'",
+            Reason.UNKNOWN_UPDATE,
         ),
     }[fault]
-    refused(lambda: raw.push_chunks(served.rollout.channel, stream), code, text)
+    refused(lambda: raw.push_chunks(served.rollout.channel, stream), code, reason)
     served.rollout.weight_sync.AbortUpdate(pb.AbortUpdateRequest(update_id=update_id), timeout=5) if fault == (
         "wrong_update"
     ) else None
@@ -317,7 +319,7 @@ def test_commit_before_every_byte_arrived(served: Served, sent: int) -> None:
     refused(
         lambda: served.rollout.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10),
         grpc.StatusCode.FAILED_PRECONDITION,
-        f"{len(chunks) - sent} of {len(chunks)} chunks have not arrived",
+        Reason.INCOMPLETE_UPDATE,
     )
     served.assert_unchanged()
     served.assert_next_push_works()
@@ -327,10 +329,10 @@ def test_second_trainer_is_refused_while_first_pushes(served: Served, other_stat
     tensors, manifest = raw.prepare(other_state)
     stub = served.rollout.weight_sync
     first = raw.begin(stub, 2, manifest).update_id
-    refused(lambda: raw.begin(stub, 3, manifest), grpc.StatusCode.ABORTED, "one update at a time")
+    refused(lambda: raw.begin(stub, 3, manifest), grpc.StatusCode.ABORTED, Reason.UPDATE_IN_PROGRESS)
     with Publisher([served.rollout.address], progress=False) as second:
         [result] = second.push(served.state, 4)
-    assert not result.ok and "ABORTED" in result.error
+    assert not result.ok and result.reason == Reason.UPDATE_IN_PROGRESS, result.error
     served.assert_unchanged(receiving=True)
     raw.push_chunks(served.rollout.channel, raw.encoded_chunks(first, tensors, manifest))
     answer = stub.Commit(pb.CommitRequest(update_id=first), timeout=10)
@@ -389,8 +391,11 @@ def test_nonfinite_weights_are_refused_when_asked(loop_thread, model_dir, traine
             poisoned["model.norm.weight"] = trained_state["model.norm.weight"].clone()
             poisoned["model.norm.weight"][3] = float("nan")
             [result] = publisher.push(poisoned, 2)
-        assert not result.ok and result.error.startswith("INVALID_ARGUMENT")
-        assert "'model.norm.weight' holds NaN" in result.error
+        assert (result.ok, result.code, result.reason) == (
+            False,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            Reason.NON_FINITE_WEIGHTS,
+        ), result.error
         status = rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
         assert (status.weight_version, status.state, status.update_id) == (1, pb.ROLLOUT_STATE_SERVING, "")
     finally:

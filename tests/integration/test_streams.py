@@ -10,6 +10,7 @@ import pytest
 
 from trainer_side.publisher import Publisher
 from trainer_side.train import new_model
+from weightsync.errors import Reason, reason_of
 from weightsync.manifest import manifest_of_state
 from weightsync.v1 import weightsync_pb2 as pb
 
@@ -87,7 +88,7 @@ def test_wrong_bytes_out_of_order_are_refused_at_commit(rollout: Rollout, traine
     with pytest.raises(grpc.RpcError) as info:
         rollout.weight_sync.Commit(pb.CommitRequest(update_id=update_id), timeout=10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "does not match its checksum" in info.value.details()
+    assert reason_of(info.value) == Reason.CHECKSUM_MISMATCH, info.value.details()
 
 
 def test_streams_must_be_positive() -> None:

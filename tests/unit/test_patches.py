@@ -187,7 +187,7 @@ def test_transfer_plans_tile_and_fit_the_manifest() -> None:
     with pytest.raises(BadManifest, match="unknown encoding"):
         wire.plan_from_proto(message)
     message = pb.TransferPlan(tensors=[pb.TensorTransfer(wire_offset=3, wire_bytes=4)], total_bytes=7)
-    with pytest.raises(BadManifest, match="bad transfer plan"):
+    with pytest.raises(BadPatch, match="expected 0"):
         wire.plan_from_proto(message)
 
 

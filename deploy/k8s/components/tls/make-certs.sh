@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes a throwaway CA plus a rollout and a trainer certificate for the tls component, with openssl.
 #   deploy/k8s/components/tls/make-certs.sh [OUT_DIR] [NAMESPACE] [MAX_ROLLOUTS]
-# Writes OUT_DIR/{ca,rollout,trainer}.{crt,key}; creates nothing in the cluster (the README shows the
+# Writes OUT_DIR/{ca,rollout,trainer}.{crt,key}; creates nothing in the cluster (docs/kubernetes.md shows the
 # `kubectl create secret` lines). For production, issue these from your own CA (e.g. cert-manager)
 # with the same names: the rollout certificate must name every address the trainer dials.
 set -euo pipefail
