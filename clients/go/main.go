@@ -9,8 +9,11 @@
 // Prints one JSON object in the protobuf JSON mapping with proto field names (uint64 as strings):
 //
 //	{"status": GetStatusResponse, "response": GenerateResponse}          exit 0
-//	{"status": GetStatusResponse, "error": {"code", "name", "details"}}   exit 1 (e.g. UNAVAILABLE
-//	                                                                      before the first commit)
+//	{"status": GetStatusResponse, "error": {"code", "name", "details", "reason", "domain"}}
+//	                                      exit 1 (e.g. UNAVAILABLE, reason NO_WEIGHTS, before the first commit)
+//
+// "reason" is the google.rpc.ErrorInfo the rollout puts in the status details (domain "weightsync.v1"):
+// branch on it, never on "details" text.
 package main
 
 import (
@@ -23,6 +26,7 @@ import (
 	"time"
 	"unicode"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -37,6 +41,20 @@ type rpcError struct {
 	Code    uint32 `json:"code"`
 	Name    string `json:"name"`
 	Details string `json:"details"`
+	Reason  string `json:"reason"`
+	Domain  string `json:"domain"`
+}
+
+// errorOf is the status as printed, with the reason from its ErrorInfo detail when there is one.
+func errorOf(s *status.Status) rpcError {
+	out := rpcError{Code: uint32(s.Code()), Name: codeName(s.Code().String()), Details: s.Message()}
+	for _, detail := range s.Details() {
+		if info, ok := detail.(*errdetails.ErrorInfo); ok {
+			out.Reason, out.Domain = info.GetReason(), info.GetDomain()
+			break
+		}
+	}
+	return out
 }
 
 // codeName spells a status code as the gRPC spec does ("FailedPrecondition" -> "FAILED_PRECONDITION").
@@ -131,7 +149,7 @@ func main() {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(2)
 		}
-		out["error"] = rpcError{Code: uint32(s.Code()), Name: codeName(s.Code().String()), Details: s.Message()}
+		out["error"] = errorOf(s)
 		exitCode = 1
 	}
 	line, err := json.Marshal(out)

@@ -9,8 +9,10 @@
 // The stubs come from proto/ at runtime (@grpc/proto-loader), so nothing is generated or committed.
 // Prints one JSON object in the protobuf JSON mapping with proto field names (uint64 as strings):
 //   {"status": GetStatusResponse, "response": GenerateResponse}            exit 0
-//   {"status": GetStatusResponse, "error": {"code", "name", "details"}}     exit 1 (e.g. UNAVAILABLE
-//                                                                           before the first commit)
+//   {"status": GetStatusResponse, "error": {"code", "name", "details", "reason", "domain"}}
+//                                        exit 1 (e.g. UNAVAILABLE, reason NO_WEIGHTS, before the first commit)
+// "reason" is the google.rpc.ErrorInfo the rollout puts in the status details (domain "weightsync.v1"):
+// branch on it, never on "details" text.
 "use strict";
 
 const fs = require("node:fs");
@@ -18,6 +20,7 @@ const path = require("node:path");
 const { parseArgs } = require("node:util");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
+const protobuf = require("protobufjs");
 
 const { values: flags, positionals } = parseArgs({
   allowPositionals: true,
@@ -71,13 +74,53 @@ function call(client, method, request) {
   });
 }
 
+// google.rpc.Status and google.rpc.ErrorInfo, the two messages a rich error status carries.
+const richStatus = protobuf.Root.fromJSON({
+  nested: {
+    Any: { fields: { type_url: { type: "string", id: 1 }, value: { type: "bytes", id: 2 } } },
+    Status: {
+      fields: {
+        code: { type: "int32", id: 1 },
+        message: { type: "string", id: 2 },
+        details: { rule: "repeated", type: "Any", id: 3 },
+      },
+    },
+    ErrorInfo: {
+      fields: {
+        reason: { type: "string", id: 1 },
+        domain: { type: "string", id: 2 },
+        metadata: { keyType: "string", type: "string", id: 3 },
+      },
+    },
+  },
+});
+
 /**
- * The gRPC status of a failed call, as {code, name, details}.
+ * The ErrorInfo in a failed call's `grpc-status-details-bin` trailer, if any.
+ * @param {any} error
+ * @returns {{reason: string, domain: string} | null}
+ */
+function errorInfoOf(error) {
+  const [raw] = error?.metadata?.get("grpc-status-details-bin") ?? [];
+  if (!raw) return null;
+  const status = /** @type {any} */ (richStatus.lookupType("Status").decode(raw));
+  for (const detail of status.details) {
+    if (detail.type_url.endsWith("/google.rpc.ErrorInfo")) {
+      const info = /** @type {any} */ (richStatus.lookupType("ErrorInfo").decode(detail.value));
+      return { reason: info.reason, domain: info.domain };
+    }
+  }
+  return null;
+}
+
+/**
+ * The gRPC status of a failed call, as {code, name, details, reason, domain}.
  * @param {any} error
  */
 function statusOf(error) {
   if (typeof error?.code !== "number") throw error;
-  return { code: error.code, name: grpc.status[error.code], details: error.details };
+  const info = errorInfoOf(error) ?? { reason: "", domain: "" };
+  return { code: error.code, name: grpc.status[error.code], details: error.details, ...info };
 }
 
 async function main() {

@@ -70,7 +70,7 @@ def test_client_sees_unavailable_before_the_first_push(client, rollout) -> None:
     code, out = run(client, rollout.address)
     assert code == 1, out
     assert out["error"]["name"] == "UNAVAILABLE" and out["error"]["code"] == 14, out
-    assert "no weights are committed yet" in out["error"]["details"]
+    assert (out["error"]["reason"], out["error"]["domain"]) == ("NO_WEIGHTS", "weightsync.v1"), out
     assert out["status"]["weight_version"] == "0"
     assert out["status"]["state"] == "ROLLOUT_STATE_DUMMY"
     assert out["status"]["fingerprint"] == ""
@@ -114,6 +114,7 @@ def test_client_sends_the_bearer_token(client, loop_thread, model_dir, trained_s
             assert publisher.push(trained_state, version=2)[0].ok
         code, out = run(client, address)
         assert code == 1 and out["error"]["name"] == "UNAUTHENTICATED", out
+        assert out["error"]["reason"] == "UNAUTHENTICATED", out
         token_file = tmp_path / "token"
         token_file.write_text(token + "\n")
         code, out = run(client, address, "--token-file", str(token_file))
