@@ -14,8 +14,9 @@ VLLM_PKG ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo v
 VENV_STAMP := $(VENV)/.installed
 STUBS := weightsync/v1/weightsync_pb2.py
 MODEL_STAMP := $(MODEL)/config.json
+WEIGHTS := $(MODEL)/model.safetensors
 
-.PHONY: help venv proto model test soak lint demo run-rollout run-trainer bench clean
+.PHONY: help venv proto model weights test soak lint demo run-rollout run-trainer bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -43,6 +44,11 @@ $(MODEL_STAMP): scripts/build_tiny_model.py $(VENV_STAMP)
 	$(BIN)/python scripts/build_tiny_model.py $(MODEL)
 
 model: $(MODEL_STAMP)  ## build models/tiny/ (config + tokenizer, offline, deterministic)
+
+$(WEIGHTS): scripts/build_tiny_weights.py $(MODEL_STAMP)
+	$(BIN)/python scripts/build_tiny_weights.py $(MODEL) $@
+
+weights: $(WEIGHTS)  ## write models/tiny/model.safetensors (seeded bf16 weights) for `push` and `serve --weights`
 
 test: $(STUBS) $(MODEL_STAMP) clients  ## run the test suite (what CI runs)
 	$(BIN)/python -m pytest -m "not gpu" -q
@@ -85,7 +91,7 @@ GO_BUILD := clients/go/.build
 GO_CLIENT := $(GO_BUILD)/bin/weightsync-client
 # golang-github-golang-protobuf-1-5-dev by name: grpc-dev also accepts 1-3, whose codec panics on APIv2 messages.
 GO_DEBS := golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev \
-	golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
+	golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev golang-google-genproto-dev
 GO_ENV := GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH=$(CURDIR)/$(GO_BUILD)/gopath:/usr/share/gocode \
 	GOCACHE=$(CURDIR)/$(GO_BUILD)/cache
 APT := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n) env DEBIAN_FRONTEND=noninteractive apt-get

@@ -268,35 +268,29 @@ def _naive_client(
     runs: int,
     out: mp.Queue,  # type: ignore[type-arg]
 ) -> None:
-    import grpc
-
     from weightsync import wire
-    from weightsync.manifest import build_manifest, wire_tensors
+    from weightsync.channel import open_channel, raw_push_chunks
+    from weightsync.manifest import wire_tensors
     from weightsync.memory import keep_freed_memory
     from weightsync.v1 import weightsync_pb2 as pb
     from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
     named = dict(wire_tensors(random_state(Path(model_dir))))
-    tensors = list(named.values())
-    manifest = build_manifest(named.items())
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
+    payloads = [tensor_bytes(t) for t in named.values()]
+    channel = open_channel(f"127.0.0.1:{port}")
     push = pb_grpc.WeightSyncStub(channel).PushChunks
 
     def requests():  # type: ignore[no-untyped-def]
-        for index, pieces in wire.iter_chunk_payloads(tensors, manifest, chunk_bytes):
+        for index, pieces in wire.iter_wire_payloads(payloads, chunk_bytes):
             yield pb.PushChunksRequest(update_id="naive", index=index, data=b"".join(pieces))
 
     messages = requests
     if bare:  # every message encoded before the clock starts: what is left is gRPC moving them
         keep_freed_memory()
-        chunks = wire.iter_chunk_payloads(tensors, manifest, chunk_bytes)
+        chunks = wire.iter_wire_payloads(payloads, chunk_bytes)
         encoded = [wire.encode_chunk(b"bare", i, p) for i, p in chunks]
         messages = lambda: iter(encoded)  # noqa: E731
-        push = channel.stream_unary(
-            "/weightsync.v1.WeightSync/PushChunks",
-            request_serializer=None,
-            response_deserializer=pb.PushChunksResponse.FromString,
-        )
+        push = raw_push_chunks(channel)
 
     seconds, cpu = [], Cpu()
     for _ in range(runs):

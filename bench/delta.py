@@ -33,8 +33,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from bench.measure import MiB, machine, summary
 from bench.models import make_model
-from rollout_side.process import RolloutProcess
-from trainer_side.delta import BaseStore
+from rollout_side.process import RolloutProcess, serve_command
+from trainer_side.base_store import BaseStore
 from trainer_side.publisher import Publisher, PushResult
 from weightsync.delta import TensorDiff, apply_patch, element_view
 from weightsync.manifest import Manifest, build_layout, build_manifest, tensor_bytes, tensor_checksum
@@ -224,8 +224,7 @@ def _timed_scan(
     """The delta publisher's scan of `after` against `before` as its base, and the seconds it took."""
     store = BaseStore()
     try:
-        store.advance(0, build_manifest(before.items()), before, None, {})
-        store.join()
+        store.assume(0, build_manifest(before.items()), before)
         started = time.perf_counter()
         manifest, diffs = store.scan(after)
         return manifest, diffs, time.perf_counter() - started
@@ -276,7 +275,7 @@ def _dense(trainer: Trainer, plain: Publisher, deltas: Publisher, nbytes: int, r
         unchanged = _unchanged(before, trainer.state())
         extra = _fallback_work(before, trainer.state())
         del before
-        had_base = bool(deltas.delta_holders)  # else it has none to fall back from (see trainer_side/delta.py)
+        had_base = bool(deltas.delta_holders)  # else it has none to fall back from (see trainer_side/base_store.py)
         plain_s, _, fallback_s, fallback = _both(plain, deltas, trainer.state(), delta_first=i % 2 == 0)
         if fallback.delta or fallback.bytes_sent != nbytes:
             raise RuntimeError("a dense update was sent as a delta")
@@ -344,11 +343,10 @@ def _on_a_link(model_dir: Path, rate: str, runs: int, warmup: int) -> dict[str, 
     port = 50051
     with Cluster(3, rate) as cluster:
         addresses = [f"{a}:{port}" for a in cluster.addresses[1:]]
-        serve = [sys.executable, "-m", "rollout_side", "serve", "--engine", "torch", "--model", str(model_dir)]
         servers = [
             subprocess.Popen(
                 cluster.command(
-                    i, [*serve, "--host", cluster.addresses[i], "--port", str(port), "--log-level", "WARNING"]
+                    i, serve_command(model_dir, host=cluster.addresses[i], port=port, args=["--log-level", "WARNING"])
                 ),
                 cwd=ROOT,
             )

@@ -37,7 +37,7 @@ def _driver(checkpoint: Path, rollouts: list[str], runs: int) -> dict[str, objec
     version = 0
     for name, (targets, relay) in modes.items():
         seconds, sent = [], []
-        with Publisher(targets, progress=False, relay=relay, timeout=120) as publisher:
+        with Publisher(targets, progress=False, relay_fanout=relay, timeout=120) as publisher:
             for _ in range(runs + 1):  # the first is a warm-up
                 version += 1
                 before, start = int(tx.read_text()), time.perf_counter()
@@ -57,6 +57,7 @@ def run(*, rollouts: int = 4, rate: str = "200mbit", size: str = "64MiB", runs: 
     from safetensors.torch import save_file
 
     from bench.models import make_model, model_bytes, random_state
+    from rollout_side.process import serve_command
 
     work = Path(tempfile.mkdtemp(prefix="ws-relay-"))
     model = make_model(size, work) if size != "tiny" else ROOT / "models" / "tiny"
@@ -69,22 +70,7 @@ def run(*, rollouts: int = 4, rate: str = "200mbit", size: str = "64MiB", runs: 
             subprocess.Popen(
                 cluster.command(
                     i + 1,
-                    [
-                        sys.executable,
-                        "-m",
-                        "rollout_side",
-                        "serve",
-                        "--engine",
-                        "torch",
-                        "--model",
-                        str(model),
-                        "--host",
-                        cluster.addresses[i + 1],
-                        "--port",
-                        str(PORT),
-                        "--log-level",
-                        "WARNING",
-                    ],
+                    serve_command(model, host=cluster.addresses[i + 1], port=PORT, args=["--log-level", "WARNING"]),
                 ),
                 cwd=ROOT,
             )

@@ -13,7 +13,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import grpc
 from safetensors.torch import save_file
 
 from bench.models import make_model, model_bytes, random_state
-from rollout_side.process import free_port
+from rollout_side.process import free_port, serve_command
 from trainer_side.publisher import Publisher
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -32,20 +31,7 @@ __all__ = ["run"]
 
 def _launch(model: Path, log: Path, weights: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "rollout_side",
-        "serve",
-        "--engine",
-        "vllm",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        "--kv-cache-gib",
-        "0.5",
-    ]
+    cmd = serve_command(model, engine="vllm", port=port, args=["--kv-cache-gib", "0.5"])
     if weights is not None:
         cmd += ["--weights", str(weights)]
     with log.open("a") as sink:

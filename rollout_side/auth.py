@@ -6,6 +6,7 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -44,14 +45,16 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         service = details.method.lstrip("/").split("/", 1)[0]
         expected = self._tokens.get(service)
         if expected is None:
             return await continuation(details)
         handler = await continuation(details)
+        if handler is None:
+            return None  # no such method: grpc answers UNIMPLEMENTED
         metadata = dict(details.invocation_metadata or ())
         header = metadata.get("authorization", "")
         if isinstance(header, bytes):
@@ -67,11 +70,11 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _denying(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, reason: Reason
-) -> grpc.RpcMethodHandler:
+    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str, reason: Reason
+) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same streaming shape as `handler` that aborts without reading the request."""
 
-    async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
+    async def deny(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort_with_status(to_status(code, message, reason))
 
     make = handler_factory(handler.request_streaming, handler.response_streaming)

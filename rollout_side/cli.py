@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 from pathlib import Path
 
 from rollout_side.auth import ServerSecurity
 from rollout_side.engines.base import Engine
+from weightsync.checkpoint import checkpoint_files
+from weightsync.cli import ArgumentParser, bind_problem, fail, port, port_problem, version
+from weightsync.errors import WeightSyncError
 from weightsync.logs import setup_logging
 from weightsync.metrics import serve_metrics
 from weightsync.security import add_security_arguments, channel_credentials, load_token, server_credentials
@@ -20,7 +24,7 @@ logger = logging.getLogger("rollout_side")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m rollout_side",
         description="A weightsync rollout: serves Generate only after a trainer has pushed a complete, "
         "checksummed weight version over WeightSync (or with --weights, from disk).",
@@ -45,13 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="vllm (batched, the production engine) or torch (light reference engine)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 in containers")
-    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--port", type=port, default=50051, help="TCP port, 1..65535 (default: %(default)s)")
     serve.add_argument(
         "--weights",
         type=Path,
         help="standalone mode: a .safetensors file or folder of them to load at boot, no trainer needed",
     )
-    serve.add_argument("--weights-version", type=int, default=1, help="version the --weights are served as")
+    serve.add_argument(
+        "--weights-version", type=version, default=1, help="version the --weights are served as, from 1 (default: 1)"
+    )
     serve.add_argument("--device", default="cpu", help="torch engine device, e.g. cuda:0")
     serve.add_argument("--max-model-len", type=int, default=512, help="vllm: longest prompt + completion")
     serve.add_argument("--gpu-memory-utilization", type=float, help="vllm: fraction of GPU memory to use")
@@ -79,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept versions from a co-located trainer as files in DIR (a /dev/shm shared with it, or a "
         "memory-backed emptyDir mounted in both containers of a pod) instead of over the socket",
     )
-    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    serve.add_argument("--metrics-port", type=port, help="serve Prometheus metrics on this port (default: off)")
     add_security_arguments(serve, server=True)
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
@@ -87,22 +93,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_security(args: argparse.Namespace) -> ServerSecurity:
-    """Reads tokens and TLS material once; a missing file is a clear start-up error."""
+    """Reads tokens and TLS material once; a missing, unreadable or mismatched file is a one-line start-up error."""
     if (args.tls_cert is None) != (args.tls_key is None):
-        raise SystemExit("error: --tls-cert and --tls-key go together")
+        fail("--tls-cert and --tls-key go together")
     if args.tls_ca and not args.tls_cert:
-        raise SystemExit("error: --tls-ca (mutual TLS) needs --tls-cert and --tls-key")
+        fail("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
     try:
         return ServerSecurity(
             token=load_token(args.auth_token_file),
-            generate_token=load_token(args.generate_token_file, env="WEIGHTSYNC_GENERATE_TOKEN"),
+            generate_token=load_token(args.generate_token_file, "WEIGHTSYNC_GENERATE_TOKEN", "--generate-token-file"),
             tls=server_credentials(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None,
             # A TLS rollout relays over TLS: it verifies downstream rollouts with --tls-ca (the system's roots
             # without it) and shows its own certificate, which mutual TLS downstream asks for.
             relay=channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_cert else None,
         )
     except (OSError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+        fail(error)
+
+
+def check_model(model: Path) -> None:
+    """The model folder has a config and a tokenizer that loads: without one every prompt would fail later."""
+    if not (model / "config.json").is_file():
+        fail(f"{model}/config.json not found; run `make model` or pass --model DIR")
+    tokenizer_json = model / "tokenizer.json"
+    if tokenizer_json.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(tokenizer_json))
+        except Exception as error:  # noqa: BLE001 (tokenizers raises a bare Exception for a malformed file)
+            fail(f"--model {model}: {tokenizer_json.name} does not load ({error})")
+    elif not any((model / name).is_file() for name in ("tokenizer.model", "vocab.json", "vocab.txt")):
+        fail(
+            f"--model {model} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json): "
+            "copy the model's tokenizer files into it"
+        )
+
+
+def check_args(args: argparse.Namespace) -> ServerSecurity:
+    """Every start-up mistake that can be seen before the engine boots, each a one-line error."""
+    check_model(args.model)
+    if args.weights is not None:
+        try:
+            checkpoint_files(args.weights)
+        except (OSError, ValueError) as error:
+            fail(f"--weights: {error}")
+    security = make_security(args)
+    problem = port_problem(args.host, args.port)
+    if problem:
+        fail(problem)
+    return security
 
 
 def make_engine(args: argparse.Namespace) -> Engine:
@@ -122,14 +162,17 @@ def make_engine(args: argparse.Namespace) -> Engine:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from rollout_side.receiver import Receiver
-    from rollout_side.server import create_server
+    security = check_args(args)  # before the heavy imports: a mistake is reported in a second
 
-    if not (args.model / "config.json").is_file():
-        raise SystemExit(f"error: {args.model}/config.json not found; run `make model` or pass --model DIR")
-    security = make_security(args)
+    from rollout_side.receiver import Receiver
+    from rollout_side.server import BindError, create_server
+
     if args.metrics_port is not None:
-        serve_metrics(args.metrics_port, args.host)
+        metrics_host = "127.0.0.1" if args.host.startswith("unix:") else args.host
+        try:
+            serve_metrics(args.metrics_port, metrics_host)
+        except OSError as error:
+            fail(bind_problem(metrics_host, args.metrics_port, error, "--metrics-port"))
     if security.token is None:
         logger.warning("the weight path is open: anyone who reaches this port can push weights (--auth-token-file)")
     engine = make_engine(args)
@@ -140,10 +183,22 @@ async def serve(args: argparse.Namespace) -> None:
         reject_nonfinite=args.reject_nonfinite,
         shared_memory_dir=args.shared_memory_dir,
     )
-    await receiver.start(args.weights, args.weights_version)
-    rollout = await create_server(
-        receiver, address=f"{args.host}:{args.port}", model=str(args.model), security=security
-    )
+    try:
+        await receiver.start(args.weights, args.weights_version)
+    except (OSError, ValueError, WeightSyncError) as error:
+        if args.weights is None:
+            raise
+        with contextlib.suppress(Exception):
+            await receiver.close()
+        fail(f"--weights {args.weights} cannot be served by --model {args.model}: {error}")
+    try:
+        rollout = await create_server(
+            receiver, address=f"{args.host}:{args.port}", model=str(args.model), security=security
+        )
+    except BindError as error:  # the port was taken while the engine booted
+        with contextlib.suppress(Exception):
+            await receiver.close()
+        fail(error)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -16,13 +16,25 @@ import grpc
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
-__all__ = ["RolloutProcess", "free_port", "wait_until_up"]
+__all__ = ["RolloutProcess", "free_port", "serve_command", "wait_until_up"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def serve_command(
+    model: Path, *, engine: str = "torch", host: str | None = None, port: int | None = None, args: Sequence[str] = ()
+) -> list[str]:
+    """`python -m rollout_side serve` with these options, as an argv list (the CLI's defaults where None)."""
+    command = [sys.executable, "-m", "rollout_side", "serve", "--engine", engine, "--model", str(model)]
+    if host is not None:
+        command += ["--host", host]
+    if port is not None:
+        command += ["--port", str(port)]
+    return [*command, *args]
 
 
 def wait_until_up(address: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -62,8 +74,7 @@ class RolloutProcess:
         # The CLI listens on f"{host}:{port}": for a unix: host that is the socket's path.
         host = "unix:" + os.path.join(tempfile.mkdtemp(prefix="ws-rollout-"), "rollout.sock") if unix else "127.0.0.1"
         self.address = f"{host}:{port}"
-        command = [sys.executable, "-m", "rollout_side", "serve", "--engine", engine, "--model", str(model)]
-        command += ["--host", host, "--port", str(port), *args]
+        command = serve_command(model, engine=engine, host=host, port=port, args=args)
         sink = log.open("a") if log else subprocess.DEVNULL
         self.process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT if log else None)
         self.pid = self.process.pid

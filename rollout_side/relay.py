@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
+from weightsync.channel import open_aio_channel, raw_push_chunks
+from weightsync.relay_tree import subtree_addresses
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -39,14 +41,10 @@ class _Downstream:
         self.target = target
         self.metadata = metadata
         self.timeout = timeout
-        self.channel = (
-            grpc.aio.secure_channel(target.address, credentials)
-            if credentials
-            else grpc.aio.insecure_channel(target.address)
-        )
+        self.channel = open_aio_channel(target.address, credentials)
         self.stub = pb_grpc.WeightSyncStub(self.channel)
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(WINDOW)
-        self.stream: asyncio.Task[object] | None = None
+        self.stream: asyncio.Task[pb.PushChunksResponse] | None = None
         self.error = ""
 
     async def begin(self, request: pb.BeginUpdateRequest) -> None:
@@ -59,15 +57,11 @@ class _Downstream:
         except grpc.aio.AioRpcError as error:
             self.fail(f"{error.code().name}: {error.details()}")
             return
-        push = self.channel.stream_unary(
-            "/weightsync.v1.WeightSync/PushChunks",
-            request_serializer=None,
-            response_deserializer=pb.PushChunksResponse.FromString,
-        )
+        push = raw_push_chunks(self.channel)
         self.stream = asyncio.ensure_future(push(self._chunks(), metadata=self.metadata))
         self.stream.add_done_callback(self._ended)
 
-    def _ended(self, stream: asyncio.Future[object]) -> None:
+    def _ended(self, stream: asyncio.Future[pb.PushChunksResponse]) -> None:
         """A stream that broke (the downstream died) must not leave the upstream waiting on its queue."""
         if not stream.cancelled() and stream.exception() is not None:
             self.fail(f"the chunk stream broke: {stream.exception()}")
@@ -101,7 +95,7 @@ class _Downstream:
                 )
                 return [mine, *answer.relayed]
         await self.channel.close()
-        return [pb.RelayResult(address=a, ok=False, error=self.error) for a in _addresses(self.target)]
+        return [pb.RelayResult(address=a, ok=False, error=self.error) for a in subtree_addresses([self.target])]
 
     def fail(self, reason: str) -> None:
         if not self.error:
@@ -150,7 +144,3 @@ class Relay:
 
     async def abort(self, update_id: str) -> None:
         await asyncio.gather(*(d.abort(update_id) for d in self._downstream))
-
-
-def _addresses(target: pb.RelayTarget) -> list[str]:
-    return [target.address, *(a for d in target.downstream for a in _addresses(d))]

@@ -1,4 +1,4 @@
-"""Wires a rollout together: engine -> receiver -> servicers, health and reflection on one port."""
+"""Wires a rollout together: engine -> receiver -> cores (updates, generation) -> servicers, health, reflection."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rollout_side.auth import ServerSecurity
-from rollout_side.receiver import Phase, Receiver
+from rollout_side.generation import Generation, VersionGate
+from rollout_side.lifecycle import Phase
+from rollout_side.receiver import Receiver
 from rollout_side.servicers.generate import GenerateServicer
 from rollout_side.servicers.registry import add_service
 from rollout_side.servicers.weight_sync import WeightSyncServicer, add_weight_sync
+from rollout_side.updates import Updates
+from weightsync.cli import port_problem
 from weightsync.memory import keep_freed_memory
 from weightsync.v1 import weightsync_pb2 as pb
 
-__all__ = ["GENERATE_SERVICE", "WEIGHT_SYNC_SERVICE", "RolloutServer", "create_server"]
+__all__ = ["GENERATE_SERVICE", "WEIGHT_SYNC_SERVICE", "BindError", "RolloutServer", "create_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +28,20 @@ GENERATE_SERVICE = pb.DESCRIPTOR.services_by_name["Generate"].full_name
 WEIGHT_SYNC_SERVICE = pb.DESCRIPTOR.services_by_name["WeightSync"].full_name
 # A chunk plus its header; the receiver refuses chunk sizes above its own limit first.
 MAX_MESSAGE_BYTES = 65 << 20
+
+
+class BindError(OSError):
+    """The server could not listen on its address; the message is one line saying why (port in use, ...)."""
+
+
+def _why_not_bound(address: str) -> str:
+    """gRPC says only "failed to bind": probe the address with a plain socket to say why."""
+    host, _, port = address.rpartition(":")
+    if port.isdigit():
+        problem = port_problem(host, int(port))
+        if problem:
+            return problem
+    return f"cannot listen on {address}"
 
 
 class RolloutServer:
@@ -60,18 +78,25 @@ async def create_server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # gRPC sets SO_REUSEPORT by default: a second rollout on a busy port would bind and split the
+            # connections with the first. Off, binding a busy port fails: one address, one rollout.
+            ("grpc.so_reuseport", 0),
         ],
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    add_weight_sync(WeightSyncServicer(receiver, model, relay_credentials=security.relay), server)
-    add_service(GenerateServicer(receiver), server, pb.DESCRIPTOR.services_by_name["Generate"])
+    add_weight_sync(WeightSyncServicer(Updates(receiver, relay_credentials=security.relay), model), server)
+    generation = Generation(receiver.engine, VersionGate(receiver.engine, receiver.lifecycle))
+    add_service(GenerateServicer(generation), server, pb.DESCRIPTOR.services_by_name["Generate"])
     reflection.enable_server_reflection(
         (GENERATE_SERVICE, WEIGHT_SYNC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_secure_port(address, security.tls) if security.tls else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, security.tls) if security.tls else server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises "Failed to bind to address ..." (older versions returned 0)
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}: is the port taken?")
+        raise BindError(_why_not_bound(address))
     await server.start()
 
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

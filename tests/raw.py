@@ -8,7 +8,8 @@ import grpc
 import torch
 
 from weightsync import wire
-from weightsync.manifest import Manifest, build_manifest, wire_tensors
+from weightsync.channel import raw_push_chunks
+from weightsync.manifest import Manifest, build_manifest, tensor_bytes, wire_tensors
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -40,17 +41,12 @@ def encoded_chunks(
 ) -> list[bytes]:
     return [
         wire.encode_chunk(update_id.encode(), index, pieces)
-        for index, pieces in wire.iter_chunk_payloads(tensors, manifest, chunk_bytes)
+        for index, pieces in wire.iter_wire_payloads([tensor_bytes(t) for t in tensors], chunk_bytes)
     ]
 
 
 def push_chunks(channel: grpc.Channel, messages: Iterable[bytes]) -> pb.PushChunksResponse:
-    call = channel.stream_unary(
-        "/weightsync.v1.WeightSync/PushChunks",
-        request_serializer=None,
-        response_deserializer=pb.PushChunksResponse.FromString,
-    )
-    return call(iter(messages), timeout=60)
+    return raw_push_chunks(channel)(iter(messages), timeout=60)
 
 
 def full_push(channel: grpc.Channel, stub: pb_grpc.WeightSyncStub, state: Mapping[str, torch.Tensor], version: int):  # type: ignore[no-untyped-def]

@@ -9,14 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from trainer_side.discovery import resolve
+from weightsync.cli import ArgumentParser, bind_problem, fail, port, version
 from weightsync.logs import setup_logging
 from weightsync.security import add_security_arguments, channel_credentials, load_token
 
 __all__ = ["main"]
 
+# What a rollout accepts by default (its MIN_CHUNK_BYTES and MAX_CHUNK_BYTES).
+MIN_CHUNK_MIB, MAX_CHUNK_MIB = 1 / 256, 64.0
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m trainer_side",
         description="The trainer side of weightsync: streams bf16 weights to rollout servers, which serve "
         "Generate only once a complete, checksummed version has committed.",
@@ -30,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         "version N. Exits 0 only when every rollout confirmed N with a fingerprint equal to ours.",
     )
     push.add_argument("--checkpoint", type=Path, required=True, help="a .safetensors file or a folder of them")
-    push.add_argument("--version", type=int, required=True, help="must be newer than what rollouts serve")
+    push.add_argument("--version", type=version, required=True, help="from 1; must be newer than what rollouts serve")
     _add_rollouts(push)
-    push.add_argument("--chunk-mib", type=float, default=1.0, help="chunk size on the wire (default: %(default)s)")
+    push.add_argument(
+        "--chunk-mib", type=chunk_mib, default=1.0, help="chunk size on the wire, 1/256..64 (default: %(default)s)"
+    )
     push.add_argument(
         "--base",
         type=Path,
@@ -65,17 +71,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     for p in (push, train, status):
         add_security_arguments(p, server=False)
-        p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+        p.add_argument("--metrics-port", type=port, help="serve Prometheus metrics on this port (default: off)")
         p.add_argument("--log-level", default="WARNING")
         p.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
     return parser
+
+
+def chunk_mib(text: str) -> float:
+    """argparse type: a chunk size in MiB a rollout takes (4 KiB to 64 MiB)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not MIN_CHUNK_MIB <= value <= MAX_CHUNK_MIB:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"chunks are 1/256 (4 KiB) to {MAX_CHUNK_MIB:g} MiB, got {text}")
+    return value
+
+
+def rollouts(text: str) -> list[str]:
+    """argparse type: --rollouts resolved, every HOST:PORT with a port in 1..65535 (not 99999 mod 65536)."""
+    try:
+        addresses = resolve(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    for address in addresses:
+        if address.startswith("unix:"):
+            continue
+        host, _, number = address.rpartition(":")
+        if not host:
+            raise argparse.ArgumentTypeError(f"{address!r} is not HOST:PORT")
+        try:
+            port(number)
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"{address!r}: {error}") from None
+    return addresses
 
 
 def _add_rollouts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rollouts",
         required=True,
-        type=resolve,
+        type=rollouts,
         help="comma-separated HOST:PORT list (127.0.0.1:50051), or dns:NAME:PORT for every address NAME has "
         "(a Kubernetes headless Service)",
     )
@@ -93,10 +129,14 @@ def _add_shared_memory(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    connection(args)  # a bad token or TLS file is a start-up error, before metrics or any work
     if args.metrics_port is not None:
         from weightsync.metrics import serve_metrics
 
-        serve_metrics(args.metrics_port)
+        try:
+            serve_metrics(args.metrics_port)
+        except OSError as error:
+            fail(bind_problem("0.0.0.0", args.metrics_port, error, "--metrics-port"))
     setup_logging(args.log_level, args.log_format)
     if args.command == "push":
         return _push(args)
@@ -115,34 +155,38 @@ def connection(args: argparse.Namespace) -> dict[str, Any]:
         tls = args.tls_ca or args.tls_cert
         credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if tls else None
     except (OSError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+        fail(error)
     return {"token": token, "credentials": credentials}
 
 
 def _push(args: argparse.Namespace) -> int:
     from trainer_side.publisher import Publisher
-    from weightsync.checkpoint import load_checkpoint
+    from weightsync.checkpoint import checkpoint_files, load_checkpoint
 
+    for flag, path in (("--checkpoint", args.checkpoint), ("--base", args.base)):
+        try:
+            if path is not None:
+                checkpoint_files(path)  # headers only: a bad --base fails before the checkpoint loads
+        except (OSError, ValueError) as error:
+            fail(f"{flag}: {error}")
     try:
         state = load_checkpoint(args.checkpoint)
         base = load_checkpoint(args.base) if args.base else None
     except (OSError, ValueError) as error:
-        print(f"error: cannot read checkpoint: {error}", file=sys.stderr)
-        return 2
+        fail(f"cannot read checkpoint: {error}")
     chunk_bytes = int(args.chunk_mib * (1 << 20))
     delta = base is not None
     try:
         publisher = Publisher(
             args.rollouts,
             chunk_bytes=chunk_bytes,
-            relay=args.relay,
+            relay_fanout=args.relay,
             delta=delta,
             shared_memory=args.shared_memory,
             **connection(args),
         )
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        fail(error)
     with publisher:
         if base is not None:
             holders = publisher.assume_base(base)

@@ -35,7 +35,7 @@ def resolve(target: str) -> list[str]:
     except socket.gaierror as error:
         logger.warning("cannot resolve %s: %s", name, error)
         return []
-    hosts = sorted({info[4][0] for info in infos})
+    hosts = sorted({str(info[4][0]) for info in infos})  # an IP address; typeshed allows any sockaddr
     return [f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts]
 
 

@@ -1,6 +1,6 @@
 """What one push sends: a version's encoding on the wire, made once for every rollout it goes to.
 
-A full version, or a delta against a base (trainer_side/delta.py makes those). A full version may
+A full version, or a delta against a base (trainer_side/base_store.py makes those). A full version may
 start with its checksums pending: the chunks are then checksummed as they are encoded and the
 checksums travel in Commit (BeginUpdateRequest.checksums_at_commit), and its tensors may be cast to
 bf16 (and copied off the GPU) one at a time as their chunks go out (`Outgoing.streamed`).
@@ -9,8 +9,6 @@ bf16 (and copied off the GPU) one at a time as their chunks go out (`Outgoing.st
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import overload
 
 import torch
@@ -23,21 +21,33 @@ from weightsync.v1 import weightsync_pb2 as pb
 __all__ = ["Outgoing", "WirePayloads"]
 
 
-@dataclass(frozen=True)
 class Outgoing:
     """One encoding of a version on the wire: the full version, or a delta against `base_fingerprint`.
 
-    A full version may start with its checksums pending (a layout, see `build_layout`): `chunks` then
-    hashes each tensor as its bytes go out, the BeginUpdate asks for checksums_at_commit, and the
-    Commit carries them. Once computed they are kept, so a second push of it announces them up front.
+    Its manifest is complete from the start when the checksums are known (a delta, a version a diff
+    hashed). Otherwise it goes in two phases: `announced` is a layout with the checksums pending, and
+    `manifest` is None until the bytes have gone out once, through `chunks` (which hashes each tensor
+    as its bytes go out) or a writer that hashed them and hands the checksums to `complete`. From then
+    on `manifest` is the complete manifest, and a second push of this encoding announces it up front.
     """
 
-    version: int
-    announced: Manifest  # as first known: checksums may be pending
-    payloads: Sequence[memoryview]  # each tensor's wire bytes, in manifest order (maybe made on demand)
-    plan: TransferPlan | None = None
-    base_fingerprint: str = ""
-    _checksums: list[str] = field(default_factory=list)
+    __slots__ = ("announced", "base_fingerprint", "manifest", "payloads", "plan", "version")
+
+    def __init__(
+        self,
+        version: int,
+        announced: Manifest,
+        payloads: Sequence[memoryview],
+        *,
+        plan: TransferPlan | None = None,
+        base_fingerprint: str = "",
+    ) -> None:
+        self.version = version
+        self.announced = announced  # as first known: its checksums may be pending
+        self.payloads = payloads  # each tensor's wire bytes, in manifest order (maybe made on demand)
+        self.plan = plan  # a delta's: which tensors go as patches, and their sizes on the wire
+        self.base_fingerprint = base_fingerprint  # a delta's: the version it patches
+        self.manifest: Manifest | None = None if announced.pending else announced  # complete, once known
 
     @classmethod
     def full(cls, version: int, manifest: Manifest, tensors: Sequence[torch.Tensor]) -> Outgoing:
@@ -55,20 +65,10 @@ class Outgoing:
             return [t.wire_bytes for t in self.plan.transfers]
         return [e.byte_size for e in self.announced]
 
-    @cached_property
-    def manifest(self) -> Manifest:
-        """The complete manifest; for a pending one, available once `chunks` has run to its end (or
-        `adopt_checksums`), and then made once: its fingerprint is asked for by every rollout's result."""
-        if not self.announced.pending:
-            return self.announced
-        if not self._checksums:
-            raise RuntimeError("checksums are computed while the chunks stream; stream them first")
-        return self.announced.with_checksums(self._checksums)
-
     @property
     def pending(self) -> bool:
-        """Whether the next push must send the checksums at commit (they are not known yet)."""
-        return self.announced.pending and not self._checksums
+        """Whether the checksums are not known yet: the next push computes them and sends them at commit."""
+        return self.manifest is None
 
     @property
     def is_delta(self) -> bool:
@@ -78,40 +78,32 @@ class Outgoing:
     def wire_bytes(self) -> int:
         return sum(self.sizes)
 
+    def complete(self, checksums: Sequence[str]) -> Manifest:
+        """Ends the pending phase with each tensor's checksum, computed over these payloads; returns the
+        complete manifest (validated: one well-formed checksum per tensor)."""
+        self.manifest = self.announced.with_checksums(checksums)
+        return self.manifest
+
     def request(self, chunk_bytes: int, update_id: str, **fields: object) -> pb.BeginUpdateRequest:
         delta = {"base_fingerprint": self.base_fingerprint, "plan": wire.plan_to_proto(self.plan)} if self.plan else {}
-        pending = self.pending
-        manifest = self.announced if pending else self.manifest
+        manifest = self.manifest
         return pb.BeginUpdateRequest(
             version=self.version,
-            manifest=wire.manifest_to_proto(manifest),
+            manifest=wire.manifest_to_proto(manifest or self.announced),
             chunk_bytes=chunk_bytes,
-            fingerprint="" if pending else manifest.fingerprint,
+            fingerprint=manifest.fingerprint if manifest is not None else "",
             update_id=update_id,
-            checksums_at_commit=pending,
+            checksums_at_commit=manifest is None,
             **delta,  # type: ignore[arg-type]
             **fields,  # type: ignore[arg-type]
-        )
-
-    def adopt_checksums(self, checksums: Sequence[str]) -> None:
-        """Takes checksums computed elsewhere over these payloads (a shared-memory file, written by the caller)."""
-        self.announced.with_checksums(checksums)  # validates the count and form
-        self._checksums[:] = checksums
-
-    def commit_request(self, update_id: str, *, pending: bool) -> pb.CommitRequest:
-        """The Commit of an update; one begun with checksums pending carries them (and the fingerprint)."""
-        if not pending:
-            return pb.CommitRequest(update_id=update_id)
-        manifest = self.manifest
-        return pb.CommitRequest(
-            update_id=update_id, checksums=[e.checksum for e in manifest], fingerprint=manifest.fingerprint
         )
 
     def chunks(self, update_id: str, chunk_bytes: int) -> Iterator[bytes]:
         """Every chunk, encoded once (lazily) for all rollouts that receive this encoding.
 
         With checksums pending, each tensor is hashed here, a chunk at a time, just before the chunk's
-        own checksum and its copy into the message read the same bytes again, from cache.
+        own checksum and its copy into the message read the same bytes again, from cache; the last chunk
+        completes the manifest.
         """
         key = update_id.encode()
         sizes = self.sizes
@@ -124,7 +116,16 @@ class Outgoing:
         if sums is not None:
             if not sums.done:
                 raise RuntimeError("the chunks did not cover every tensor")
-            self._checksums[:] = sums.checksums
+            self.complete(sums.checksums)
+
+
+def commit_request(update_id: str, manifest: Manifest, *, pending: bool) -> pb.CommitRequest:
+    """The Commit of an update; one begun with checksums pending carries them (and the fingerprint)."""
+    if not pending:
+        return pb.CommitRequest(update_id=update_id)
+    return pb.CommitRequest(
+        update_id=update_id, checksums=[e.checksum for e in manifest], fingerprint=manifest.fingerprint
+    )
 
 
 class WirePayloads(Sequence[memoryview]):

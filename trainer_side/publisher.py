@@ -6,13 +6,13 @@ and the trainer holds only `window` chunks beyond the model itself. A full versi
 at once: its tensors are checksummed as their chunks go out, and the checksums follow in Commit
 (BeginUpdateRequest.checksums_at_commit) rather than costing a pass over the model before the first byte.
 
-Delta sync (trainer_side/delta.py): the publisher keeps the last version it pushed, and sends the
+Delta sync (trainer_side/base_store.py): the publisher keeps the last version it pushed, and sends the
 rollouts that confirmed it a patch per tensor where that is smaller; the others get the full version.
 A rollout that refuses a delta (it restarted, dropped its copy, or a tensor failed its checksum) gets
 the full version in the same push, and `reconcile` (or `reconcile_every`) brings any rollout that
 came back empty or behind to the latest version without waiting for the next training step.
 
-One update to one rollout (the handshake, its chunks, what the answer means) is trainer_side/link.py.
+One update to one rollout (the handshake, its chunks, what the answer means) is trainer_side/rollout_client.py.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from pathlib import Path
 import grpc
 import torch
 
-from trainer_side.broadcast import Broadcast
-from trainer_side.delta import BaseStore
-from trainer_side.link import Link, PushResult, wants_full
+from trainer_side.base_store import BaseStore
+from trainer_side.chunk_window import ChunkWindow
 from trainer_side.outgoing import Outgoing
-from trainer_side.relay import relay_tree, subtree_addresses
-from trainer_side.shared_memory import SharedVersionFile
+from trainer_side.rollout_client import PushResult, RolloutClient, wants_full
+from trainer_side.version_file import VersionFileWriter
 from weightsync import metrics, wire
-from weightsync.manifest import build_layout, manifest_of_state, wire_sources, wire_tensors
+from weightsync.manifest import manifest_of_state, wire_sources, wire_tensors
 from weightsync.memory import keep_freed_memory
+from weightsync.relay_tree import relay_tree, subtree_addresses
 from weightsync.v1 import weightsync_pb2 as pb
 
 __all__ = ["Publisher", "PushResult"]
@@ -60,7 +60,7 @@ class Publisher:
         progress: bool | None = None,
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        relay: int = 0,
+        relay_fanout: int = 0,
         delta: bool = False,
         reconcile_every: float | None = None,
         shared_memory: str | Path | None = None,
@@ -84,10 +84,10 @@ class Publisher:
         self.streams = streams
         self.timeout = timeout
         self.progress = progress
-        self.relay = relay  # 0: push to every rollout; k: a relay tree of fanout k (1 = a chain)
-        if shared_memory and relay:
+        self.relay_fanout = relay_fanout  # 0: push to every rollout; k: a relay tree of fanout k (1 = a chain)
+        if shared_memory and relay_fanout:
             raise ValueError("shared_memory and relay exclude each other: co-located rollouts each read the file")
-        self._shared = SharedVersionFile(shared_memory) if shared_memory else None
+        self._shared = VersionFileWriter(shared_memory) if shared_memory else None
         self._in_file: Outgoing | None = None  # what the shared-memory file holds now
         self._base = BaseStore() if delta else None
         self._lock = threading.Lock()  # one push or reconcile at a time: a rollout takes one update at a time
@@ -95,29 +95,29 @@ class Publisher:
         self._reconciler: threading.Thread | None = None
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._credentials = credentials
-        self._links = {address: self._link(address) for address in self.rollouts}
+        self._clients = {address: self._client(address) for address in self.rollouts}
         if reconcile_every:
             self._reconciler = threading.Thread(
                 target=self._reconcile_forever, args=(reconcile_every,), name="weightsync-reconcile", daemon=True
             )
             self._reconciler.start()
 
-    def _link(self, address: str) -> Link:
-        return Link(address, credentials=self._credentials, metadata=self._metadata, timeout=self.timeout)
+    def _client(self, address: str) -> RolloutClient:
+        return RolloutClient(address, credentials=self._credentials, metadata=self._metadata, timeout=self.timeout)
 
     def set_rollouts(self, joined: Sequence[str], left: Sequence[str]) -> None:
         """Adds and drops rollouts (discovery calls this); newcomers get the latest version at `reconcile`."""
         with self._lock:
             for address in left:
-                if address in self._links:
+                if address in self._clients:
                     self.rollouts.remove(address)
-                    self._links.pop(address).close()
+                    self._clients.pop(address).close()
                     if self._base is not None:
                         self._base.forget(address)
             for address in joined:
-                if address not in self._links:
+                if address not in self._clients:
                     self.rollouts.append(address)
-                    self._links[address] = self._link(address)
+                    self._clients[address] = self._client(address)
 
     def push(self, state: Mapping[str, torch.Tensor], version: int) -> list[PushResult]:
         """Pushes `state` (any float dtype, any device) as `version` to every rollout concurrently.
@@ -131,26 +131,17 @@ class Publisher:
                 results = self._deliver(Outgoing.streamed(version, wire_sources(state)), None, [])
                 self._record(results)
                 return results
-            tensors = dict(wire_tensors(state))  # a delta diffs whole tensors, and keeps them as the next base
-            holders = base.holders(self.rollouts)
-            if holders:
-                manifest, diffs = base.scan(tensors)  # checksums and diffs in one pass
-            else:
-                manifest, diffs = build_layout(tensors.items()), None  # checksummed as the chunks go out
-            full = Outgoing.full(version, manifest, list(tensors.values()))
-            delta = base.delta(full, diffs) if diffs is not None else None
-            base.advance(version, manifest, tensors, diffs, state)  # written while the chunks stream
+            plan = base.prepare(state, version, self.rollouts)
             try:
-                results = self._deliver(full, delta, holders if delta is not None else [])
+                results = self._deliver(plan.full, plan.delta, plan.holders)
             finally:
-                base.join()  # the caller may change its tensors once we return
-                base.complete(full)
+                base.finish(plan)
             self._record(results)
         return results
 
     def _deliver(self, full: Outgoing, delta: Outgoing | None, holders: Sequence[str]) -> list[PushResult]:
         """Sends `delta` to `holders` and `full` to the rest at once; refused deltas are retried in full."""
-        if self.relay and len(self.rollouts) > 1:
+        if self.relay_fanout and len(self.rollouts) > 1:
             everyone = delta is not None and set(holders) == set(self.rollouts)
             results = self._push_relayed(delta if everyone and delta is not None else full, full)
             if everyone and wants_full(results[0]):
@@ -161,13 +152,13 @@ class Publisher:
         with ThreadPoolExecutor(max_workers=2) as pool:
             patched = pool.submit(self._push_to, holders, delta) if delta is not None and holders else None
             whole = self._push_to(rest, full) if rest else []
-            results = {r.address: r for r in [*whole, *(patched.result() if patched else [])]}
-        refused = [a for a in holders if wants_full(results[a])]
+            by_address = {r.address: r for r in [*whole, *(patched.result() if patched else [])]}
+        refused = [a for a in holders if wants_full(by_address[a])]
         if refused:
             for a in refused:
-                logger.warning("%s refused the delta (%s); sending the full version", a, results[a].error)
-            results |= {r.address: r for r in self._push_to(refused, full)}
-        return [results[a] for a in self.rollouts]
+                logger.warning("%s refused the delta (%s); sending the full version", a, by_address[a].error)
+            by_address |= {r.address: r for r in self._push_to(refused, full)}
+        return [by_address[a] for a in self.rollouts]
 
     def reconcile(self) -> list[PushResult]:
         """Pushes the latest version, in full, to every reachable rollout that serves an older one or none.
@@ -213,8 +204,7 @@ class Publisher:
                 for address, status in self._statuses(timeout=self.timeout).items()
                 if not isinstance(status, str) and status.weight_version and status.fingerprint == manifest.fingerprint
             }
-            self._base.advance(max(holders.values(), default=0), manifest, tensors, None, {})
-            self._base.join()
+            self._base.assume(max(holders.values(), default=0), manifest, tensors)
             for address in holders:
                 self._base.confirm(address, manifest.fingerprint)
             return list(holders)
@@ -238,10 +228,10 @@ class Publisher:
 
     def _push_relayed(self, outgoing: Outgoing, full: Outgoing) -> list[PushResult]:
         """Sends to the relay tree's root only; rollouts the relay did not reach get a direct full push."""
-        root, downstream = relay_tree(self.rollouts, self.relay)
+        root, downstream = relay_tree(self.rollouts, self.relay_fanout)
         update_id = f"v{outgoing.version}-{uuid.uuid4().hex[:12]}"
         [result] = self._push_to([root], outgoing, relay_to=downstream, update_id=update_id)
-        fingerprint = "" if outgoing.pending else outgoing.manifest.fingerprint
+        fingerprint = outgoing.manifest.fingerprint if outgoing.manifest is not None else ""
         reached = {
             r.address: PushResult(
                 address=r.address,
@@ -258,7 +248,7 @@ class Publisher:
         if missed:
             logger.warning("relay missed %s; pushing to them directly", ", ".join(missed))
             for address in missed:  # a relay that died mid-stream may have left them holding the update open
-                self._links[address].abort(update_id)
+                self._clients[address].abort(update_id)
             reached |= {r.address: r for r in self._push_to(missed, full)}
         return [result, *(reached[a] for a in self.rollouts[1:])]
 
@@ -279,7 +269,7 @@ class Publisher:
                 self._in_file = None
                 self._shared.resize(outgoing.wire_bytes)  # before BeginUpdate: rollouts check the size then
                 messages = self._write_file(outgoing, update_id)
-        broadcast = Broadcast(messages, consumers=len(targets), window=self.window) if messages is not None else None
+        window = ChunkWindow(messages, consumers=len(targets), window=self.window) if messages is not None else None
         logger.info(
             "push %s: version %d, %d tensors, %.1f MB%s to %d rollout(s)%s%s",
             update_id,
@@ -294,11 +284,11 @@ class Publisher:
         with ThreadPoolExecutor(max_workers=len(targets)) as pool:
             futures = [
                 pool.submit(
-                    self._links[address].push,
+                    self._clients[address].push,
                     outgoing,
                     update_id,
                     chunk_bytes=self.chunk_bytes,
-                    broadcast=broadcast,
+                    window=window,
                     slot=i,
                     streams=self.streams,
                     progress=self.progress,
@@ -316,7 +306,7 @@ class Publisher:
         for written in self._shared.blocks(outgoing.payloads, outgoing.sizes, checksum=pending):
             yield wire.encode_file_progress(key, written)
         if pending:
-            outgoing.adopt_checksums(self._shared.checksums)
+            outgoing.complete(self._shared.checksums)
         self._in_file = outgoing
 
     @property
@@ -330,7 +320,7 @@ class Publisher:
         return self._statuses(timeout=self.timeout)
 
     def _statuses(self, *, timeout: float) -> dict[str, pb.GetStatusResponse | str]:
-        return {address: link.status(timeout) for address, link in self._links.items()}
+        return {address: client.status(timeout) for address, client in self._clients.items()}
 
     def close(self) -> None:
         self._stop.set()
@@ -340,8 +330,8 @@ class Publisher:
             self._base.close()
         if self._shared is not None:
             self._shared.close()
-        for link in self._links.values():
-            link.close()
+        for client in self._clients.values():
+            client.close()
 
     def __enter__(self) -> Publisher:
         return self

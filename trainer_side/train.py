@@ -66,7 +66,8 @@ def greedy(model: PreTrainedModel, prompt_ids: Sequence[int], max_tokens: int) -
             max_new_tokens=max_tokens,
             do_sample=False,
         )
-    return out[0, len(prompt_ids) :].tolist()
+    tokens: list[int] = out[0, len(prompt_ids) :].tolist()
+    return tokens
 
 
 def run_demo(

@@ -38,6 +38,7 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ __all__ = [
 MAGIC = b"WSP1"
 HEADER = struct.Struct("<4sBBBBQQ")
 _GAP_WIDTHS = (1, 2, 4)
-_INT_DTYPES = {2: np.dtype("<i2"), 4: np.dtype("<i4")}
+_INT_DTYPES: dict[int, np.dtype[np.signedinteger[Any]]] = {2: np.dtype("<i2"), 4: np.dtype("<i4")}
 # Elements compared per step: small enough that both blocks stay in cache between the hash and the
 # compare, large enough that numpy's per-call overhead vanishes (measured: 1M beat 64K and 4M here).
 BLOCK_ELEMENTS = 1 << 20
@@ -326,7 +327,7 @@ def diff_tensor(new: torch.Tensor, base: torch.Tensor | None) -> TensorDiff:
     if base is None or base.shape != new.shape or base.dtype != new.dtype:
         return TensorDiff("")
     data, old = element_view(new), element_view(base)
-    raw = memoryview(data).cast("B")
+    raw = data.data.cast("B")
     if likely_dense(data, old):
         return TensorDiff("")
     digest = xxhash.xxh3_128()

@@ -42,7 +42,7 @@ _CHECKSUM = re.compile(re.escape(CHECKSUM_PREFIX) + "[0-9a-f]{32}")
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Returns a zero-copy byte view of a contiguous CPU tensor."""
     flat = tensor.detach().reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+    return flat.numpy().data.cast("B")
 
 
 def tensor_checksum(data: bytes | memoryview) -> str:

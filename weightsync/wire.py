@@ -16,7 +16,7 @@ import xxhash
 
 from weightsync.delta import Encoding, Transfer, TransferPlan
 from weightsync.errors import BadManifest, ChunkCorrupt
-from weightsync.manifest import Manifest, TensorEntry, tensor_bytes
+from weightsync.manifest import Manifest, TensorEntry
 from weightsync.v1 import weightsync_pb2 as pb
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "decode_chunk",
     "encode_chunk",
     "encode_file_progress",
-    "iter_chunk_payloads",
     "iter_wire_payloads",
     "manifest_from_proto",
     "manifest_to_proto",
@@ -128,31 +127,13 @@ def chunk_checksum(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def iter_chunk_payloads(
-    tensors: Sequence[torch.Tensor], manifest: Manifest, chunk_bytes: int
-) -> Iterator[tuple[int, list[memoryview]]]:
-    """Yields (index, pieces) per chunk: zero-copy views of the tensors' bytes it spans."""
-    views = [tensor_bytes(t) for t in tensors]
-    entries = manifest.entries
-    total = manifest.total_bytes
-    t = 0
-    for index in range(chunk_count(total, chunk_bytes)):
-        start, end = chunk_span(index, total, chunk_bytes)
-        pieces = []
-        while start < end:
-            while entries[t].end <= start:
-                t += 1
-            entry = entries[t]
-            stop = min(end, entry.end)
-            pieces.append(views[t][start - entry.offset : stop - entry.offset])
-            start = stop
-        yield index, pieces
-
-
 def iter_wire_payloads(
     payloads: Sequence[memoryview], chunk_bytes: int, sizes: Sequence[int] | None = None
 ) -> Iterator[tuple[int, list[memoryview]]]:
     """Yields (index, pieces) per chunk of the wire layout that `payloads` tile in order (zero-copy).
+
+    A full version's payloads are its tensors' bytes (`tensor_bytes`) in manifest order, a delta's
+    are its transfer plan's payloads: both are cut into chunks here, and only here.
 
     Given their `sizes`, payloads are asked for in order, only as their chunks come: a sequence that
     makes them on demand (casting a tensor to bf16) then needs to hold one at a time.

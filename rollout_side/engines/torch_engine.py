@@ -7,34 +7,29 @@ yardstick the tests hold the weight path against.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import typing
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from rollout_side.compat import meta_param_specs, model_param_specs
 from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling
 from weightsync.checkpoint import load_checkpoint
 from weightsync.manifest import Manifest
 from weightsync.memory import prefaulted_buffer
 
-__all__ = ["TorchEngine", "model_param_specs"]
+__all__ = ["TorchEngine"]
 
 logger = logging.getLogger(__name__)
 
-
-def model_param_specs(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, ParamSpec]:
-    """Every state-dict tensor of `model`; tied tensors share the key of the first name seen."""
-    keys: dict[int, str] = {}
-    specs = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if not tensor.is_floating_point() or not isinstance(tensor, torch.nn.Parameter):
-            continue
-        key = keys.setdefault(id(tensor), name)
-        specs[name] = ParamSpec(shape=tuple(tensor.shape), dtype=dtype, key=key)
-    return specs
+P = typing.ParamSpec("P")  # not engines.base.ParamSpec: the arguments _run passes on
+R = TypeVar("R")
 
 
 class TorchEngine(Engine):
@@ -78,8 +73,7 @@ class TorchEngine(Engine):
         logger.info("torch engine up on %s (%s weights)", self.device, "real" if weights else "dummy")
 
     def param_specs(self) -> Mapping[str, ParamSpec]:
-        with torch.device("meta"):
-            return model_param_specs(AutoModelForCausalLM.from_config(self.config))
+        return meta_param_specs(self.model_dir)
 
     def allocate_staging(self, nbytes: int) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -180,8 +174,8 @@ class TorchEngine(Engine):
     def _decode(self, tokens: list[int]) -> str:
         return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
 
-    async def _run(self, fn: Callable[..., object], *args: object):  # type: ignore[no-untyped-def]
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+    async def _run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
 
     async def shutdown(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)

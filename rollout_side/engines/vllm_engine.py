@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rollout_side.compat import check_manifest, meta_param_specs
 from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling
 from rollout_side.engines.vllm_worker import ShmStaging
 from weightsync.errors import BadManifest, BadRequest, EngineUnavailable
@@ -172,19 +173,7 @@ class VllmEngine(Engine):
 
     @cached_property
     def _specs(self) -> dict[str, ParamSpec]:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(self.model_dir)
-        with torch.device("meta"):  # names and shapes only: no memory, no init cost
-            model = AutoModelForCausalLM.from_config(config)
-        specs: dict[str, ParamSpec] = {}
-        keys: dict[int, str] = {}
-        # keep_vars gives the Parameter objects, so tied aliases are recognised by identity.
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            if tensor.is_floating_point():
-                key = keys.setdefault(id(tensor), name)
-                specs[name] = ParamSpec(shape=tuple(tensor.shape), dtype=self.dtype, key=key)
-        return specs
+        return meta_param_specs(self.model_dir, self.dtype)
 
     def param_specs(self) -> Mapping[str, ParamSpec]:
         # HF names, not vLLM's: vLLM fuses qkv and gate_up internally and its load_weights maps them.
@@ -260,18 +249,7 @@ class VllmEngine(Engine):
             raise BadManifest("staging must be a flat contiguous uint8 tensor")
         if staging.device.type != "cpu" or staging.numel() < manifest.total_bytes:
             raise BadManifest(f"staging ({staging.numel()} B, {staging.device}) cannot hold this manifest")
-        specs = self.param_specs()
-        covered: set[str] = set()
-        for entry in manifest:
-            spec = specs.get(entry.name)
-            if spec is None:
-                raise BadManifest(f"tensor {entry.name!r} is not a parameter of this model")
-            if entry.shape != spec.shape:
-                raise BadManifest(f"tensor {entry.name!r}: shape {list(entry.shape)}, not {list(spec.shape)}")
-            covered.add(spec.key)
-        missing = {spec.key for spec in specs.values()} - covered
-        if missing:  # a partial version would mix weights
-            raise BadManifest(f"manifest lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        check_manifest(self.param_specs(), manifest)  # a partial version would mix weights
 
     @cached_property
     def _tokenizer(self) -> PreTrainedTokenizerBase:

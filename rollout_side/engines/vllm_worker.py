@@ -33,7 +33,7 @@ class ShmStaging:
 
     def __init__(self) -> None:
         # By storage address: (file path, file size, finalizer that unlinks the file).
-        self._files: dict[int, tuple[str, int, weakref.finalize]] = {}
+        self._files: dict[int, tuple[str, int, weakref.finalize[[int, str], torch.Tensor]]] = {}
 
     def allocate(self, nbytes: int) -> torch.Tensor:
         path = str(SHM_DIR / f"weightsync-{os.getpid()}-{uuid.uuid4().hex[:12]}")

@@ -1,1 +1,1 @@
-"""gRPC servicers: thin adapters from protobuf to the receiver and the engine."""
+"""gRPC servicers: proto in, one call into a core (rollout_side/updates.py, generation.py), proto out."""

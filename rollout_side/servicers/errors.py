@@ -24,7 +24,7 @@ def grpc_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable
     """Aborts the call with the error's status; unexpected errors are logged and INTERNAL."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> T:
         try:
             _check_parsed(request)
             return await handler(self, request, context)
@@ -39,7 +39,7 @@ def grpc_stream_errors(handler: Callable[..., AsyncIterator[T]]) -> Callable[...
     """grpc_errors for server-streaming handlers."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[T]:
         try:
             _check_parsed(request)
             async for item in handler(self, request, context):
@@ -50,7 +50,7 @@ def grpc_stream_errors(handler: Callable[..., AsyncIterator[T]]) -> Callable[...
     return wrapper
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, error: Exception) -> None:
     """The one place an error becomes a status: ours keep theirs, anything else is INTERNAL and logged."""
     if isinstance(error, WeightSyncError):
         metrics.Rollout.refused.labels(method, error.code.name).inc()

@@ -1,50 +1,37 @@
-"""weightsync.v1.Generate: gated on a committed version, every response tagged with it."""
+"""weightsync.v1.Generate over gRPC: proto in, one call into rollout_side/generation.py, proto out."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 
-from rollout_side.engines.base import Sampling
-from rollout_side.receiver import Receiver
+from rollout_side.generation import Generation, GenerationRequest
 from rollout_side.servicers.errors import grpc_errors, grpc_stream_errors
-from weightsync import metrics
-from weightsync.errors import BadRequest, NoWeights, VersionNotReached
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
 __all__ = ["GenerateServicer"]
 
-DEFAULT_MAX_TOKENS = 16
+Context = grpc.aio.ServicerContext[object, object]
 
 
-class GenerateServicer(pb_grpc.GenerateServicer):
-    def __init__(self, receiver: Receiver, *, max_tokens_limit: int = 4096) -> None:
-        self.receiver = receiver
-        self.engine = receiver.engine
-        self.max_tokens_limit = max_tokens_limit
+class GenerateServicer(pb_grpc.GenerateServicer):  # type: ignore[misc]  # generated stubs are untyped
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
 
     @grpc_errors
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        started = time.perf_counter()
-        prompt_ids, sampling = await self._admit(request, context)
-        out = await self.engine.generate(prompt_ids, sampling)
-        metrics.Rollout.observe_generate(out.weight_version, time.perf_counter() - started)
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
+        out = await self.generation.generate(_request(request), context.time_remaining())
         return pb.GenerateResponse(
             token_ids=out.token_ids, text=out.text, weight_version=out.weight_version, finish_reason=out.finish_reason
         )
 
     @grpc_stream_errors
     async def GenerateStream(
-        self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        started = time.perf_counter()
-        prompt_ids, sampling = await self._admit(request.request, context)
-        async for out in self.engine.generate_stream(prompt_ids, sampling):
-            if out.finish_reason:
-                metrics.Rollout.observe_generate(out.weight_version, time.perf_counter() - started)
+        async for out in self.generation.generate_stream(_request(request.request), context.time_remaining()):
             yield pb.GenerateStreamResponse(
                 token_ids=out.token_ids,
                 text=out.text,
@@ -52,35 +39,15 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                 finish_reason=out.finish_reason,
             )
 
-    async def _admit(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[list[int], Sampling]:
-        """Refuses a request no committed version can answer; returns prompt ids and sampling."""
-        served = self.engine.weight_version
-        wanted = request.min_weight_version
-        if wanted > served and request.wait_for_version:
-            await self.receiver.wait_for_version(wanted, context.time_remaining())
-        elif served == 0:
-            raise NoWeights(
-                "no weights are committed yet: the rollout holds dummy weights until a trainer pushes a "
-                "version (python -m trainer_side push) or it starts with --weights"
-            )
-        elif wanted > served:
-            raise VersionNotReached(
-                f"min_weight_version {wanted} is newer than the served version {served}; "
-                "retry later or set wait_for_version"
-            )
-        if bool(request.prompt) == bool(request.prompt_token_ids):
-            raise BadRequest("set exactly one of prompt and prompt_token_ids")
-        prompt_ids = list(request.prompt_token_ids) or self.engine.tokenize(request.prompt)
-        if request.max_tokens > self.max_tokens_limit:
-            raise BadRequest(f"max_tokens {request.max_tokens} exceeds this rollout's limit {self.max_tokens_limit}")
-        if request.temperature < 0 or not 0 <= request.top_p <= 1:
-            raise BadRequest("temperature must be >= 0 and top_p within [0, 1]")
-        sampling = Sampling(
-            max_tokens=request.max_tokens or DEFAULT_MAX_TOKENS,
-            temperature=request.temperature,
-            top_p=request.top_p or 1.0,
-            seed=request.seed if request.HasField("seed") else None,
-        )
-        return prompt_ids, sampling
+
+def _request(request: pb.GenerateRequest) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=request.prompt,
+        prompt_token_ids=list(request.prompt_token_ids),
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed if request.HasField("seed") else None,
+        min_weight_version=request.min_weight_version,
+        wait_for_version=request.wait_for_version,
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -21,7 +21,9 @@ class Malformed:
         self.error = error
 
 
-def handler_factory(request_streaming: bool, response_streaming: bool) -> Callable[..., grpc.RpcMethodHandler]:
+def handler_factory(
+    request_streaming: bool, response_streaming: bool
+) -> Callable[..., grpc.RpcMethodHandler[Any, Any]]:
     """grpc's constructor for a method handler of this streaming shape."""
     return {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -51,12 +53,12 @@ def add_service(
     raw_requests: frozenset[str] = frozenset(),
 ) -> None:
     """Registers every method of `service` on `servicer`; methods in `raw_requests` get raw bytes."""
-    handlers: Mapping[str, grpc.RpcMethodHandler] = {}
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
         make = handler_factory(method.client_streaming, method.server_streaming)
-        handlers[method.name] = make(  # type: ignore[index]
+        handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=None if method.name in raw_requests else _tolerant(request),
             response_serializer=response.SerializeToString,

@@ -11,8 +11,8 @@ import pytest
 
 from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
-from trainer_side.relay import relay_tree, subtree_addresses
 from weightsync.manifest import manifest_of_state
+from weightsync.relay_tree import relay_tree, subtree_addresses
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -39,7 +39,7 @@ def test_relay_tree_covers_every_rollout_once(count: int, fanout: int) -> None:
 @pytest.mark.parametrize("fanout", [1, 2])
 def test_relay_delivers_the_version_to_every_rollout(three: list[Rollout], trained_state, fanout: int) -> None:  # type: ignore[no-untyped-def]
     addresses = [r.address for r in three]
-    with Publisher(addresses, progress=False, relay=fanout) as publisher:
+    with Publisher(addresses, progress=False, relay_fanout=fanout) as publisher:
         results = publisher.push(trained_state, 1)
     assert [r.ok for r in results] == [True, True, True], [r.error for r in results]
     root, *rest = results
@@ -56,7 +56,7 @@ def test_relay_delivers_the_version_to_every_rollout(three: list[Rollout], train
 def test_a_dead_relay_is_routed_around(three: list[Rollout], loop_thread: LoopThread, trained_state) -> None:  # type: ignore[no-untyped-def]
     addresses = [r.address for r in three]
     loop_thread.run(three[1].server.stop(grace=0))  # the chain's middle link is gone
-    with Publisher(addresses, progress=False, relay=1, timeout=10) as publisher:
+    with Publisher(addresses, progress=False, relay_fanout=1, timeout=10) as publisher:
         results = publisher.push(trained_state, 1)
     assert [r.ok for r in results] == [True, False, True], [r.error for r in results]
     assert results[2].relayed_by == "" and results[2].bytes_sent > 0  # pushed directly instead
@@ -88,7 +88,7 @@ def test_late_and_restarted_rollouts_catch_up(
     first, middle, late = three
     members = [first.address, middle.address]
     loop_thread.run(middle.server.stop(grace=0))  # dies before the push: the relay chain breaks there
-    with Publisher(members, progress=False, relay=1, delta=True, timeout=10, reconcile_every=0.5) as publisher:
+    with Publisher(members, progress=False, relay_fanout=1, delta=True, timeout=10, reconcile_every=0.5) as publisher:
         results = publisher.push(trained_state, 5)
         assert [r.ok for r in results] == [True, False]
         watcher = follow(publisher, "dns:weightsync-rollout:50051", interval=3600, resolver=lambda _: list(members))
@@ -123,7 +123,7 @@ def test_relay_killed_mid_stream_then_restarted(tmp_path) -> None:  # type: igno
     status_of = {p.address: pb_grpc.WeightSyncStub(grpc.insecure_channel(p.address)) for p in procs}
     try:
         with Publisher(
-            [p.address for p in procs], progress=False, relay=1, delta=True, timeout=20, reconcile_every=0.5
+            [p.address for p in procs], progress=False, relay_fanout=1, delta=True, timeout=20, reconcile_every=0.5
         ) as publisher:
             outcome: list[list] = []  # type: ignore[type-arg]
             pushing = threading.Thread(target=lambda: outcome.append(publisher.push(state, 1)))

@@ -184,7 +184,7 @@ def test_relay_under_mutual_tls(loop_thread, model_dir, trained_state, pki, rela
     addresses = [f"127.0.0.1:{port}" for _, port in servers]
     try:
         credentials = channel_credentials(ca=pki["ca_cert"], cert=pki["client_cert"], key=pki["client_key"])
-        with Publisher(addresses, progress=False, token=TOKEN, credentials=credentials, relay=1) as publisher:
+        with Publisher(addresses, progress=False, token=TOKEN, credentials=credentials, relay_fanout=1) as publisher:
             results = publisher.push(trained_state, 1)
             statuses = publisher.status()
         assert all(r.ok for r in results), [r.line() for r in results]

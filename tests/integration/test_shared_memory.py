@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 
-from rollout_side import shared_file
+from rollout_side import version_file
 from trainer_side.publisher import Publisher
 from trainer_side.train import greedy, new_model
 from weightsync.errors import Reason, reason_of
@@ -190,7 +190,7 @@ def test_a_file_cut_short_while_it_is_read_changes_nothing(colocated, shm, train
     """The file is read with pread, not mapped: a writer that truncates it mid-read is refused, not a SIGBUS."""
     fingerprint = _served(colocated, trained_state)
     path = shm / "v.bin"
-    monkeypatch.setattr(shared_file, "BLOCK", 64 << 10)  # several blocks for the tiny model
+    monkeypatch.setattr(version_file, "BLOCK", 64 << 10)  # several blocks for the tiny model
     cut: list[int] = []
 
     async def sleep(delay: float, *args: object) -> None:  # the receiver yields between blocks: cut the file there
@@ -199,7 +199,7 @@ def test_a_file_cut_short_while_it_is_read_changes_nothing(colocated, shm, train
             os.truncate(path, 100_000)
         await asyncio.sleep(delay)
 
-    monkeypatch.setattr(shared_file, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": sleep}))
+    monkeypatch.setattr(version_file, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": sleep}))
     with pytest.raises(grpc.RpcError) as info:
         _begin_from_file(colocated, trained_state, path)
     assert cut and cut[0] > 100_000

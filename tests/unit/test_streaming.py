@@ -1,4 +1,4 @@
-"""Unit tests of the pieces behind streaming: incremental tensor checks, the shared broadcast, memory."""
+"""Unit tests of the pieces behind streaming: incremental tensor checks, the shared chunk window, memory."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import weakref
 import pytest
 import torch
 
-from rollout_side.receiver import _Verifier
-from trainer_side.broadcast import Broadcast
+from rollout_side.staging import Verifier
+from trainer_side.chunk_window import ChunkWindow
 from weightsync.manifest import build_manifest, tensor_bytes, wire_sources, wire_tensors
 from weightsync.memory import keep_freed_memory, prefaulted_buffer
 
@@ -27,7 +27,7 @@ def _layout(sizes: list[int]) -> tuple[torch.Tensor, object]:
 @pytest.mark.parametrize("step", [1, 6, 1000, 1 << 20])
 def test_verifier_checks_every_tensor_fed_in_pieces(sizes: list[int], step: int) -> None:
     flat, manifest = _layout(sizes)
-    verifier = _Verifier(manifest, tensor_bytes(flat))  # type: ignore[arg-type]
+    verifier = Verifier(manifest, tensor_bytes(flat))  # type: ignore[arg-type]
     for end in range(step, flat.numel() + step, step):
         verifier.feed(min(end, flat.numel()))
     verifier.feed(flat.numel())
@@ -39,15 +39,15 @@ def test_verifier_names_the_first_tensor_that_differs() -> None:
     flat, manifest = _layout([100, 200, 300])
     flat[150] ^= 1  # inside t1 (bytes 100..300)
     flat[400] ^= 1  # inside t2
-    verifier = _Verifier(manifest, tensor_bytes(flat))  # type: ignore[arg-type]
+    verifier = Verifier(manifest, tensor_bytes(flat))  # type: ignore[arg-type]
     verifier.feed(flat.numel())
     assert verifier.mismatch == "t1"
 
 
 def test_shared_reader_splits_chunks_across_streams_once_each() -> None:
-    broadcast = Broadcast(iter([bytes([i]) for i in range(200)]), consumers=2, window=4)
+    window = ChunkWindow(iter([bytes([i]) for i in range(200)]), consumers=2, window=4)
     got: dict[int, list[bytes]] = {0: [], 1: [], 2: []}
-    make = broadcast.shared_reader(0, 3)
+    make = window.shared_reader(0, 3)
 
     def drain(k: int) -> None:
         for chunk in make():
@@ -56,7 +56,7 @@ def test_shared_reader_splits_chunks_across_streams_once_each() -> None:
     threads = [threading.Thread(target=drain, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()
-    other = list(broadcast.reader(1))  # the other rollout sees every chunk, in order
+    other = list(window.reader(1))  # the other rollout sees every chunk, in order
     for t in threads:
         t.join(10)
     assert sorted(c for k in got for c in got[k]) == [bytes([i]) for i in range(200)]
@@ -64,8 +64,8 @@ def test_shared_reader_splits_chunks_across_streams_once_each() -> None:
 
 
 def test_shared_reader_stops_every_stream_when_one_fails() -> None:
-    broadcast = Broadcast(iter([bytes([i % 256]) for i in range(100)]), consumers=1, window=8)
-    make = broadcast.shared_reader(0, 2)
+    window = ChunkWindow(iter([bytes([i % 256]) for i in range(100)]), consumers=1, window=8)
+    make = window.shared_reader(0, 2)
     first, second = make(), make()
     next(first)
     next(second)

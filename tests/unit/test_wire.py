@@ -435,7 +435,7 @@ def check_chunking(tensors: list[torch.Tensor], chunk_bytes: int) -> None:
     everything = b"".join(tensor_bytes(t).tobytes() for t in tensors)
     assert manifest.total_bytes == len(everything)
     count = wire.chunk_count(manifest.total_bytes, chunk_bytes)
-    chunks = list(wire.iter_chunk_payloads(tensors, manifest, chunk_bytes))
+    chunks = list(wire.iter_wire_payloads([tensor_bytes(t) for t in tensors], chunk_bytes))
     assert [index for index, _ in chunks] == list(range(count))
     joined = []
     for index, pieces in chunks:
@@ -457,12 +457,12 @@ def check_chunking(tensors: list[torch.Tensor], chunk_bytes: int) -> None:
 
 @FAST
 @given(tensors=tensor_lists, chunk_bytes=st.integers(1, 600))
-def test_iter_chunk_payloads_reproduces_layout(tensors: list[torch.Tensor], chunk_bytes: int) -> None:
+def test_iter_wire_payloads_reproduces_layout(tensors: list[torch.Tensor], chunk_bytes: int) -> None:
     check_chunking(tensors, chunk_bytes)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 7, 64, 115, 116, 117, 10_000])
-def test_iter_chunk_payloads_fixed_cases(chunk_bytes: int) -> None:
+def test_iter_wire_payloads_fixed_cases(chunk_bytes: int) -> None:
     tensors = [
         tensor_of((0,), torch.bfloat16, 1),
         tensor_of((1,), torch.bfloat16, 2),
@@ -476,16 +476,15 @@ def test_iter_chunk_payloads_fixed_cases(chunk_bytes: int) -> None:
     check_chunking(tensors, chunk_bytes)
 
 
-def test_iter_chunk_payloads_empty_layouts() -> None:
-    assert list(wire.iter_chunk_payloads([], build_manifest([]), 4)) == []
+def test_iter_wire_payloads_empty_layouts() -> None:
+    assert list(wire.iter_wire_payloads([], 4)) == []
     empty = [torch.empty(0, dtype=torch.bfloat16), torch.empty(2, 0, dtype=torch.bfloat16)]
-    assert list(wire.iter_chunk_payloads(empty, build_manifest([("a", empty[0]), ("b", empty[1])]), 4)) == []
+    assert list(wire.iter_wire_payloads([tensor_bytes(t) for t in empty], 4)) == []
 
 
-def test_iter_chunk_payloads_is_zero_copy() -> None:
+def test_iter_wire_payloads_is_zero_copy() -> None:
     tensor = torch.zeros(8, dtype=torch.bfloat16)
-    manifest = build_manifest([("w", tensor)])
-    ((_, pieces),) = list(wire.iter_chunk_payloads([tensor], manifest, 16))
+    ((_, pieces),) = list(wire.iter_wire_payloads([tensor_bytes(tensor)], 16))
     tensor.fill_(1.0)
     assert b"".join(pieces) == tensor_bytes(tensor).tobytes() != bytes(16)
 

@@ -1,4 +1,4 @@
-"""The receiver's spare staging buffer, and the delta base it doubles as.
+"""A delta applies only to the committed version's exact bytes: the spare staging buffer keeps them, where cheap.
 
 A delta update patches a staged copy of the committed version, so the spare must hold that version's
 exact bytes; copying the whole model per delta would cost more than the patch saves. What the spare
@@ -35,15 +35,15 @@ from weightsync.delta import copy_elements
 from weightsync.errors import BaseMismatch
 from weightsync.manifest import Manifest
 
-__all__ = ["Spare", "same_layout"]
+__all__ = ["DeltaBase", "same_layout"]
 
 logger = logging.getLogger(__name__)
 
 AFTER_COMMIT = 0.02  # seconds between a commit and the copy that brings the spare up to date
 
 
-class Spare:
-    """Owns the spare buffer, what it holds, and the background copy that keeps it current."""
+class DeltaBase:
+    """The rollout half of the delta base: the spare buffer, what it holds, and the copy that keeps it current."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -1,4 +1,4 @@
-"""One rollout as the publisher sees it: its channel, and one update pushed over it.
+"""One rollout's update client: the publisher holds one per rollout, and pushes each update through it.
 
 An update is BeginUpdate (version, manifest, and how the bytes will arrive), then the chunks, or
 nothing when the rollout reads a shared-memory file, then Commit. The answer counts only if the
@@ -15,19 +15,15 @@ from dataclasses import dataclass
 import grpc
 from tqdm import tqdm
 
-from trainer_side.broadcast import Broadcast, counted
-from trainer_side.outgoing import Outgoing
+from trainer_side.chunk_window import ChunkWindow, counted
+from trainer_side.outgoing import Outgoing, commit_request
+from weightsync.channel import open_channel, raw_push_chunks
 from weightsync.errors import Reason, reason_of
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from weightsync.wire import chunk_count
 
-__all__ = ["CHANNEL_OPTIONS", "Link", "PushResult", "describe", "wants_full"]
-
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 65 << 20),
-    ("grpc.max_receive_message_length", 65 << 20),
-]
+__all__ = ["PushResult", "RolloutClient", "describe", "wants_full"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -59,7 +55,7 @@ class PushResult:
         return f"{self.address}: version {self.version} FAILED{why}: {self.error}"
 
 
-class Link:
+class RolloutClient:
     """The channel to one rollout, and the calls a push makes on it."""
 
     def __init__(
@@ -73,17 +69,9 @@ class Link:
         self.address = address
         self.timeout = timeout
         self._metadata = metadata
-        self._channel = (
-            grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-            if credentials
-            else grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        )
+        self._channel = open_channel(address, credentials)
         self._stub = pb_grpc.WeightSyncStub(self._channel)
-        self._push_chunks = self._channel.stream_unary(
-            "/weightsync.v1.WeightSync/PushChunks",
-            request_serializer=None,  # chunks arrive already encoded, once for all rollouts
-            response_deserializer=pb.PushChunksResponse.FromString,
-        )
+        self._push_chunks = raw_push_chunks(self._channel)  # chunks arrive already encoded, once for all rollouts
 
     def push(
         self,
@@ -91,16 +79,16 @@ class Link:
         update_id: str,
         *,
         chunk_bytes: int,
-        broadcast: Broadcast | None,
+        window: ChunkWindow | None,
         slot: int,
         streams: int = 1,
         progress: bool | None = None,
         relay_to: Sequence[pb.RelayTarget] = (),
         shared_file: str = "",
     ) -> PushResult:
-        """One update: its chunks from `broadcast` (this rollout reads at `slot`); with `shared_file`, the
-        rollout reads that file instead, as far as `broadcast` says it is written, or all of it at once
-        without one. `progress` None shows a bar only on a terminal."""
+        """One update: its chunks from `window` (this rollout reads at `slot`); with `shared_file`, the
+        rollout reads that file instead, as far as `window`'s messages say it is written, or all of it at
+        once without a window. `progress` None shows a bar only on a terminal."""
         started = time.perf_counter()
         version = outgoing.version
         bar = tqdm(
@@ -117,7 +105,7 @@ class Link:
             request = outgoing.request(chunk_bytes, update_id, relay_to=relay_to)
             if shared_file:  # written already (the rollout reads it before it answers), or being written
                 request.shared_memory_file = shared_file
-                request.shared_memory_streamed = broadcast is not None
+                request.shared_memory_streamed = window is not None
             began = self._stub.BeginUpdate(request, timeout=self.timeout, metadata=self._metadata)
             accepted = True
             if outgoing.is_delta and began.chunk_count != chunk_count(outgoing.wire_bytes, chunk_bytes):
@@ -128,9 +116,12 @@ class Link:
                     f"the rollout expects {began.chunk_count} chunks: it does not take deltas",
                     reason=Reason.FULL_VERSION_NEEDED,
                 )
-            sent = self._stream(broadcast, slot, streams, bar) if broadcast else outgoing.wire_bytes
+            sent = self._stream(window, slot, streams, bar) if window else outgoing.wire_bytes
+            manifest = outgoing.manifest  # complete now: every chunk (or the whole file) has gone out
+            if manifest is None:
+                raise RuntimeError("the update's bytes went out, yet its checksums are still pending")
             answer = self._stub.Commit(
-                outgoing.commit_request(update_id, pending=request.checksums_at_commit),
+                commit_request(update_id, manifest, pending=request.checksums_at_commit),
                 timeout=self.timeout,
                 metadata=self._metadata,
             )
@@ -140,11 +131,10 @@ class Link:
             code = error.code() if hasattr(error, "code") else None
             return self._failed(outgoing, describe(error), code=code, reason=reason_of(error))
         finally:
-            if broadcast is not None:
-                broadcast.leave(slot)
+            if window is not None:
+                window.leave(slot)
             bar.close()
         seconds = time.perf_counter() - started
-        manifest = outgoing.manifest  # complete now: its chunks have all gone out
         if answer.weight_version != version or answer.fingerprint != manifest.fingerprint:
             return self._failed(
                 outgoing,
@@ -185,13 +175,13 @@ class Link:
             seconds=seconds,
         )
 
-    def _stream(self, broadcast: Broadcast, slot: int, streams: int, bar: tqdm) -> int:  # type: ignore[type-arg]
+    def _stream(self, window: ChunkWindow, slot: int, streams: int, bar: tqdm) -> int:
         """Sends this rollout's chunks over `streams` parallel PushChunks calls; returns bytes sent.
 
-        All streams draw from the rollout's one position in the broadcast, so each chunk goes out
+        All streams draw from the rollout's one position in the window, so each chunk goes out
         once, on whichever stream is free. If one stream fails, the others stop and the error is raised.
         """
-        reader = broadcast.shared_reader(slot, streams)
+        reader = window.shared_reader(slot, streams)
         calls = [self._push_chunks.future(counted(reader(), bar), metadata=self._metadata) for _ in range(streams)]
         try:
             return sum(call.result().bytes for call in calls)
@@ -210,7 +200,10 @@ class Link:
     def status(self, timeout: float) -> pb.GetStatusResponse | str:
         """GetStatus, or the reason the rollout could not be reached."""
         try:
-            return self._stub.GetStatus(pb.GetStatusRequest(), timeout=timeout, metadata=self._metadata)
+            status: pb.GetStatusResponse = self._stub.GetStatus(
+                pb.GetStatusRequest(), timeout=timeout, metadata=self._metadata
+            )
+            return status
         except grpc.RpcError as error:
             return describe(error)
 

@@ -1,11 +1,12 @@
-"""The rollout's side of the shared-memory transport: a co-located trainer's version file, read into staging.
+"""A co-located trainer's version file, read straight into staging: the rollout's half of shared memory.
 
-The file holds a full version in the manifest's flat layout. It is read with pread straight into the
-staging buffer: one copy from the page cache and no mapping. Mapping it cost page faults on every
-update (44 ms against 27 ms for 256 MiB, one-off), and a file cut short by its writer raises SIGBUS on
-a mapped read, where pread just comes back short. Reading goes in blocks of a few MiB on the event
-loop, yielding between them, so Generate keeps being served; the trainer may announce the file a part
-at a time while it is still writing the rest (BeginUpdateRequest.shared_memory_streamed).
+The trainer writes it (trainer_side/version_file.py, VersionFileWriter); it holds a full version in
+the manifest's flat layout. It is read with pread straight into the staging buffer: one copy from the
+page cache and no mapping. Mapping it cost page faults on every update (44 ms against 27 ms for
+256 MiB, one-off), and a file cut short by its writer raises SIGBUS on a mapped read, where pread
+just comes back short. Reading goes in blocks of a few MiB on the event loop, yielding between them,
+so Generate keeps being served; the trainer may announce the file a part at a time while it is still
+writing the rest (BeginUpdateRequest.shared_memory_streamed).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from weightsync.errors import ChunkCorrupt, SharedMemoryRefused, UnknownUpdate
 
-__all__ = ["SharedFile", "resolve"]
+__all__ = ["BLOCK", "VersionFileReader", "open_reader", "resolve"]
 
 BLOCK = 4 << 20
 
@@ -36,7 +37,15 @@ def resolve(directory: Path | None, name: str) -> Path:
     return path
 
 
-class SharedFile:
+def open_reader(directory: Path | None, name: str, size: int) -> VersionFileReader:
+    """Opens the version file `name` in `directory`, which must lay out `size` bytes; SharedMemoryRefused if not."""
+    try:
+        return VersionFileReader(resolve(directory, name), size)
+    except (OSError, ValueError) as error:
+        raise SharedMemoryRefused(f"cannot read the shared-memory file {name!r}: {error}") from None
+
+
+class VersionFileReader:
     """An open version file of `size` bytes and how much of it is in staging (`position`)."""
 
     def __init__(self, path: Path, size: int) -> None:

@@ -1,4 +1,5 @@
-"""Hands one stream of encoded chunks to every rollout of a push, holding a bounded window of them."""
+"""An in-process window of encoded chunks, shared by every rollout's stream of a push, so each chunk is
+encoded once and the trainer holds a bounded number of them whatever the number of rollouts."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from collections.abc import Callable, Iterator
 
 from tqdm import tqdm
 
-__all__ = ["Broadcast", "counted"]
+__all__ = ["ChunkWindow", "counted"]
 
 
-class Broadcast:
+class ChunkWindow:
     """Hands one stream of encoded chunks to several readers, holding at most `window` of them.
 
     Chunks are produced lazily by whichever reader is ahead; a reader that gets `window` chunks
@@ -94,7 +95,7 @@ class Broadcast:
             del self._chunks[index]
 
 
-def counted(chunks: Iterator[bytes], bar: tqdm) -> Iterator[bytes]:  # type: ignore[type-arg]
+def counted(chunks: Iterator[bytes], bar: tqdm) -> Iterator[bytes]:
     for chunk in chunks:
         yield chunk
         bar.update(len(chunk))

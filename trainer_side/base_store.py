@@ -1,4 +1,7 @@
-"""The publisher's side of delta sync: the base it diffs against, and what each rollout holds.
+"""The trainer's delta base: the last version pushed, which rollouts hold it, and what to send each of them.
+
+A push asks the store once what to send to whom (`prepare`) and tells it once that the push is over
+(`finish`); what happens in between (diffs, checksums, writing the new base) is the store's business.
 
 The base is the last version this publisher pushed, kept as bf16 tensors it owns: one copy for all
 rollouts, not one per rollout. A rollout gets a delta only when the fingerprint it last confirmed is
@@ -27,6 +30,7 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,12 +51,22 @@ from weightsync.manifest import (
     build_manifest,
     tensor_bytes,
     tensor_checksum,
+    wire_tensors,
 )
 from weightsync.memory import prefaulted_buffer
 
-__all__ = ["BaseStore"]
+__all__ = ["BaseStore", "PushPlan"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PushPlan:
+    """What one push sends to whom: `delta` to `holders`, `full` to every other rollout."""
+
+    full: Outgoing
+    delta: Outgoing | None = None
+    holders: tuple[str, ...] = ()  # empty when there is no delta
 
 
 class BaseStore:
@@ -85,13 +99,38 @@ class BaseStore:
         """The rollout's state is unknown (a push to it failed): it gets a full version next."""
         self._held.pop(rollout, None)
 
+    def prepare(self, state: Mapping[str, torch.Tensor], version: int, rollouts: Sequence[str]) -> PushPlan:
+        """Plans the push of `state` as `version` to `rollouts`, and makes it the base (written while the
+        chunks stream). Every `prepare` must be followed by `finish(plan)`, whatever the push's outcome."""
+        tensors = dict(wire_tensors(state))  # a delta diffs whole tensors, and keeps them as the next base
+        holders = self.holders(rollouts)
+        if holders:
+            manifest, diffs = self.scan(tensors)  # checksums and diffs in one pass
+        else:
+            manifest, diffs = build_layout(tensors.items()), None  # checksummed as the chunks go out
+        full = Outgoing.full(version, manifest, list(tensors.values()))
+        delta = self._delta(full, diffs) if diffs is not None else None
+        self._advance(version, manifest, tensors, diffs, state)
+        return PushPlan(full, delta, tuple(holders) if delta is not None else ())
+
+    def finish(self, plan: PushPlan) -> None:
+        """Ends the push `plan` was made for: waits for the base to be written (the caller may change its
+        tensors once the push returns) and keeps the checksums the push computed, if the base lacked them."""
+        self._join()
+        self._complete(plan.full)
+
+    def assume(self, version: int, manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Makes `tensors` (kept as they are, not copied) the base, as `version` with `manifest`."""
+        self._advance(version, manifest, tensors, None, {})
+        self._join()
+
     def scan(self, tensors: Mapping[str, torch.Tensor]) -> tuple[Manifest, list[TensorDiff] | None]:
         """The new version's manifest and, if its layout is the base's, each tensor diffed against it.
 
         Checksums come out of the diff's pass over memory; without a usable base, or when no tensor is
         worth a patch (a dense update), the manifest's checksums are left pending for the push to compute.
         """
-        self.join()
+        self._join()
         if not self._fits(tensors):
             return build_layout(tensors.items()), None
         new = list(tensors.values())
@@ -112,16 +151,16 @@ class BaseStore:
         checksums = [d.checksum or tensor_checksum(tensor_bytes(t)) for d, t in zip(diffs, new, strict=True)]
         return build_manifest(tensors.items(), checksums), diffs
 
-    def complete(self, outgoing: Outgoing) -> None:
+    def _complete(self, outgoing: Outgoing) -> None:
         """Takes the checksums a push computed for a base kept with them pending; drops it if none did."""
         if self.manifest is None or not self.manifest.pending:
             return
-        if outgoing.pending:
+        if outgoing.manifest is None:
             self.version, self.manifest, self._tensors = 0, None, []  # no rollout got it: no fingerprint to match
         else:
             self.manifest = outgoing.manifest
 
-    def delta(self, outgoing: Outgoing, diffs: Sequence[TensorDiff]) -> Outgoing | None:
+    def _delta(self, outgoing: Outgoing, diffs: Sequence[TensorDiff]) -> Outgoing | None:
         """The delta encoding of a full `outgoing` version, or None if no tensor got smaller as a patch."""
         if not any(d.patch is not None for d in diffs):
             return None
@@ -132,9 +171,9 @@ class BaseStore:
         plan = TransferPlan.of_sizes(
             [Encoding.PATCH if d.patch is not None else Encoding.FULL for d in diffs], [p.nbytes for p in payloads]
         )
-        return Outgoing(outgoing.version, outgoing.manifest, payloads, plan, self.fingerprint)
+        return Outgoing(outgoing.version, outgoing.announced, payloads, plan=plan, base_fingerprint=self.fingerprint)
 
-    def advance(
+    def _advance(
         self,
         version: int,
         manifest: Manifest,
@@ -142,12 +181,12 @@ class BaseStore:
         diffs: Sequence[TensorDiff] | None,
         sources: Mapping[str, torch.Tensor],
     ) -> None:
-        """Makes this version the base: starts writing it on a worker thread (see `join`).
+        """Makes this version the base: starts writing it on a worker thread (see `_join`).
 
         `sources` is the caller's state dict: wire tensors that share its memory are copied, the
         others adopted. Where a diff found the changed elements, only those are copied.
         """
-        self.join()
+        self._join()
         old = self._tensors if self._fits(tensors) else None
         jobs: list[tuple[torch.Tensor, torch.Tensor, np.ndarray | None]] = []
         kept: list[torch.Tensor] = []
@@ -195,7 +234,7 @@ class BaseStore:
         self._skip -= 1
         return False
 
-    def join(self) -> None:
+    def _join(self) -> None:
         """Waits for the base to be written; a failed write drops the base (the next push is full)."""
         writer, self._writer = self._writer, None
         if writer is not None:
@@ -205,7 +244,7 @@ class BaseStore:
             self.reset()
 
     def close(self) -> None:
-        self.join()
+        self._join()
         if self._pool is not None:
             self._pool.shutdown()
 
@@ -214,7 +253,7 @@ class BaseStore:
         self._held.clear()
 
     def tensors(self) -> list[torch.Tensor]:
-        self.join()
+        self._join()
         return list(self._tensors)
 
     def _write(self, jobs: Sequence[tuple[torch.Tensor, torch.Tensor, np.ndarray | None]]) -> None:
@@ -225,7 +264,7 @@ class BaseStore:
                         target.copy_(source)
                     else:
                         copy_elements(element_view(target), element_view(source), indices)
-        except BaseException as error:  # noqa: BLE001 - reported by join(), which drops the base
+        except BaseException as error:  # noqa: BLE001 - reported by _join(), which drops the base
             self._error = error
 
     def _fits(self, tensors: Mapping[str, torch.Tensor]) -> bool:

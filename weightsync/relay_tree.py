@@ -1,4 +1,5 @@
-"""Relay plans: which rollout forwards to which, so the trainer sends each byte once."""
+"""Relay trees, shared by both sides: the trainer plans which rollout forwards to which, so it sends
+each byte once, and a relaying rollout names the rollouts below it when it reports their results."""
 
 from __future__ import annotations
 
@@ -26,4 +27,5 @@ def relay_tree(rollouts: Sequence[str], fanout: int) -> tuple[str, list[pb.Relay
 
 
 def subtree_addresses(targets: Sequence[pb.RelayTarget]) -> list[str]:
+    """Every rollout in the trees under `targets`, each tree's root before its descendants."""
     return [a for t in targets for a in (t.address, *subtree_addresses(t.downstream))]

@@ -1,4 +1,5 @@
-"""The trainer's side of the shared-memory transport: one file in a directory co-located rollouts can read.
+"""Writes each version once into the version file, so rollouts on the trainer's host read it from shared
+memory instead of receiving it over sockets (rollout_side/version_file.py is the reading half).
 
 A trainer and rollouts on one host (containers of a pod sharing a memory-backed emptyDir, or processes
 sharing /dev/shm) need not push bytes through sockets at all: the publisher writes a version once into a
@@ -16,12 +17,12 @@ from pathlib import Path
 
 from weightsync.manifest import StreamingChecksums
 
-__all__ = ["SharedVersionFile"]
+__all__ = ["VersionFileWriter"]
 
 _BLOCK = 4 << 20  # what one progress message announces to the rollouts (smaller tensors go together)
 
 
-class SharedVersionFile:
+class VersionFileWriter:
     """A file under `directory` holding the latest version's flat layout; `blocks` replaces its content."""
 
     def __init__(self, directory: str | Path) -> None:

@@ -1,0 +1,71 @@
+"""Whether a manifest fits a model, decided once for every engine: the tensors a model takes, and the checks.
+
+Both engines name tensors as Hugging Face does (vLLM fuses some internally and maps the names itself),
+so one description of the model (`model_param_specs`) and one check (`check_manifest`) serve both, and
+the receiver refuses a version before a byte of it arrives. Pure functions: no engine, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from rollout_side.engines.base import ParamSpec
+from weightsync.errors import BadManifest
+from weightsync.manifest import Manifest, TensorEntry
+
+__all__ = ["check_manifest", "max_update_bytes", "meta_param_specs", "model_param_specs"]
+
+
+def model_param_specs(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, ParamSpec]:
+    """Every floating-point parameter of `model`; tied tensors share the key of the first name seen."""
+    keys: dict[int, str] = {}
+    specs = {}
+    # keep_vars gives the Parameter objects, so tied aliases are recognised by identity.
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not tensor.is_floating_point() or not isinstance(tensor, torch.nn.Parameter):
+            continue
+        key = keys.setdefault(id(tensor), name)
+        specs[name] = ParamSpec(shape=tuple(tensor.shape), dtype=dtype, key=key)
+    return specs
+
+
+def meta_param_specs(model_dir: Path, dtype: torch.dtype = torch.bfloat16) -> dict[str, ParamSpec]:
+    """`model_param_specs` of the model in `model_dir`, built on the meta device: names and shapes, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        return model_param_specs(AutoModelForCausalLM.from_config(config), dtype)
+
+
+def check_manifest(specs: Mapping[str, ParamSpec], manifest: Manifest) -> None:
+    """Refuses (BadManifest) a manifest that is not one complete version of the model `specs` describes.
+
+    Every tensor must be a parameter with the model's shape and dtype, every parameter must be there
+    (under one of its names, if tied), and tied tensors sent under two names must have equal checksums.
+    """
+    covered: dict[str, TensorEntry] = {}
+    for entry in manifest:
+        spec = specs.get(entry.name)
+        if spec is None:
+            raise BadManifest(f"unknown tensor {entry.name!r}: this model has no such parameter")
+        if entry.shape != spec.shape:
+            raise BadManifest(f"tensor {entry.name!r} has shape {list(entry.shape)}, model expects {list(spec.shape)}")
+        if entry.dtype != spec.dtype:
+            raise BadManifest(f"tensor {entry.name!r} is {entry.dtype}, this rollout takes {spec.dtype}")
+        first = covered.setdefault(spec.key, entry)
+        if first.checksum != entry.checksum:
+            raise BadManifest(f"tensors {first.name!r} and {entry.name!r} are tied in this model but differ")
+    missing = sorted({s.key for s in specs.values()} - covered.keys())
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise BadManifest(f"missing tensors: {shown}; a full version must carry every parameter")
+
+
+def max_update_bytes(specs: Mapping[str, ParamSpec]) -> int:
+    """The largest valid update: every name once, tied aliases included."""
+    return sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs.values())

@@ -1,0 +1,142 @@
+"""One table says which phase a rollout may move to from which; every phase change goes through it.
+
+The phases are the wire's (weightsync.v1.RolloutState) plus COMMITTING, which the wire reports as
+RECEIVING: between Commit's arrival and its answer no second update may begin, and chunks or an abort
+for the update find it gone. `Lifecycle.move` refuses any transition not in `TRANSITIONS` with the
+error a caller should see (a second begin is `BusyError`), holds the update in progress, and is the
+one place that tells listeners (the health service, Generate's version gate) about phase changes.
+Nothing here knows about protobuf, torch or the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Generic, Protocol, TypeVar
+
+from weightsync.errors import BusyError, EngineUnavailable, UnknownUpdate, WeightSyncError
+
+__all__ = ["RESTING", "TRANSITIONS", "Lifecycle", "Phase", "resting_phase"]
+
+logger = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    """The rollout's phases; values 1 to 5 are weightsync.v1.RolloutState's."""
+
+    BOOTING = 1
+    DUMMY = 2
+    RECEIVING = 3
+    SERVING = 4
+    FAILED = 5
+    COMMITTING = 6  # internal: verifying and loading an update; RECEIVING on the wire
+
+    @property
+    def wire(self) -> Phase:
+        """The phase as GetStatus and listeners see it."""
+        return Phase.RECEIVING if self is Phase.COMMITTING else self
+
+
+RESTING = frozenset({Phase.DUMMY, Phase.SERVING, Phase.FAILED})  # no update in progress, one may begin
+
+TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
+    Phase.BOOTING: frozenset({Phase.DUMMY, Phase.SERVING}),  # booted with dummy weights, or standalone
+    Phase.DUMMY: frozenset({Phase.RECEIVING}),  # begin
+    Phase.SERVING: frozenset({Phase.RECEIVING}),  # begin
+    Phase.FAILED: frozenset({Phase.RECEIVING}),  # begin: the next commit may recover
+    Phase.RECEIVING: frozenset({Phase.COMMITTING}) | RESTING,  # commit; abort, reaped or a bad chunk: back to rest
+    Phase.COMMITTING: RESTING,  # SERVING: committed; FAILED: the load failed; any: refused, back to rest
+}
+
+
+def resting_phase(*, serving: bool, committed_before: bool) -> Phase:
+    """Where a rollout rests with no update in progress: what it serves decides, not what it tried."""
+    if serving:
+        return Phase.SERVING
+    return Phase.FAILED if committed_before else Phase.DUMMY
+
+
+class _Identified(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+S = TypeVar("S", bound=_Identified)
+Listener = Callable[[Phase], Awaitable[None]]
+
+
+class Lifecycle(Generic[S]):
+    """The current phase and the update in progress (`S`, anything with an `id`)."""
+
+    def __init__(self) -> None:
+        self._phase = Phase.BOOTING
+        self._update: S | None = None  # set in RECEIVING and COMMITTING only
+        self._listeners: list[Listener] = []
+        self._notifications: set[asyncio.Task[None]] = set()
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def receiving(self) -> S | None:
+        """The update whose bytes may still arrive (None while committing: it takes no more)."""
+        return self._update if self._phase is Phase.RECEIVING else None
+
+    def current(self, update_id: str) -> S:
+        """The update in progress named `update_id`; refused with UnknownUpdate otherwise."""
+        update = self.receiving
+        if update is None or update.id != update_id:
+            raise UnknownUpdate(f"no update {update_id!r} in progress; begin a new one")
+        return update
+
+    def holds(self, update: S) -> bool:
+        """Whether `update` is still the one receiving (it may be aborted while its caller awaits)."""
+        return self.receiving is update
+
+    def check(self, target: Phase) -> None:
+        """Raises the error a caller sees if the rollout cannot move to `target` now."""
+        if target not in TRANSITIONS[self._phase]:
+            raise _refusal(self._phase, target, self._update)
+
+    def move(self, target: Phase, update: S | None = None) -> None:
+        """Moves to `target` (RECEIVING takes the new `update`), telling listeners if the wire phase changed."""
+        self.check(target)
+        if (target is Phase.RECEIVING) != (update is not None):
+            raise WeightSyncError(f"moving to {target.name} {'needs' if update is None else 'takes no'} update")
+        previous, self._phase = self._phase, target
+        if target is Phase.RECEIVING:
+            self._update = update
+        elif target in RESTING:
+            self._update = None
+        logger.debug("phase %s -> %s", previous.name, target.name)
+        if previous.wire is not target.wire:
+            self._notify(target.wire)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Calls `listener` with the wire phase on every change of it, in order."""
+        self._listeners.append(listener)
+
+    def _notify(self, phase: Phase) -> None:
+        for listener in self._listeners:
+            task = asyncio.get_running_loop().create_task(_call(listener, phase))
+            self._notifications.add(task)
+            task.add_done_callback(self._notifications.discard)
+
+
+async def _call(listener: Listener, phase: Phase) -> None:
+    await listener(phase)
+
+
+def _refusal(phase: Phase, target: Phase, update: _Identified | None) -> WeightSyncError:
+    """Why `phase` -> `target` is not allowed, as the caller should hear it."""
+    if phase is Phase.BOOTING:
+        return EngineUnavailable("the rollout is still booting its engine")
+    if target is Phase.RECEIVING and update is not None:
+        what = update.id if phase is Phase.RECEIVING else f"{update.id} (committing)"
+        return BusyError(f"update {what} is in progress; one update at a time per rollout")
+    if phase in RESTING or phase is Phase.COMMITTING:
+        return UnknownUpdate("no update is in progress; begin a new one")
+    return WeightSyncError(f"no transition from {phase.name} to {target.name}")
