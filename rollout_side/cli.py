@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 from rollout_side.auth import ServerSecurity
-from rollout_side.engines.base import Engine
+from rollout_side.engines.base import SWAP_POLICIES, Engine
 from weightsync.checkpoint import checkpoint_files
 from weightsync.cli import ArgumentParser, bind_problem, fail, port, port_problem, version
 from weightsync.errors import WeightSyncError
@@ -86,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
         "memory-backed emptyDir mounted in both containers of a pod) instead of over the socket",
     )
     serve.add_argument("--metrics-port", type=port, help="serve Prometheus metrics on this port (default: off)")
+    serve.add_argument(
+        "--http-port",
+        type=port,
+        help="also serve an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions, /ready) "
+        "on this port, gated like Generate (default: off)",
+    )
+    serve.add_argument(
+        "--swap-policy",
+        choices=SWAP_POLICIES,
+        default="drain",
+        help="requests in flight at a weight swap: drain (wait for them; default), abort (end them, finish_reason "
+        '"abort"), continue (go on with the new version, each token tagged with its version; torch engine only)',
+    )
     add_security_arguments(serve, server=True)
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
@@ -142,6 +155,12 @@ def check_args(args: argparse.Namespace) -> ServerSecurity:
     problem = port_problem(args.host, args.port)
     if problem:
         fail(problem)
+    if args.engine == "vllm" and args.swap_policy == "continue":
+        fail("--swap-policy continue needs --engine torch; the vllm engine supports drain and abort")
+    if args.http_port is not None:
+        problem = port_problem(_http_host(args.host), args.http_port, "--http-port")
+        if problem:
+            fail(problem)
     return security
 
 
@@ -149,7 +168,7 @@ def make_engine(args: argparse.Namespace) -> Engine:
     if args.engine == "torch":
         from rollout_side.engines.torch_engine import TorchEngine
 
-        return TorchEngine(args.model, device=args.device)
+        return TorchEngine(args.model, device=args.device, swap_policy=args.swap_policy)
     from rollout_side.engines.vllm_engine import VllmEngine
 
     return VllmEngine(
@@ -158,6 +177,7 @@ def make_engine(args: argparse.Namespace) -> Engine:
         gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_space_gib=args.kv_cache_gib,
+        swap_policy=args.swap_policy,
     )
 
 
@@ -199,6 +219,20 @@ async def serve(args: argparse.Namespace) -> None:
         with contextlib.suppress(Exception):
             await receiver.close()
         fail(error)
+    http = None
+    if args.http_port is not None:
+        from rollout_side.openai_api import start_http
+
+        http_host = _http_host(args.host)
+        try:
+            http = await start_http(
+                rollout.generation, host=http_host, port=args.http_port, model=str(args.model), security=security
+            )
+        except OSError as error:
+            with contextlib.suppress(Exception):
+                await rollout.stop(0)
+            fail(bind_problem(http_host, args.http_port, error, "--http-port"))
+        logger.info("OpenAI-compatible HTTP API on http://%s:%d/v1", http_host, args.http_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -207,7 +241,14 @@ async def serve(args: argparse.Namespace) -> None:
     logger.info("ready on %s:%d: %s", args.host, rollout.port, state)
     await stop.wait()
     logger.info("shutting down")
+    if http is not None:
+        await http.stop()
     await rollout.stop(args.shutdown_grace)
+
+
+def _http_host(host: str) -> str:
+    """Where the HTTP API listens: the gRPC host, or loopback when gRPC is on a Unix socket."""
+    return "127.0.0.1" if host.startswith("unix:") else host
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,8 @@ import torch
 
 from rollout_side.engines.base import ParamSpec
 from weightsync.errors import BadManifest
+from weightsync.limits import MAX_TENSOR_NAME_BYTES
+from weightsync.logs import shown as quoted
 from weightsync.manifest import Manifest, TensorEntry
 
 __all__ = ["check_manifest", "max_update_bytes", "meta_param_specs", "model_param_specs"]
@@ -50,9 +52,11 @@ def check_manifest(specs: Mapping[str, ParamSpec], manifest: Manifest) -> None:
     """
     covered: dict[str, TensorEntry] = {}
     for entry in manifest:
+        if len(entry.name) > MAX_TENSOR_NAME_BYTES:
+            raise BadManifest(f"a tensor name of {len(entry.name)} characters; at most {MAX_TENSOR_NAME_BYTES}")
         spec = specs.get(entry.name)
         if spec is None:
-            raise BadManifest(f"unknown tensor {entry.name!r}: this model has no such parameter")
+            raise BadManifest(f"unknown tensor {quoted(entry.name, 200)}: this model has no such parameter")
         if entry.shape != spec.shape:
             raise BadManifest(f"tensor {entry.name!r} has shape {list(entry.shape)}, model expects {list(spec.shape)}")
         if entry.dtype != spec.dtype:

@@ -8,8 +8,11 @@ for a version and request validation are decided once. Knows nothing of protobuf
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +24,11 @@ from weightsync.errors import BadRequest, NoWeights, VersionNotReached
 __all__ = ["DEFAULT_MAX_TOKENS", "Generation", "GenerationRequest", "VersionGate"]
 
 DEFAULT_MAX_TOKENS = 16
+# A prompt text longer than this many characters per token of the model's length cannot fit: refused
+# before it is tokenized. Natural text and code average under 10 characters per token.
+PROMPT_CHARS_PER_TOKEN = 32
+MAX_TOP_LOGPROBS = 20  # as vLLM's default max_logprobs
+MAX_N = 64
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -35,6 +43,12 @@ class GenerationRequest:
     seed: int | None = None
     min_weight_version: int = 0
     wait_for_version: bool = False
+    logprobs: bool = False  # the sampled tokens' logprobs (raw model distribution, as vLLM's default)
+    top_logprobs: int = 0  # also the k best alternatives per token (implies logprobs)
+    n: int = 0  # completions per prompt, 0: 1; completion i samples with seed + i (as vLLM does)
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
 
 
 class VersionGate:
@@ -90,6 +104,9 @@ class Generation:
         self.engine = engine
         self.gate = gate
         self.max_tokens_limit = max_tokens_limit
+        # Tokenizing runs here, off the event loop; one thread, as a Hugging Face tokenizer is not
+        # safe to call from several threads at once.
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     async def generate(self, request: GenerationRequest, timeout: float | None = None) -> Completion:
         """The whole completion; `timeout` bounds a wait for the requested version."""
@@ -110,20 +127,119 @@ class Generation:
                 metrics.Rollout.observe_generate(out.weight_version, time.perf_counter() - started)
             yield out
 
+    async def generate_n(self, request: GenerationRequest, timeout: float | None = None) -> list[Completion]:
+        """All `request.n` completions, in index order, run concurrently on the engine."""
+        started = time.perf_counter()
+        prompt_ids, sampling = await self.admit(request, timeout)
+        outs = await asyncio.gather(*(self.engine.generate(prompt_ids, s) for s in _each(sampling, request.n)))
+        for out in outs:
+            metrics.Rollout.observe_generate(out.weight_version, time.perf_counter() - started)
+        return list(outs)
+
+    async def generate_stream_n(
+        self, request: GenerationRequest, timeout: float | None = None
+    ) -> AsyncIterator[tuple[int, Completion]]:
+        """(index, piece) of all `request.n` completions as they are produced, interleaved."""
+        started = time.perf_counter()
+        prompt_ids, sampling = await self.admit(request, timeout)
+        queue: asyncio.Queue[tuple[int, Completion] | BaseException | None] = asyncio.Queue()
+
+        async def pump(index: int, each: Sampling) -> None:
+            try:
+                async for out in self.engine.generate_stream(prompt_ids, each):
+                    queue.put_nowait((index, out))
+            except Exception as error:  # noqa: BLE001 - re-raised by the reader
+                queue.put_nowait(error)
+            else:
+                queue.put_nowait(None)
+
+        tasks = [asyncio.create_task(pump(i, each)) for i, each in enumerate(_each(sampling, request.n))]
+        try:
+            running = len(tasks)
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if item[1].finish_reason:
+                    metrics.Rollout.observe_generate(item[1].weight_version, time.perf_counter() - started)
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()  # a reader gone early: the engines abort their requests
+
     async def admit(self, request: GenerationRequest, timeout: float | None) -> tuple[list[int], Sampling]:
         """Refuses a request no committed version can answer, or a malformed one; returns prompt ids and sampling."""
         await self.gate.admit(request.min_weight_version, wait=request.wait_for_version, timeout=timeout)
         if bool(request.prompt) == bool(request.prompt_token_ids):
             raise BadRequest("set exactly one of prompt and prompt_token_ids")
-        prompt_ids = list(request.prompt_token_ids) or self.engine.tokenize(request.prompt)
+        check_numbers(request)
         if request.max_tokens > self.max_tokens_limit:
             raise BadRequest(f"max_tokens {request.max_tokens} exceeds this rollout's limit {self.max_tokens_limit}")
         if request.temperature < 0 or not 0 <= request.top_p <= 1:
             raise BadRequest("temperature must be >= 0 and top_p within [0, 1]")
+        if request.top_logprobs > MAX_TOP_LOGPROBS:
+            raise BadRequest(f"top_logprobs {request.top_logprobs} exceeds {MAX_TOP_LOGPROBS}")
+        if request.n > MAX_N:
+            raise BadRequest(f"n {request.n} exceeds this rollout's limit {MAX_N}")
+        prompt_ids = await self.prompt_ids(request)  # last: the only check that costs more than a comparison
         sampling = Sampling(
-            max_tokens=request.max_tokens or DEFAULT_MAX_TOKENS,
+            # Both engines stop at the model's length (finish_reason "length"), as vLLM does.
+            max_tokens=min(request.max_tokens or DEFAULT_MAX_TOKENS, self.engine.max_model_len - len(prompt_ids)),
             temperature=request.temperature,
             top_p=request.top_p or 1.0,
             seed=request.seed,
+            logprobs=request.top_logprobs if request.logprobs or request.top_logprobs else None,
+            stop=tuple(request.stop),
+            stop_token_ids=tuple(request.stop_token_ids),
+            ignore_eos=request.ignore_eos,
         )
         return prompt_ids, sampling
+
+    async def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The prompt as token ids; refused (BadRequest) if the model cannot take it, the same on every engine.
+
+        Lengths are checked before any work: a text prompt's characters before it is tokenized (off the
+        event loop), a token prompt's count before it is copied; then tokens against the model's length
+        (room for one generated token) and ids against its vocabulary.
+        """
+        limit, vocab = self.engine.max_model_len, self.engine.vocab_size
+        if request.prompt_token_ids:
+            if len(request.prompt_token_ids) >= limit:
+                raise _too_long(len(request.prompt_token_ids), limit)
+            ids = list(request.prompt_token_ids)
+            if max(ids) >= vocab or min(ids) < 0:
+                raise BadRequest(f"prompt_token_ids must lie in [0, {vocab}), this model's vocabulary")
+            return ids
+        if len(request.prompt) > limit * PROMPT_CHARS_PER_TOKEN:
+            raise BadRequest(
+                f"prompt is {len(request.prompt)} characters: more than this model's length of {limit} tokens "
+                f"can hold ({PROMPT_CHARS_PER_TOKEN} characters per token at most)"
+            )
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._tokenizer_thread, self.engine.tokenize, request.prompt)
+        if len(ids) >= limit:
+            raise _too_long(len(ids), limit)
+        return ids
+
+
+def check_numbers(request: GenerationRequest) -> None:
+    """Refuses (BadRequest) NaN or infinite sampling values, which no engine can sample with."""
+    if not math.isfinite(request.temperature) or not math.isfinite(request.top_p):
+        raise BadRequest("temperature and top_p must be finite numbers")
+
+
+def _too_long(tokens: int, limit: int) -> BadRequest:
+    return BadRequest(
+        f"prompt is {tokens} tokens; this model's length is {limit} (prompt and at least one generated token)"
+    )
+
+
+def _each(sampling: Sampling, n: int) -> list[Sampling]:
+    """The sampling of each of n completions: completion i uses seed + i, as vLLM's parallel sampling does."""
+    if n <= 1:
+        return [sampling]
+    seed = sampling.seed
+    return [dataclasses.replace(sampling, seed=None if seed is None else seed + i) for i in range(n)]

@@ -45,6 +45,35 @@ class Incoming:
     contiguous: int = 0  # the first chunk not yet received: every wire byte before it has arrived
     last_activity: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
+    peer: str = ""  # who began (or last resumed) it, as gRPC names the caller
+    streams: int = 0  # PushChunks streams feeding it now
+    quiet_since: float = field(default_factory=time.monotonic)  # since when no stream has fed it
+    interrupted: str = ""  # why its streams stopped without Commit, while it waits for a resume
+
+    def resumes(
+        self, version: int, manifest: Manifest, chunk_bytes: int, plan: TransferPlan, base_fingerprint: str
+    ) -> bool:
+        """Whether an announcement is this update again: same version and layout, so the chunks held still fit.
+
+        A pending manifest compares by layout only; the bytes held are checked against the checksums at
+        commit like any others, so a different version of the same layout is refused there, not here.
+        """
+        return (
+            self.file is None
+            and (version, chunk_bytes, base_fingerprint) == (self.version, self.chunk_bytes, self.base_fingerprint)
+            and plan == self.plan
+            and manifest == self.manifest
+        )
+
+    def held_chunks(self) -> list[tuple[int, int]]:
+        """The chunks that arrived, verified, as [start, end) index ranges."""
+        ranges: list[tuple[int, int]] = []
+        end = 0
+        while (start := self.received.find(1, end)) >= 0:
+            end = self.received.find(0, start)
+            end = self.chunk_count if end < 0 else end
+            ranges.append((start, end))
+        return ranges
 
     @property
     def chunk_count(self) -> int:
@@ -55,8 +84,12 @@ class Incoming:
         """Bytes the chunks carry: the manifest's total for a full update, less for a delta."""
         return self.plan.total_bytes
 
-    def check_chunk(self, index: int, checksum: int, data: memoryview) -> int:
-        """Where chunk `index` starts on the wire, if it belongs here and is intact; ChunkCorrupt if not."""
+    def check_chunk(self, index: int, checksum: int, data: memoryview) -> int | None:
+        """Where chunk `index` starts on the wire, if it belongs here and is intact; ChunkCorrupt if not.
+
+        None for a chunk that arrived before: a resumed trainer or a relay may send it again, and the bytes
+        that came first stay (commit checks them like any others).
+        """
         if self.file is not None:
             raise ChunkCorrupt("this update's bytes come from its shared-memory file, not in chunks")
         if index >= self.chunk_count:
@@ -64,10 +97,12 @@ class Incoming:
         start, end = chunk_span(index, self.wire_bytes, self.chunk_bytes)
         if data.nbytes != end - start:
             raise ChunkCorrupt(f"chunk {index} has {data.nbytes} bytes, expected {end - start}")
-        if self.received[index]:
-            raise ChunkCorrupt(f"chunk {index} arrived twice")
         if chunk_checksum(data) != checksum:
             raise ChunkCorrupt(f"chunk {index} failed its checksum")
+        if self.received[index]:
+            return None
+        if self.verifier.piece_bytes:  # the combinable checksum kind reuses it instead of hashing again
+            self.verifier.chunk_digests[start] = (data.nbytes, checksum)
         return start
 
     def write_chunk(self, index: int, start: int, data: memoryview) -> None:

@@ -1,11 +1,14 @@
 """One table says which phase a rollout may move to from which; every phase change goes through it.
 
-The phases are the wire's (weightsync.v1.RolloutState) plus COMMITTING, which the wire reports as
-RECEIVING: between Commit's arrival and its answer no second update may begin, and chunks or an abort
-for the update find it gone. `Lifecycle.move` refuses any transition not in `TRANSITIONS` with the
-error a caller should see (a second begin is `BusyError`), holds the update in progress, and is the
-one place that tells listeners (the health service, Generate's version gate) about phase changes.
-Nothing here knows about protobuf, torch or the engine.
+The phases are the wire's (weightsync.v1.RolloutState) plus two internal ones. COMMITTING is
+RECEIVING on the wire: between Commit's arrival and its answer no second update may begin, and chunks
+or an abort for the update find it gone. INTERRUPTED is an update no live trainer feeds (its chunk
+streams all ended without Commit: a killed trainer, a cut connection, a malformed message): it is no
+longer in progress, so the wire shows the phase the rollout rests in, but its verified chunks are held
+for a resume until another version begins, an abort, or the idle timeout. `Lifecycle.move` refuses any
+transition not in `TRANSITIONS` with the error a caller should see (a second begin is `BusyError`),
+holds the update, and is the one place that tells listeners (the health service, Generate's version
+gate) about phase changes. Nothing here knows about protobuf, torch or the engine.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ class Phase(enum.Enum):
     SERVING = 4
     FAILED = 5
     COMMITTING = 6  # internal: verifying and loading an update; RECEIVING on the wire
+    INTERRUPTED = 7  # internal: an update no stream feeds, held for a resume; the resting phase on the wire
 
     @property
     def wire(self) -> Phase:
-        """The phase as GetStatus and listeners see it."""
+        """The phase as GetStatus and listeners see it (INTERRUPTED: see `Lifecycle.wire`)."""
         return Phase.RECEIVING if self is Phase.COMMITTING else self
 
 
@@ -46,8 +50,12 @@ TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
     Phase.DUMMY: frozenset({Phase.RECEIVING}),  # begin
     Phase.SERVING: frozenset({Phase.RECEIVING}),  # begin
     Phase.FAILED: frozenset({Phase.RECEIVING}),  # begin: the next commit may recover
-    Phase.RECEIVING: frozenset({Phase.COMMITTING}) | RESTING,  # commit; abort, reaped or a bad chunk: back to rest
+    # commit; its last stream ended without Commit: interrupted; abort, reaped or a bad chunk: back to rest
+    Phase.RECEIVING: frozenset({Phase.COMMITTING, Phase.INTERRUPTED}) | RESTING,
     Phase.COMMITTING: RESTING,  # SERVING: committed; FAILED: the load failed; any: refused, back to rest
+    # resumed (its chunks, or a begin of the same version and layout); its trainer commits; dropped (abort,
+    # another version begins, idle timeout): back to rest
+    Phase.INTERRUPTED: frozenset({Phase.RECEIVING, Phase.COMMITTING}) | RESTING,
 }
 
 
@@ -72,7 +80,8 @@ class Lifecycle(Generic[S]):
 
     def __init__(self) -> None:
         self._phase = Phase.BOOTING
-        self._update: S | None = None  # set in RECEIVING and COMMITTING only
+        self._update: S | None = None  # set in RECEIVING, INTERRUPTED and COMMITTING only
+        self._rest = Phase.BOOTING  # the phase the update began from: INTERRUPTED shows it on the wire
         self._listeners: list[Listener] = []
         self._notifications: set[asyncio.Task[None]] = set()
 
@@ -81,13 +90,28 @@ class Lifecycle(Generic[S]):
         return self._phase
 
     @property
+    def wire(self) -> Phase:
+        """The phase as GetStatus and listeners see it: an interrupted update is not in progress."""
+        return self._rest if self._phase is Phase.INTERRUPTED else self._phase.wire
+
+    @property
     def receiving(self) -> S | None:
-        """The update whose bytes may still arrive (None while committing: it takes no more)."""
+        """The update whose bytes are arriving (None while committing or interrupted)."""
         return self._update if self._phase is Phase.RECEIVING else None
 
+    @property
+    def committing(self) -> S | None:
+        """The update being verified and loaded, if any."""
+        return self._update if self._phase is Phase.COMMITTING else None
+
+    @property
+    def held(self) -> S | None:
+        """The update whose bytes may still arrive: receiving, or interrupted and waiting for a resume."""
+        return self._update if self._phase in (Phase.RECEIVING, Phase.INTERRUPTED) else None
+
     def current(self, update_id: str) -> S:
-        """The update in progress named `update_id`; refused with UnknownUpdate otherwise."""
-        update = self.receiving
+        """The update named `update_id`, receiving or interrupted; refused with UnknownUpdate otherwise."""
+        update = self.held
         if update is None or update.id != update_id:
             raise UnknownUpdate(f"no update {update_id!r} in progress; begin a new one")
         return update
@@ -106,14 +130,19 @@ class Lifecycle(Generic[S]):
         self.check(target)
         if (target is Phase.RECEIVING) != (update is not None):
             raise WeightSyncError(f"moving to {target.name} {'needs' if update is None else 'takes no'} update")
-        previous, self._phase = self._phase, target
+        if self._phase is Phase.INTERRUPTED and target is Phase.RECEIVING and update is not self._update:
+            raise WeightSyncError("an interrupted update resumes as itself; drop it before another begins")
+        before, previous = self.wire, self._phase
+        if previous in RESTING:
+            self._rest = previous
+        self._phase = target
         if target is Phase.RECEIVING:
             self._update = update
         elif target in RESTING:
             self._update = None
         logger.debug("phase %s -> %s", previous.name, target.name)
-        if previous.wire is not target.wire:
-            self._notify(target.wire)
+        if before is not self.wire:
+            self._notify(self.wire)
 
     def add_listener(self, listener: Listener) -> None:
         """Calls `listener` with the wire phase on every change of it, in order."""
@@ -134,7 +163,7 @@ def _refusal(phase: Phase, target: Phase, update: _Identified | None) -> WeightS
     """Why `phase` -> `target` is not allowed, as the caller should hear it."""
     if phase is Phase.BOOTING:
         return EngineUnavailable("the rollout is still booting its engine")
-    if target is Phase.RECEIVING and update is not None:
+    if target is Phase.RECEIVING and update is not None and phase is not Phase.INTERRUPTED:
         what = update.id if phase is Phase.RECEIVING else f"{update.id} (committing)"
         return BusyError(f"update {what} is in progress; one update at a time per rollout")
     if phase in RESTING or phase is Phase.COMMITTING:

@@ -1,7 +1,12 @@
 """One update at a time, from announcement to swap: validate, stage, verify, then swap atomically.
 
 An update moves through begin -> chunks (or a shared-memory file) -> commit, or is aborted; its
-phases and the transitions allowed between them live in rollout_side/lifecycle.py. Any refusal
+phases and the transitions allowed between them live in rollout_side/lifecycle.py. An update is
+owned by a live trainer: when its last chunk stream ends without every chunk (a killed trainer, a cut
+connection, a malformed message) it is interrupted at once, so the next begin need not wait for the
+idle timeout; its verified chunks stay, and a begin of the same version and layout resumes it (the
+trainer then sends only the chunks missing). Commit checks every tensor against its checksum over
+the staged bytes whichever run sent them, so a resume is never trusted. Any refusal
 raises a `WeightSyncError` and leaves the served version untouched, because bytes are only ever
 written into a staging buffer the engine does not read until `commit`. Nothing here knows about
 protobuf or gRPC.
@@ -25,7 +30,7 @@ from typing import TypeVar
 import torch
 
 from rollout_side.compat import check_manifest, max_update_bytes
-from rollout_side.delta_base import DeltaBase
+from rollout_side.delta_base import DeltaBase, same_layout
 from rollout_side.engines.base import Engine
 from rollout_side.incoming import Incoming, check_announcement, check_finite
 from rollout_side.lifecycle import RESTING, Lifecycle, Listener, Phase, resting_phase
@@ -36,6 +41,7 @@ from rollout_side.version_file import VersionFileReader, open_reader
 from weightsync import metrics
 from weightsync.delta import Encoding, TransferPlan
 from weightsync.errors import (
+    AlreadyCommitted,
     BadManifest,
     BusyError,
     ChunkCorrupt,
@@ -58,6 +64,9 @@ T = TypeVar("T")
 
 MIN_CHUNK_BYTES = 4 << 10
 MAX_CHUNK_BYTES = 64 << 20
+# An update no stream has fed for this long (begun but never streamed, or streamed in full and never
+# committed) counts as interrupted: a live trainer opens its stream, or commits, within milliseconds.
+STREAMLESS_GRACE = 2.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -115,7 +124,7 @@ class Receiver:
 
     async def close(self) -> None:
         """Drops an update in progress, stops background work and the engine."""
-        if (update := self.lifecycle.receiving) is not None:
+        if (update := self.lifecycle.held) is not None:
             self.abort(update.id, "the rollout is shutting down")
         self._reaper.stop()
         self.delta_base.close()
@@ -126,15 +135,22 @@ class Receiver:
         self.lifecycle.add_listener(listener)
 
     def status(self) -> Status:
-        update = self.lifecycle.receiving
+        """What is served, and the update receiving or (interrupted) held for a resume, if any."""
+        self.reap()  # an update no stream has fed for the grace shows as interrupted now, not at the next sweep
+        update = self.lifecycle.held
+        detail = self._detail
+        if update is not None and update.interrupted and not detail:
+            detail = (
+                f"update {update.id} (version {update.version}) interrupted, held for a resume: {update.interrupted}"
+            )
         return Status(
-            phase=self.lifecycle.phase.wire,
+            phase=self.lifecycle.wire,
             weight_version=self.engine.weight_version,
             fingerprint=self._committed_fingerprint(),
             update_id=update.id if update else "",
             receiving_version=update.version if update else 0,
             received_bytes=update.received_bytes if update else 0,
-            detail=self._detail,
+            detail=detail,
         )
 
     # -- the handshake ------------------------------------------------------------------------
@@ -150,17 +166,37 @@ class Receiver:
         base_fingerprint: str = "",
         plan: TransferPlan | None = None,
         checksums_at_commit: bool = False,
+        peer: str = "",
+        resumable: bool = True,
     ) -> Incoming:
         """Accepts or refuses an announced version; on success bytes may start to flow.
 
         With `base_fingerprint`, the update is a delta: `plan` says which tensors come as patches
         against the committed version. Call `settle(delta=True)` first, so the base is in place.
         With `checksums_at_commit`, the manifest carries no checksums: they come with `commit`.
+        An interrupted update of the same version and layout is resumed (`resumable`) and returned
+        with the chunks it holds (`Incoming.held_chunks`); any other interrupted update is dropped.
+        A live one (a stream feeds it) refuses the begin with BusyError, unless `update_id` is its own.
         """
         self.reap()
-        self.lifecycle.check(Phase.RECEIVING)
+        if (held := self.lifecycle.held) is not None:
+            mine = bool(update_id) and update_id == held.id
+            if not mine and self.lifecycle.phase is Phase.RECEIVING:
+                raise self._busy(held)
+            if resumable and held.resumes(
+                version, manifest, chunk_bytes, plan or TransferPlan.full(manifest), base_fingerprint
+            ):
+                check_announcement(manifest, checksums_at_commit, fingerprint, base_fingerprint, plan)
+                if fingerprint and fingerprint != manifest.fingerprint:
+                    raise BadManifest("announced fingerprint does not match the manifest")
+                return self._resume(held, update_id, peer)
+        if (committing := self.lifecycle.committing) is not None:
+            raise self._busy(committing)
+        if held is None:
+            self.lifecycle.check(Phase.RECEIVING)
         if self.delta_base.busy:
             raise BusyError("the delta base is being brought up to date; await settle() before begin()")
+        self._check_already_committed(version, manifest)
         if version <= self._high_water:
             raise StaleVersion(f"version {version} is not newer than committed version {self._high_water}")
         if manifest.total_bytes > self._max_bytes:
@@ -175,6 +211,9 @@ class Receiver:
         plan.check_against(manifest)
         if plan.patches and not base_fingerprint:
             raise BadManifest("a plan with patches needs base_fingerprint: the version they apply to")
+        if held is not None:  # interrupted (or its own trainer's, begun again): a valid announcement replaces it
+            why = "it began again" if held.id == update_id else f"version {version} began"
+            self.abort(held.id, f"{held.interrupted or 'its trainer started over'}; dropped: {why}")
         if base_fingerprint:
             self.delta_base.check_base(
                 base_fingerprint, self._committed_fingerprint(), self.engine.weight_version, manifest
@@ -193,6 +232,7 @@ class Receiver:
             router=Router(manifest, plan, staged, patches),
             verifier=Verifier(manifest, staged, plan, patches),
             base_fingerprint=base_fingerprint,
+            peer=peer,
         )
         self.lifecycle.move(Phase.RECEIVING, update)
         logger.info(
@@ -210,10 +250,39 @@ class Receiver:
         idle = self.lifecycle.phase in RESTING
         await self.delta_base.settle(committed=self._committed_fingerprint(), rebuild=delta and idle)
 
+    def stream_opened(self, update_id: str) -> Incoming:
+        """A PushChunks stream starts feeding `update_id`; an interrupted update resumes."""
+        update = self.lifecycle.current(update_id)
+        if self.lifecycle.phase is Phase.INTERRUPTED:
+            logger.info("update %s: resumed by a chunk stream", update.id)
+            update.interrupted = ""
+            self.lifecycle.move(Phase.RECEIVING, update)
+        update.streams += 1
+        return update
+
+    def stream_closed(self, update: Incoming, error: str = "") -> None:
+        """A stream that fed `update` ended, failed with `error` if set; the last one to end without every
+        chunk (or failed) interrupts the update: its trainer is gone or lost its connection."""
+        update.streams -= 1
+        if update.streams or self.lifecycle.receiving is not update:
+            return  # others still feed it, or it was committed, aborted or dropped meanwhile
+        update.quiet_since = time.monotonic()
+        missing = update.chunk_count - update.received_chunks
+        if error or missing:
+            ended = (
+                f"its chunk stream failed ({error})" if error else "its chunk stream ended (closed, cancelled or cut)"
+            )
+            self._interrupt(update, f"{ended} with {missing} of {update.chunk_count} chunks missing")
+
     def put_chunk(self, update_id: str, index: int, checksum: int, data: memoryview) -> int:
-        """Verifies one chunk and copies it into staging; any fault aborts the whole update."""
+        """Verifies one chunk and copies it into staging; returns its bytes (0: it arrived before).
+
+        A chunk that fails its checks aborts the whole update.
+        """
         update = self.lifecycle.current(update_id)
         start = self._or_abort(update, lambda: update.check_chunk(index, checksum, data))
+        if start is None:
+            return 0
         update.write_chunk(index, start, data)
         metrics.Rollout.received_bytes.inc(data.nbytes)
         return data.nbytes
@@ -251,7 +320,13 @@ class Receiver:
     async def stage_file(self, update_id: str, name: str) -> int:
         """Reads a whole file the trainer has finished writing; returns its bytes."""
         self.open_file(update_id, name)
-        return await self.read_file(update_id, self.lifecycle.current(update_id).wire_bytes)
+        update = self.lifecycle.current(update_id)
+        update.streams += 1  # the read feeds it as a stream would: not interrupted meanwhile
+        try:
+            return await self.read_file(update_id, update.wire_bytes)
+        finally:
+            update.streams -= 1
+            update.quiet_since = time.monotonic()
 
     async def commit(
         self, update_id: str, checksums: Sequence[str] = (), fingerprint: str = ""
@@ -309,8 +384,9 @@ class Receiver:
         self.lifecycle.move(self._resting_phase())
 
     def reap(self) -> None:
-        """Aborts the update in progress if its trainer went silent or it has taken too long."""
-        update = self.lifecycle.receiving
+        """Aborts an update whose trainer went silent or that has taken too long; interrupts one no stream
+        has fed for STREAMLESS_GRACE; drops an interrupted one not resumed within the idle timeout."""
+        update = self.lifecycle.held
         if update is None:
             return
         now = time.monotonic()
@@ -321,7 +397,33 @@ class Receiver:
             max_seconds=self.max_update_seconds,
         )
         if reason:
-            self.abort(update.id, reason)
+            self.abort(
+                update.id, f"interrupted ({update.interrupted}), then {reason}" if update.interrupted else reason
+            )
+        elif (
+            self.lifecycle.phase is Phase.RECEIVING
+            and not update.streams
+            and now - update.quiet_since > STREAMLESS_GRACE
+        ):
+            self._interrupt(update, f"no chunk stream has fed it for {now - update.quiet_since:.0f} s")
+
+    def drop_interrupted(
+        self,
+        version: int,
+        manifest: Manifest,
+        chunk_bytes: int,
+        plan: TransferPlan | None,
+        base_fingerprint: str,
+        *,
+        resumable: bool = True,
+    ) -> None:
+        """Drops an interrupted update this announcement will not resume, so the spare is free before `settle`."""
+        held = self.lifecycle.held
+        if held is None or self.lifecycle.phase is not Phase.INTERRUPTED:
+            return
+        full = plan or TransferPlan.full(manifest)
+        if not (resumable and held.resumes(version, manifest, chunk_bytes, full, base_fingerprint)):
+            self.abort(held.id, f"{held.interrupted}; dropped: version {version} began")
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -344,6 +446,76 @@ class Receiver:
             self.delta_base.forget()
             self.lifecycle.move(Phase.FAILED)
             raise EngineUnavailable(self._detail) from error
+
+    def _resume(self, update: Incoming, update_id: str, peer: str) -> Incoming:
+        """Hands the held `update` to the trainer that announced it again, under that trainer's id."""
+        was = update.interrupted
+        update.id, update.peer = update_id or update.id, peer or update.peer
+        update.interrupted = ""
+        update.quiet_since = update.last_activity = time.monotonic()
+        if self.lifecycle.phase is Phase.INTERRUPTED:
+            self.lifecycle.move(Phase.RECEIVING, update)
+        metrics.Rollout.updates.labels("resumed").inc()
+        logger.info(
+            "update %s: resuming version %d with %d of %d chunks held (%.1f of %.1f MB)%s",
+            update.id,
+            update.version,
+            update.received_chunks,
+            update.chunk_count,
+            update.received_bytes / 1e6,
+            update.wire_bytes / 1e6,
+            f"; it was interrupted: {was}" if was else "",
+        )
+        return update
+
+    def _interrupt(self, update: Incoming, why: str) -> None:
+        update.interrupted = why
+        self.lifecycle.move(Phase.INTERRUPTED)
+        metrics.Rollout.updates.labels("interrupted").inc()
+        logger.warning(
+            "update %s (version %d) interrupted: %s; %.1f of %.1f MB held for a resume for %.0f s",
+            update.id,
+            update.version,
+            why,
+            update.received_bytes / 1e6,
+            update.wire_bytes / 1e6,
+            self.idle_timeout,
+        )
+
+    def _busy(self, update: Incoming) -> BusyError:
+        """The refusal a second trainer hears while `update` is live: whose it is, how old, which version."""
+        age = time.monotonic() - update.started
+        committing = " (committing)" if self.lifecycle.phase is Phase.COMMITTING else ""
+        return BusyError(
+            f"update {update.id}{committing} of version {update.version}, begun {age:.0f} s ago by "
+            f"{update.peer or 'an unknown peer'}, is in progress; one update at a time per rollout "
+            "(python -m trainer_side abort drops it)",
+            metadata={
+                "update_id": update.id,
+                "version": str(update.version),
+                "age_seconds": f"{age:.1f}",
+                "peer": update.peer,
+            },
+        )
+
+    def _check_already_committed(self, version: int, manifest: Manifest) -> None:
+        """Refuses a begin of the version served, if it is the same version: a retry after a lost Commit answer.
+
+        With checksums pending the fingerprint is not known yet: the same layout is reported, and the trainer
+        compares the committed fingerprint (in the error's metadata) with its own.
+        """
+        if not version or version != self._high_water or version != self.engine.weight_version:
+            return
+        committed = self._committed_fingerprint()
+        if manifest.pending:
+            same = self.delta_base.manifest is not None and same_layout(self.delta_base.manifest, manifest)
+        else:
+            same = manifest.fingerprint == committed
+        if same:
+            raise AlreadyCommitted(
+                f"version {version} is already committed here with fingerprint {committed}",
+                metadata={"version": str(version), "fingerprint": committed},
+            )
 
     def _or_abort(self, update: Incoming, step: Callable[[], T]) -> T:
         """Runs `step`; a refusal from it aborts the whole update before it reaches the caller."""

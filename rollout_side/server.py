@@ -17,6 +17,7 @@ from rollout_side.servicers.registry import add_service
 from rollout_side.servicers.weight_sync import WeightSyncServicer, add_weight_sync
 from rollout_side.updates import Updates
 from weightsync.cli import port_problem
+from weightsync.limits import GENERATE_REQUEST_BYTES
 from weightsync.memory import keep_freed_memory
 from weightsync.v1 import weightsync_pb2 as pb
 
@@ -47,11 +48,20 @@ def _why_not_bound(address: str) -> str:
 class RolloutServer:
     """A started gRPC server and what it serves; `stop` shuts down in the safe order."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, receiver: Receiver, health: health.aio.HealthServicer):
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        receiver: Receiver,
+        health: health.aio.HealthServicer,
+        generation: Generation | None = None,
+    ):
         self.server = server
         self.port = port
         self.receiver = receiver
         self.health = health
+        # The Generate core, for other front ends over the same gate (rollout_side/openai_api.py).
+        self.generation = generation or Generation(receiver.engine, VersionGate(receiver.engine, receiver.lifecycle))
 
     async def stop(self, grace: float = 5.0) -> None:
         """Reports NOT_SERVING first, so load balancers drain, then stops the server and the engine."""
@@ -87,7 +97,8 @@ async def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     add_weight_sync(WeightSyncServicer(Updates(receiver, relay_credentials=security.relay), model), server)
     generation = Generation(receiver.engine, VersionGate(receiver.engine, receiver.lifecycle))
-    add_service(GenerateServicer(generation), server, pb.DESCRIPTOR.services_by_name["Generate"])
+    limits = {"Generate": GENERATE_REQUEST_BYTES, "GenerateStream": GENERATE_REQUEST_BYTES}
+    add_service(GenerateServicer(generation), server, pb.DESCRIPTOR.services_by_name["Generate"], limits=limits)
     reflection.enable_server_reflection(
         (GENERATE_SERVICE, WEIGHT_SYNC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -110,4 +121,4 @@ async def create_server(
     receiver.add_listener(publish)
     await publish(receiver.status().phase)
     logger.info("rollout listening on %s (engine %s)", address.rsplit(":", 1)[0] + f":{port}", receiver.engine.name)
-    return RolloutServer(server, port, receiver, health_servicer)
+    return RolloutServer(server, port, receiver, health_servicer, generation)

@@ -17,7 +17,7 @@ import numpy as np
 import xxhash
 
 from weightsync.delta import BadPatch, Encoding, TransferPlan, apply_patch
-from weightsync.manifest import CHECKSUM_PREFIX, Manifest
+from weightsync.manifest import CHECKSUM_PREFIX, Manifest, StreamingChecksums
 
 __all__ = ["Router", "Verifier"]
 
@@ -79,6 +79,10 @@ class Verifier:
     commit refuses it. A manifest whose checksums are pending is compared at commit, from `checksums`.
     `changed[i]` records the indices a patch replaced (None for FULL tensors), so a receiver can bring
     a copy of the base up to date without copying whole tensors.
+
+    A manifest of the combinable checksum kind (`Manifest.piece_bytes`) is hashed piece by piece; a piece
+    that arrived as one whole chunk is taken by the chunk checksum already checked (`chunk_digests`, wire
+    start -> (size, xxh3_64)), so its bytes are not hashed a second time.
     """
 
     def __init__(
@@ -100,6 +104,9 @@ class Verifier:
         self._next = 0  # the first tensor not yet checked
         self._patch_offset = 0
         self._digest = xxhash.xxh3_128()
+        self.chunk_digests: dict[int, tuple[int, int]] = {}
+        g = manifest.piece_bytes
+        self._pieces = StreamingChecksums([e.byte_size for e in manifest], g) if g else None
 
     def feed(self, end: int) -> None:
         entries, transfers = self._entries, self.plan.transfers
@@ -109,7 +116,7 @@ class Verifier:
                 stop = min(end, t.wire_end)
                 if stop > self.position:
                     at = entry.offset + self.position - t.wire_offset
-                    self._digest.update(self.staged[at : at + stop - self.position])
+                    self._hash(self.position, self.staged[at : at + stop - self.position])
                     self.position = stop
                 if self.position < t.wire_end:
                     return
@@ -118,7 +125,10 @@ class Verifier:
                     return
                 self._patch(self._next)
                 self.position = t.wire_end
-            got = self.checksums[self._next] = CHECKSUM_PREFIX + self._digest.hexdigest()
+            if self._pieces is not None:
+                got = self.checksums[self._next] = self._pieces.checksums[self._next]
+            else:
+                got = self.checksums[self._next] = CHECKSUM_PREFIX + self._digest.hexdigest()
             if self.mismatch is None and entry.checksum and got != entry.checksum:  # none yet: compared at commit
                 self.mismatch, self.reason = entry.name, "does not match its checksum"
             self._digest.reset()
@@ -138,4 +148,32 @@ class Verifier:
             if self.mismatch is None:
                 self.mismatch, self.reason = entry.name, f"has a malformed patch ({error})"
             self.changed[i] = None
-        self._digest.update(region)
+        if self._pieces is not None:
+            self._pieces.update(region)
+        else:
+            self._digest.update(region)
+
+    def _hash(self, wire_start: int, data: memoryview) -> None:
+        """Hashes a FULL tensor's bytes that start at `wire_start`, taking whole chunks by their checksum."""
+        sums = self._pieces
+        if sums is None:
+            self._digest.update(data)
+            return
+        while data.nbytes:
+            known = self.chunk_digests.get(wire_start)
+            if known is not None and known[0] <= data.nbytes and sums.wants_piece(known[0]):
+                sums.add_digest(*known)
+                taken = known[0]
+            else:
+                taken = min(data.nbytes, self._until_piece_end(wire_start, data.nbytes))
+                sums.update(data[:taken])
+            data, wire_start = data[taken:], wire_start + taken
+
+    def _until_piece_end(self, wire_start: int, limit: int) -> int:
+        """How far to hash bytes from `wire_start` before a known whole-chunk piece may start (at most `limit`)."""
+        g = self.piece_bytes
+        return min(limit, g - wire_start % g) if g else limit
+
+    @property
+    def piece_bytes(self) -> int:
+        return self._pieces.piece_bytes if self._pieces is not None else 0

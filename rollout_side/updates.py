@@ -19,7 +19,7 @@ from rollout_side.receiver import Receiver
 from rollout_side.relay import Relay
 from weightsync import wire
 from weightsync.delta import TransferPlan
-from weightsync.errors import SharedMemoryRefused
+from weightsync.errors import ChunkCorrupt, SharedMemoryRefused
 from weightsync.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class Announcement:
     checksums_at_commit: bool = False
     shared_memory_file: str = ""  # set: the bytes come from this file, not in chunks
     shared_memory_streamed: bool = False  # the file is still being written; PushChunks says how far
+    peer: str = ""  # who announced it, as gRPC names the caller (named when a second trainer is refused)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -75,7 +76,19 @@ class Updates:
         self._aborting: set[asyncio.Future[None]] = set()
 
     async def begin(self, announced: Announcement, forward: Forward | None = None) -> Incoming:
-        """Accepts or refuses an update; reads its file if it is complete; starts relaying it if asked."""
+        """Accepts, resumes or refuses an update; reads its file if it is complete; starts relaying it if asked.
+
+        A relaying rollout never resumes: it forwards what it receives, and downstream may lack other chunks.
+        """
+        resumable = forward is None and not announced.shared_memory_file
+        self.receiver.drop_interrupted(
+            announced.version,
+            announced.manifest,
+            announced.chunk_bytes,
+            announced.plan,
+            announced.base_fingerprint,
+            resumable=resumable,
+        )
         # A background copy may still be bringing the spare (the next staging buffer) up to date.
         await self.receiver.settle(delta=bool(announced.base_fingerprint))
         update = self.receiver.begin(
@@ -87,6 +100,8 @@ class Updates:
             base_fingerprint=announced.base_fingerprint,
             plan=announced.plan,
             checksums_at_commit=announced.checksums_at_commit,
+            peer=announced.peer,
+            resumable=resumable,
         )
         if announced.shared_memory_file:
             if forward is not None:
@@ -105,25 +120,33 @@ class Updates:
     async def receive(self, messages: AsyncIterable[bytes]) -> tuple[int, int]:
         """Takes a PushChunks stream of encoded chunks (or file progress); returns (messages, bytes) taken.
 
-        Each chunk is verified before it is relayed: every hop checks what it passes on.
+        Each chunk is verified before it is relayed: every hop checks what it passes on. A stream feeds
+        one update, named by its first message. When the last stream feeding an update ends without
+        every chunk, or fails, the update is interrupted (held for a resume), and its relay dropped: a
+        trainer's death reads here as an early end of the stream, not as an error.
         """
         count = size = 0
-        update_id = ""
+        update: Incoming | None = None
         try:
             async for raw in messages:
                 chunk = wire.decode_chunk(raw)
-                update_id = chunk.update_id
+                if update is None:
+                    update = self.receiver.stream_opened(chunk.update_id)
+                elif chunk.update_id != update.id:
+                    raise ChunkCorrupt(f"a stream feeds one update: {update.id!r}, not {chunk.update_id!r}")
                 if chunk.file_bytes:  # how far a co-located trainer has written its file
-                    size += await self.receiver.read_file(update_id, chunk.file_bytes)
+                    size += await self.receiver.read_file(update.id, chunk.file_bytes)
                 else:
-                    size += self.receiver.put_chunk(update_id, chunk.index, chunk.checksum, chunk.data)
+                    size += self.receiver.put_chunk(update.id, chunk.index, chunk.checksum, chunk.data)
                 count += 1
-                if relay := self._relays.get(update_id):
+                if relay := self._relays.get(update.id):
                     await relay.forward(raw)
         except BaseException as error:
-            # Whatever broke the stream (bad chunk, cancelled call, dead trainer), the update is void.
-            self._drop(update_id, f"the chunk stream failed: {error or type(error).__name__}")
+            if update is not None:
+                self._closed(update, str(error) or type(error).__name__)
             raise
+        if update is not None:
+            self._closed(update)
         return count, size
 
     async def commit(
@@ -146,9 +169,15 @@ class Updates:
         if relay := self._relays.pop(update_id, None):
             await relay.abort(update_id)
 
-    def _drop(self, update_id: str, reason: str) -> None:
-        if update_id and self.receiver.status().update_id == update_id:
-            self.receiver.abort(update_id, reason)
+    def _closed(self, update: Incoming, error: str = "") -> None:
+        """One stream of `update` ended; if that interrupted it, its relay goes (a resume is not relayed)."""
+        self.receiver.stream_closed(update, error)
+        if self.receiver.lifecycle.receiving is update:
+            return
+        if update.interrupted or self.receiver.lifecycle.held is not update:
+            self._drop_relay(update.id)
+
+    def _drop_relay(self, update_id: str) -> None:
         if relay := self._relays.pop(update_id, None):
             # The downstream streams break with ours; each downstream drops the update itself.
             task = asyncio.ensure_future(relay.abort(update_id))

@@ -13,6 +13,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
+# A plain-text chat template (no special tokens beyond EOS), so the OpenAI chat endpoint works on this model.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 TARGET_VOCAB = 1500
 # Same split regex as transformers' Qwen2Tokenizer, so both loading paths tokenize identically.
 PRETOKENIZE_REGEX = (
@@ -311,6 +316,7 @@ def build(out_dir: pathlib.Path) -> None:
             "model_max_length": 512,
             "errors": "replace",
             "split_special_tokens": False,
+            "chat_template": CHAT_TEMPLATE,
         },
     )
     write_json(out_dir / "special_tokens_map.json", {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS})

@@ -113,11 +113,9 @@ def loop_thread() -> Iterator[LoopThread]:
 
 @pytest.fixture
 def rollout(loop_thread: LoopThread, model_dir: Path) -> Iterator[Rollout]:
-    """A fresh torch-engine rollout with dummy weights (boots in about a second).
-
-    Updates idle for 3 s are aborted, so tests of silent trainers don't wait a minute.
-    """
-    r = start_rollout(loop_thread, model_dir, idle_timeout=3.0)
+    """A fresh torch-engine rollout with dummy weights (boots in about a second), on the defaults users get:
+    the 60 s idle timeout included, so a test that passes only by waiting for the reaper fails instead."""
+    r = start_rollout(loop_thread, model_dir)
     yield r
     r.channel.close()
     loop_thread.run(r.server.stop(grace=0))

@@ -26,6 +26,7 @@ class ChunkWindow:
         self._produced = 0
         self._exhausted = False
         self._positions = dict.fromkeys(range(consumers), 0)
+        self._skips: dict[int, bytes | bytearray] = {}  # slot -> a mask of chunk positions its rollout already holds
 
     def reader(self, slot: int) -> Iterator[bytes]:
         try:
@@ -56,6 +57,11 @@ class ChunkWindow:
 
         return one
 
+    def skip(self, slot: int, mask: bytes | bytearray) -> None:
+        """Reader `slot` passes over the chunks at positions where `mask` is non-zero (a resumed update's)."""
+        with self._cond:
+            self._skips[slot] = mask
+
     def leave(self, slot: int) -> None:
         with self._cond:
             if self._positions.pop(slot, None) is not None:
@@ -70,7 +76,14 @@ class ChunkWindow:
                 if position is None:
                     return None  # the slot left: another stream of the same rollout failed
                 if position < self._produced:
-                    break
+                    self._positions[slot] = position + 1
+                    message = self._chunks[position]
+                    self._evict()
+                    self._cond.notify_all()
+                    mask = self._skips.get(slot)
+                    if mask is not None and position < len(mask) and mask[position]:
+                        continue  # this reader's rollout holds it already
+                    return message
                 if self._exhausted:
                     return None
                 if self._produced - min(self._positions.values()) < self._window:
@@ -83,11 +96,6 @@ class ChunkWindow:
                     self._cond.notify_all()
                 else:
                     self._cond.wait()
-            self._positions[slot] = position + 1
-            chunk = self._chunks[position]
-            self._evict()
-            self._cond.notify_all()
-            return chunk
 
     def _evict(self) -> None:
         oldest = min(self._positions.values(), default=self._produced)

@@ -1,4 +1,4 @@
-"""`python -m trainer_side`: push a checkpoint, run the demo trainer, or show rollouts' status."""
+"""`python -m trainer_side`: push a checkpoint, run the demo trainer, show rollouts' status, or abort an update."""
 
 from __future__ import annotations
 
@@ -63,13 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_rollouts(train)
     train.add_argument("--steps", type=int, default=3)
+    train.add_argument(
+        "--ranks", type=int, default=1, help="run as an FSDP2 job of this many ranks over gloo (docs/sharded.md)"
+    )
     train.add_argument("--model", type=Path, default=Path("models/tiny"))
     _add_shared_memory(train)
 
     status = sub.add_parser("status", help="show each rollout's version, fingerprint and state")
     _add_rollouts(status)
 
-    for p in (push, train, status):
+    abort = sub.add_parser(
+        "abort",
+        help="drop the update a rollout holds",
+        description="Drops the update each rollout holds: one in progress (its trainer then fails) or one "
+        "interrupted and held for a resume. The served version is untouched. Authenticated like a push.",
+    )
+    _add_rollouts(abort)
+
+    for p in (push, train, status, abort):
         add_security_arguments(p, server=False)
         p.add_argument("--metrics-port", type=port, help="serve Prometheus metrics on this port (default: off)")
         p.add_argument("--log-level", default="WARNING")
@@ -140,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     if args.command == "push":
         return _push(args)
+    if args.command == "abort":
+        return _abort(args)
+    if args.command == "train" and args.ranks > 1:
+        from trainer_side.sharded_demo import run_sharded_demo
+
+        return 0 if run_sharded_demo(args.model, args.rollouts, args.steps, args.ranks) else 1
     if args.command == "train":
         from trainer_side.train import run_demo
 
@@ -195,6 +212,28 @@ def _push(args: argparse.Namespace) -> int:
     for result in results:
         print(result.line(), file=sys.stdout if result.ok else sys.stderr)
     return 0 if all(r.ok for r in results) else 1
+
+
+def _abort(args: argparse.Namespace) -> int:
+    from trainer_side.rollout_client import RolloutClient
+
+    ok = True
+    for address in args.rollouts:
+        client = RolloutClient(
+            address, credentials=connection(args)["credentials"], metadata=_metadata(args), timeout=10
+        )
+        try:
+            done, line = client.drop_update(timeout=10)
+        finally:
+            client.close()
+        print(line, file=sys.stdout if done else sys.stderr)
+        ok = ok and done
+    return 0 if ok else 1
+
+
+def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...] | None:
+    token = connection(args)["token"]
+    return (("authorization", f"Bearer {token}"),) if token else None
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -54,9 +54,13 @@ class Outgoing:
         return cls(version, manifest, tuple(tensor_bytes(t) for t in tensors))
 
     @classmethod
-    def streamed(cls, version: int, sources: Sequence[tuple[str, torch.Tensor]]) -> Outgoing:
-        """A full version of tensors in any float dtype, on any device, cast to bf16 as their chunks go out."""
-        return cls(version, wire_layout(sources), WirePayloads([t for _, t in sources]))
+    def streamed(cls, version: int, sources: Sequence[tuple[str, torch.Tensor]], piece_bytes: int = 0) -> Outgoing:
+        """A full version of tensors in any float dtype, on any device, cast to bf16 as their chunks go out.
+
+        `piece_bytes` announces checksums of the combinable kind (weightsync/manifest.py), which reuse the
+        chunks' own hashes when it equals the chunk size: for rollouts that take it."""
+        layout = wire_layout(sources).with_piece_bytes(piece_bytes)
+        return cls(version, layout, WirePayloads([t for _, t in sources]))
 
     @property
     def sizes(self) -> list[int]:
@@ -107,8 +111,14 @@ class Outgoing:
         """
         key = update_id.encode()
         sizes = self.sizes
-        sums = StreamingChecksums(sizes) if self.pending else None
+        g = self.announced.piece_bytes
+        sums = StreamingChecksums(sizes, g) if self.pending else None
         for index, pieces in wire.iter_wire_payloads(self.payloads, chunk_bytes, sizes):
+            if sums is not None and g == chunk_bytes and len(pieces) == 1:
+                digest = wire.chunk_checksum(pieces[0])  # the chunk is one piece: one hash serves both
+                sums.add_digest(pieces[0].nbytes, digest)
+                yield wire.encode_chunk(key, index, pieces, digest)
+                continue
             if sums is not None:
                 for piece in pieces:
                     sums.update(piece)
@@ -140,6 +150,11 @@ class WirePayloads(Sequence[memoryview]):
         self._sources = sources
         self._index = -1
         self._view = memoryview(b"")
+
+    @property
+    def sources(self) -> Sequence[torch.Tensor]:
+        """The tensors, as given: a second reader (a rollout's resumed push) makes its own WirePayloads of them."""
+        return self._sources
 
     def __len__(self) -> int:
         return len(self._sources)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +29,8 @@ import torch
 
 from trainer_side.base_store import BaseStore
 from trainer_side.chunk_window import ChunkWindow
+from trainer_side.collective import Collective, in_collective_job
+from trainer_side.names import renamed
 from trainer_side.outgoing import Outgoing
 from trainer_side.rollout_client import PushResult, RolloutClient, wants_full
 from trainer_side.version_file import VersionFileWriter
@@ -64,6 +66,9 @@ class Publisher:
         delta: bool = False,
         reconcile_every: float | None = None,
         shared_memory: str | Path | None = None,
+        rename: Callable[[str], str] | None = None,
+        collective: bool | None = None,
+        piece_checksums: bool = False,
     ) -> None:
         """`delta` keeps the last version pushed (one more copy of the model in trainer memory) to send
         rollouts only what changed, and lets `reconcile` restore rollouts; `reconcile_every` (seconds)
@@ -72,7 +77,19 @@ class Publisher:
 
         `shared_memory` names a directory every rollout can read too (they run on this host, started with
         --shared-memory-dir naming it): full versions are then written there once, and each rollout reads
-        the file as it is written instead of receiving chunks. Deltas still go as chunks (they are small)."""
+        the file as it is written instead of receiving chunks. Deltas still go as chunks (they are small).
+
+        Names lose the wrapper components torch.compile, FSDP and activation checkpointing add (`_orig_mod.`
+        ...); `rename` then maps each name to the rollout model's (e.g. Megatron to Hugging Face names).
+
+        In a torch.distributed job of several ranks, every rank constructs its Publisher alike and calls
+        `push` together: each sends its own shards (trainer_side/collective.py); `timeout` bounds every
+        collective step, so a rank that dies makes the others fail rather than hang. `collective=False`
+        keeps a publisher that only one rank constructs (after gathering the weights itself) a plain one.
+
+        `piece_checksums` announces the combinable checksum kind, as collective pushes do (the fingerprint
+        then equals a sharded push's of the same weights; it saves a hash of most bytes when the chunk
+        size is the piece size): only for rollouts that know that kind (weightsync/manifest.py)."""
         if not rollouts:
             raise ValueError("no rollouts given; pass at least one HOST:PORT")
         if streams < 1:
@@ -96,6 +113,13 @@ class Publisher:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._credentials = credentials
         self._clients = {address: self._client(address) for address in self.rollouts}
+        self._rename = rename
+        self._pieces = chunk_bytes if piece_checksums else 0
+        if self._pieces and (delta or shared_memory):
+            raise ValueError("piece_checksums is for full versions sent as chunks: not with delta or shared memory")
+        self._collective = Collective(timeout) if (in_collective_job() if collective is None else collective) else None
+        if self._collective is not None and (delta or shared_memory or relay_fanout or reconcile_every):
+            raise ValueError("a collective (multi-rank) publisher supports neither delta, shared memory nor relays yet")
         if reconcile_every:
             self._reconciler = threading.Thread(
                 target=self._reconcile_forever, args=(reconcile_every,), name="weightsync-reconcile", daemon=True
@@ -125,10 +149,22 @@ class Publisher:
         Rollouts that confirmed the previous version get a delta where it is smaller; a rollout that
         refuses it gets the full version before this returns.
         """
+        state = renamed(state, self._rename)
         with self._lock:
+            if self._collective is not None:  # every rank of the job calls this; each sends its own shards
+                results = self._collective.push(
+                    self._clients,
+                    state,
+                    version,
+                    chunk_bytes=self.chunk_bytes,
+                    window=self.window,
+                    streams=self.streams,
+                )
+                self._record(results)
+                return results
             base = self._base
             if base is None:  # cast, copied to the CPU and checksummed tensor by tensor as the chunks go out
-                results = self._deliver(Outgoing.streamed(version, wire_sources(state)), None, [])
+                results = self._deliver(Outgoing.streamed(version, wire_sources(state), self._pieces), None, [])
                 self._record(results)
                 return results
             plan = base.prepare(state, version, self.rollouts)

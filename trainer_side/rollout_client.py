@@ -3,27 +3,45 @@
 An update is BeginUpdate (version, manifest, and how the bytes will arrive), then the chunks, or
 nothing when the rollout reads a shared-memory file, then Commit. The answer counts only if the
 rollout committed our version with our fingerprint; anything else is a failed PushResult that says
-why, and an update the rollout accepted but that failed midway is aborted so it stops holding it open.
+why, and an update the rollout refused midway is aborted so it stops holding it open.
+
+A cut connection is not the end of a push: the client reconnects and announces the same update again
+(bounded retries with backoff). The rollout held the update's verified chunks when its stream broke,
+says which in BeginUpdateResponse.held_chunks, and only the others are sent; Commit then checks every
+tensor as always. A push that gives up on a cut connection leaves the update held there, so a re-run of
+the same version (a crashed `push`, run again) resumes it the same way. A rollout that answers
+ALREADY_COMMITTED holds this version already: the push is ok if its fingerprint is ours.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 from tqdm import tqdm
 
 from trainer_side.chunk_window import ChunkWindow, counted
-from trainer_side.outgoing import Outgoing, commit_request
+from trainer_side.outgoing import Outgoing, WirePayloads, commit_request
 from weightsync.channel import open_channel, raw_push_chunks
-from weightsync.errors import Reason, reason_of
+from weightsync.errors import Reason, metadata_of, reason_of
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from weightsync.wire import chunk_count
 
 __all__ = ["PushResult", "RolloutClient", "describe", "wants_full"]
+
+logger = logging.getLogger(__name__)
+
+RETRIES = 3  # reconnections per push after a cut connection
+BACKOFF = 0.5  # seconds before the first reconnection, doubling after each
+RECONNECT_TIMEOUT = 20.0  # seconds a reconnection may wait for the rollout to be reachable again
+# A failed call with one of these codes and no weightsync reason is the connection's, not a refusal.
+TRANSPORT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -43,16 +61,35 @@ class PushResult:
     delta: bool = False  # sent as a delta against the version it held (bytes_sent counts the wire bytes)
     code: grpc.StatusCode | None = None  # the status of a failed call; None if ok or no call failed
     reason: Reason | None = None  # why it failed, as the rollout (or, for FINGERPRINT_MISMATCH, we) said
+    held_bytes: int = 0  # wire bytes the rollout held from an interrupted run of this update (not sent again)
+    reconnects: int = 0  # how often the push began again: a cut connection, or a resume with other bytes refused
+    already: bool = False  # the rollout had committed this version, with our fingerprint, before this push
 
     def line(self) -> str:
         if self.ok:
             if self.relayed_by:
                 return f"{self.address}: version {self.version} committed via relay {self.relayed_by}"
+            if self.already:
+                return f"{self.address}: version {self.version} already committed, same fingerprint"
             rate = self.bytes_sent / self.seconds / 1e9 if self.seconds else 0.0
             how = f" as a delta of {self.bytes_sent / 1e6:.1f} MB" if self.delta else f" ({rate:.2f} GB/s)"
+            if self.held_bytes:
+                how += f", resumed: {self.held_bytes / 1e6:.1f} MB were held"
+            if self.reconnects:
+                how += f", after {self.reconnects} reconnection(s)"
             return f"{self.address}: version {self.version} committed in {self.seconds:.2f} s{how}"
         why = f" [{self.reason.value}]" if self.reason else ""
         return f"{self.address}: version {self.version} FAILED{why}: {self.error}"
+
+
+class _Attempt(Exception):
+    """How one attempt ended short of a commit: `error` the failed call, `accepted` whether BeginUpdate was."""
+
+    def __init__(self, error: grpc.RpcError, *, accepted: bool, held: int) -> None:
+        super().__init__(describe(error))
+        self.error = error
+        self.accepted = accepted
+        self.held = held  # bytes the rollout held when this attempt resumed the update
 
 
 class RolloutClient:
@@ -65,9 +102,13 @@ class RolloutClient:
         credentials: grpc.ChannelCredentials | None,
         metadata: tuple[tuple[str, str], ...] | None,
         timeout: float,
+        retries: int = RETRIES,
+        backoff: float = BACKOFF,
     ) -> None:
         self.address = address
         self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
         self._metadata = metadata
         self._channel = open_channel(address, credentials)
         self._stub = pb_grpc.WeightSyncStub(self._channel)
@@ -88,9 +129,10 @@ class RolloutClient:
     ) -> PushResult:
         """One update: its chunks from `window` (this rollout reads at `slot`); with `shared_file`, the
         rollout reads that file instead, as far as `window`'s messages say it is written, or all of it at
-        once without a window. `progress` None shows a bar only on a terminal."""
+        once without a window. `progress` None shows a bar only on a terminal.
+
+        After a cut connection (chunks only), reconnects up to `retries` times and resumes the update."""
         started = time.perf_counter()
-        version = outgoing.version
         bar = tqdm(
             total=outgoing.wire_bytes,
             unit="B",
@@ -100,52 +142,73 @@ class RolloutClient:
             leave=False,
             disable=None if progress is None else not progress,
         )
-        accepted = False
+        request = outgoing.request(chunk_bytes, update_id, relay_to=relay_to)
+        if shared_file:  # written already (the rollout reads it before it answers), or being written
+            request.shared_memory_file = shared_file
+            request.shared_memory_streamed = window is not None
+        reconnects = sent = 0
+        afresh = False  # a resume refused at commit was begun again from nothing
         try:
-            request = outgoing.request(chunk_bytes, update_id, relay_to=relay_to)
-            if shared_file:  # written already (the rollout reads it before it answers), or being written
-                request.shared_memory_file = shared_file
-                request.shared_memory_streamed = window is not None
-            began = self._stub.BeginUpdate(request, timeout=self.timeout, metadata=self._metadata)
-            accepted = True
-            if outgoing.is_delta and began.chunk_count != chunk_count(outgoing.wire_bytes, chunk_bytes):
-                # A rollout from before delta sync ignores the plan and expects the full layout's chunks.
-                self.abort(update_id)
-                return self._failed(
-                    outgoing,
-                    f"the rollout expects {began.chunk_count} chunks: it does not take deltas",
-                    reason=Reason.FULL_VERSION_NEEDED,
-                )
-            sent = self._stream(window, slot, streams, bar) if window else outgoing.wire_bytes
-            manifest = outgoing.manifest  # complete now: every chunk (or the whole file) has gone out
-            if manifest is None:
-                raise RuntimeError("the update's bytes went out, yet its checksums are still pending")
-            answer = self._stub.Commit(
-                commit_request(update_id, manifest, pending=request.checksums_at_commit),
-                timeout=self.timeout,
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as error:
-            if accepted:
-                self.abort(update_id)
-            code = error.code() if hasattr(error, "code") else None
-            return self._failed(outgoing, describe(error), code=code, reason=reason_of(error))
+            while True:
+                first = reconnects == 0
+                try:
+                    answer, sent_now, held = self._attempt(
+                        outgoing, request, window if first else None, slot, streams, bar, reconnect=not first
+                    )
+                    sent += sent_now
+                    break
+                except _Attempt as failed:
+                    if first and window is not None:
+                        window.leave(slot)  # the others go on without us; a reconnection reads its own chunks
+                    error = failed.error
+                    reason = error.reason if isinstance(error, _Refused) else reason_of(error)
+                    if reason is Reason.ALREADY_COMMITTED:
+                        return self._already(outgoing, failed.error, time.perf_counter() - started)
+                    if reason is Reason.CHECKSUM_MISMATCH and failed.held and not afresh and not outgoing.is_delta:
+                        # The held chunks were another run's bytes of this version and layout: the rollout
+                        # refused them at commit and dropped the update, so it begins again from nothing.
+                        logger.warning(
+                            "%s: resumed update %s refused at commit; sending it afresh", self.address, update_id
+                        )
+                        afresh = True
+                        reconnects += 1
+                        continue
+                    transport = reason is None and _code(error) in TRANSPORT_CODES
+                    if transport and failed.accepted and not shared_file and reconnects < self.retries:
+                        reconnects += 1
+                        delay = self.backoff * 2 ** (reconnects - 1)
+                        logger.warning(
+                            "%s: update %s cut (%s); reconnecting in %.1f s to resume it (%d of %d)",
+                            self.address,
+                            update_id,
+                            describe(error),
+                            delay,
+                            reconnects,
+                            self.retries,
+                        )
+                        time.sleep(delay)
+                        continue
+                    if (failed.accepted or not first) and not transport:
+                        self.abort(update_id)  # refused midway: stop it holding the rollout; cut: keep it for a resume
+                    return self._failed(outgoing, describe(error), code=_code(error), reason=reason)
         finally:
             if window is not None:
                 window.leave(slot)
             bar.close()
         seconds = time.perf_counter() - started
-        if answer.weight_version != version or answer.fingerprint != manifest.fingerprint:
+        manifest = outgoing.manifest
+        assert manifest is not None  # _attempt committed: the checksums are known
+        if answer.weight_version != outgoing.version or answer.fingerprint != manifest.fingerprint:
             return self._failed(
                 outgoing,
                 f"rollout committed version {answer.weight_version} with fingerprint {answer.fingerprint}, "
-                f"expected {version} with {manifest.fingerprint}",
+                f"expected {outgoing.version} with {manifest.fingerprint}",
                 reason=Reason.FINGERPRINT_MISMATCH,
                 seconds=seconds,
             )
         return PushResult(
             address=self.address,
-            version=version,
+            version=outgoing.version,
             ok=True,
             fingerprint=answer.fingerprint,
             seconds=seconds,
@@ -153,6 +216,95 @@ class RolloutClient:
             swap_seconds=answer.swap_seconds,
             relayed=tuple(answer.relayed),
             delta=outgoing.is_delta,
+            held_bytes=held,
+            reconnects=reconnects,
+        )
+
+    def _attempt(
+        self,
+        outgoing: Outgoing,
+        request: pb.BeginUpdateRequest,
+        window: ChunkWindow | None,
+        slot: int,
+        streams: int,
+        bar: tqdm,
+        *,
+        reconnect: bool,
+    ) -> tuple[pb.CommitResponse, int, int]:
+        """Begin (or resume), the chunks the rollout lacks, Commit; returns (answer, bytes sent, bytes held).
+
+        The first attempt reads the push's shared `window`; a reconnection makes its own chunks.
+        Raises _Attempt when a call fails.
+        """
+        accepted, held = False, 0
+        chunk_bytes, update_id = request.chunk_bytes, request.update_id
+        try:
+            began = self._stub.BeginUpdate(
+                request,
+                timeout=min(self.timeout, RECONNECT_TIMEOUT) if reconnect else self.timeout,
+                metadata=self._metadata,
+                wait_for_ready=reconnect or None,
+            )
+            accepted = True
+            if outgoing.is_delta and began.chunk_count != chunk_count(outgoing.wire_bytes, chunk_bytes):
+                # A rollout from before delta sync ignores the plan and expects the full layout's chunks.
+                self.abort(update_id)
+                raise _Refused(
+                    f"the rollout expects {began.chunk_count} chunks: it does not take deltas",
+                    Reason.FULL_VERSION_NEEDED,
+                )
+            mask = _held_mask(began.held_chunks, chunk_count(outgoing.wire_bytes, chunk_bytes))
+            held = sum(_chunk_size(i, outgoing.wire_bytes, chunk_bytes) for i in _indices(mask))
+            if held:
+                logger.info("%s: resuming update %s, %.1f MB held there", self.address, update_id, held / 1e6)
+                bar.update(held)
+            if request.shared_memory_file and window is None:
+                sent = outgoing.wire_bytes  # the rollout read the whole file before it answered
+            else:
+                if window is None:
+                    window = ChunkWindow(_own_chunks(outgoing, update_id, chunk_bytes), consumers=1, window=16)
+                    slot = 0
+                if held:
+                    window.skip(slot, mask)
+                sent = self._stream(window, slot, streams, bar)
+            manifest = outgoing.manifest  # complete now: every chunk (or the whole file) has gone out
+            if manifest is None:
+                raise RuntimeError("the update's bytes went out, yet its checksums are still pending")
+            answer: pb.CommitResponse = self._stub.Commit(
+                commit_request(update_id, manifest, pending=request.checksums_at_commit),
+                timeout=self.timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as error:
+            raise _Attempt(error, accepted=accepted, held=held) from error
+        return answer, sent, held
+
+    def _already(self, outgoing: Outgoing, error: grpc.RpcError, seconds: float) -> PushResult:
+        """ALREADY_COMMITTED: ok if the rollout's fingerprint is ours, else the version is stale there."""
+        theirs = metadata_of(error).get("fingerprint", "")
+        manifest = outgoing.manifest
+        if manifest is None:  # checksums pending: hash our bytes (without sending them) to compare
+            for _ in _own_chunks(outgoing, "", 1 << 20):
+                pass
+            manifest = outgoing.manifest
+        assert manifest is not None
+        if theirs and theirs == manifest.fingerprint:
+            return PushResult(
+                address=self.address,
+                version=outgoing.version,
+                ok=True,
+                fingerprint=theirs,
+                seconds=seconds,
+                delta=outgoing.is_delta,
+                already=True,
+            )
+        return self._failed(
+            outgoing,
+            f"version {outgoing.version} is committed there with fingerprint {theirs or '(unknown)'}, "
+            f"not ours ({manifest.fingerprint}); push a newer version",
+            code=grpc.StatusCode.FAILED_PRECONDITION,
+            reason=Reason.STALE_VERSION,
+            seconds=seconds,
         )
 
     def _failed(
@@ -197,6 +349,24 @@ class RolloutClient:
         except grpc.RpcError:
             pass
 
+    def drop_update(self, timeout: float) -> tuple[bool, str]:
+        """Aborts whatever update this rollout holds (in progress, or interrupted and held for a resume), for
+        an operator; returns (ok, what happened). Its trainer, if alive, fails with UNKNOWN_UPDATE."""
+        status = self.status(timeout)
+        if isinstance(status, str):
+            return False, f"{self.address}: {status}"
+        if not status.update_id:
+            return True, f"{self.address}: no update in progress"
+        try:
+            self._stub.AbortUpdate(
+                pb.AbortUpdateRequest(update_id=status.update_id), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            if reason_of(error) is Reason.UNKNOWN_UPDATE:
+                return True, f"{self.address}: update {status.update_id} ended meanwhile"
+            return False, f"{self.address}: {describe(error)}"
+        return True, f"{self.address}: dropped update {status.update_id} (version {status.receiving_version})"
+
     def status(self, timeout: float) -> pb.GetStatusResponse | str:
         """GetStatus, or the reason the rollout could not be reached."""
         try:
@@ -209,6 +379,59 @@ class RolloutClient:
 
     def close(self) -> None:
         self._channel.close()
+
+
+class _Refused(grpc.RpcError):
+    """A refusal found by the trainer itself, raised like the rollout's own."""
+
+    def __init__(self, details: str, reason: Reason) -> None:
+        super().__init__(details)
+        self._details = details
+        self.reason = reason
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.FAILED_PRECONDITION
+
+    def details(self) -> str:
+        return self._details
+
+
+def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    return error.code() if hasattr(error, "code") else None
+
+
+def _held_mask(ranges: Sequence[pb.ChunkRange], count: int) -> bytearray:
+    """A byte per chunk, 1 where the rollout holds it (ranges outside the layout are ignored)."""
+    mask = bytearray(count)
+    for r in ranges:
+        start, end = min(r.start, count), min(r.end, count)
+        if start < end:
+            mask[start:end] = b"\x01" * (end - start)
+    return mask
+
+
+def _indices(mask: bytearray) -> Iterator[int]:
+    return (i for i, held in enumerate(mask) if held)
+
+
+def _chunk_size(index: int, total: int, chunk_bytes: int) -> int:
+    return min(chunk_bytes, total - index * chunk_bytes)
+
+
+def _own_chunks(outgoing: Outgoing, update_id: str, chunk_bytes: int) -> Iterator[bytes]:
+    """`outgoing`'s chunks encoded afresh for one rollout, reading its tensors through views of its own (so
+    the push's shared window may read them at the same time), completing its manifest if still pending."""
+    payloads = outgoing.payloads
+    own = Outgoing(
+        outgoing.version,
+        outgoing.announced,
+        WirePayloads(payloads.sources) if isinstance(payloads, WirePayloads) else payloads,
+        plan=outgoing.plan,
+        base_fingerprint=outgoing.base_fingerprint,
+    )
+    yield from own.chunks(update_id, chunk_bytes)
+    if outgoing.manifest is None and own.manifest is not None:
+        outgoing.manifest = own.manifest
 
 
 def wants_full(result: PushResult) -> bool:

@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 
 __all__ = [
     "DOMAIN",
+    "AlreadyCommitted",
     "BadManifest",
     "BadPatch",
     "BadRequest",
@@ -34,6 +35,7 @@ __all__ = [
     "UnknownUpdate",
     "VersionNotReached",
     "WeightSyncError",
+    "metadata_of",
     "reason_of",
     "to_status",
 ]
@@ -64,6 +66,7 @@ class Reason(str, enum.Enum):
     PERMISSION_DENIED = "PERMISSION_DENIED"
     FINGERPRINT_MISMATCH = "FINGERPRINT_MISMATCH"  # found by the trainer: the rollout committed other bytes
     INTERNAL = "INTERNAL"
+    ALREADY_COMMITTED = "ALREADY_COMMITTED"  # the announced version is the one served; metadata["fingerprint"] is its
 
 
 class WeightSyncError(Exception):
@@ -108,6 +111,17 @@ class StaleVersion(WeightSyncError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = Reason.STALE_VERSION
+
+
+class AlreadyCommitted(WeightSyncError):
+    """The announced version is the committed one, with the same fingerprint as far as the rollout can tell.
+
+    A retry after a lost Commit answer lands here. ErrorInfo metadata carries the committed `version` and
+    `fingerprint`: a trainer whose checksums were still pending compares that fingerprint with its own.
+    """
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = Reason.ALREADY_COMMITTED
 
 
 class BaseMismatch(WeightSyncError):
@@ -209,6 +223,22 @@ def to_status(
 
 def reason_of(error: grpc.RpcError) -> Reason | None:
     """The weightsync reason a failed call carries; None for other failures (transport, older rollouts)."""
+    info = _error_info(error)
+    if info is None:
+        return None
+    try:
+        return Reason(info.reason)
+    except ValueError:
+        return None
+
+
+def metadata_of(error: grpc.RpcError) -> dict[str, str]:
+    """The ErrorInfo metadata a failed call carries (e.g. the committed fingerprint); empty if none."""
+    info = _error_info(error)
+    return dict(info.metadata) if info is not None else {}
+
+
+def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     try:
         status = rpc_status.from_call(error)  # type: ignore[arg-type]  # a failed sync call is also a grpc.Call
     except (AttributeError, ValueError):
@@ -216,8 +246,5 @@ def reason_of(error: grpc.RpcError) -> Reason | None:
     for detail in status.details if status is not None else ():
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info) and info.domain == DOMAIN:
-            try:
-                return Reason(info.reason)
-            except ValueError:
-                return None
+            return info
     return None

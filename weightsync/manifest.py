@@ -21,6 +21,8 @@ __all__ = [
     "build_layout",
     "build_manifest",
     "manifest_of_state",
+    "piece_checksum",
+    "piece_prefix",
     "tensor_bytes",
     "tensor_checksum",
     "to_wire",
@@ -37,6 +39,21 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
 }
 CHECKSUM_PREFIX = "xxh3_128:"
 _CHECKSUM = re.compile(re.escape(CHECKSUM_PREFIX) + "[0-9a-f]{32}")
+# The combinable kind (Manifest.piece_bytes = G > 0): "xxh3_128/G:" and the xxh3_128 of the tensor's piece
+# digests, where the pieces are the tensor's bytes cut at every multiple of G in the flat layout, and each
+# piece's digest is its xxh3_64 as 8 little-endian bytes. With chunks of G bytes, a chunk inside one tensor is
+# one piece: its chunk checksum is that piece's digest, so each byte is hashed once per side; and ranks that
+# each hold part of a tensor hash their own pieces, combined by whoever commits.
+
+
+def piece_prefix(piece_bytes: int) -> str:
+    return f"xxh3_128/{piece_bytes}:" if piece_bytes else CHECKSUM_PREFIX
+
+
+def piece_checksum(piece_bytes: int, digests: Iterable[int]) -> str:
+    """A tensor's checksum of the combinable kind, from its pieces' xxh3_64 digests in order."""
+    packed = b"".join(d.to_bytes(8, "little") for d in digests)
+    return piece_prefix(piece_bytes) + xxhash.xxh3_128_hexdigest(packed)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -68,11 +85,21 @@ class TensorEntry:
 
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
-    """Every tensor of a version, tiling [0, total_bytes) in order."""
+    """Every tensor of a version, tiling [0, total_bytes) in order.
+
+    `piece_bytes` 0: each checksum is xxh3_128 of the tensor's bytes; G > 0: the combinable kind (see
+    `piece_checksum`), which a sharded trainer sends since no rank holds a whole sharded tensor.
+    """
 
     entries: tuple[TensorEntry, ...]
+    piece_bytes: int = 0
 
     def __post_init__(self) -> None:
+        if self.piece_bytes < 0:
+            raise BadManifest(f"piece_bytes must not be negative, got {self.piece_bytes}")
+        pattern = (
+            re.compile(re.escape(piece_prefix(self.piece_bytes)) + "[0-9a-f]{32}") if self.piece_bytes else _CHECKSUM
+        )
         position = 0
         seen: set[str] = set()
         for entry in self.entries:
@@ -94,8 +121,9 @@ class Manifest:
                     f"tensor {entry.name!r} starts at byte {entry.offset}, expected {position}: "
                     "tensors must tile the layout without gaps or overlaps"
                 )
-            if not _CHECKSUM.fullmatch(entry.checksum) and not (self.pending and not entry.checksum):
-                raise BadManifest(f"tensor {entry.name!r} checksum must be {CHECKSUM_PREFIX!r} and 32 hex digits")
+            if not pattern.fullmatch(entry.checksum) and not (self.pending and not entry.checksum):
+                prefix = piece_prefix(self.piece_bytes)
+                raise BadManifest(f"tensor {entry.name!r} checksum must be {prefix!r} and 32 hex digits")
             position = entry.end
 
     @cached_property
@@ -108,7 +136,12 @@ class Manifest:
         """This layout completed with one checksum per tensor, in order; raises BadManifest if they do not fit."""
         if len(checksums) != len(self.entries):
             raise BadManifest(f"{len(checksums)} checksums for a manifest of {len(self.entries)} tensors")
-        return Manifest(entries=tuple(replace(e, checksum=c) for e, c in zip(self.entries, checksums, strict=True)))
+        entries = tuple(replace(e, checksum=c) for e, c in zip(self.entries, checksums, strict=True))
+        return Manifest(entries=entries, piece_bytes=self.piece_bytes)
+
+    def with_piece_bytes(self, piece_bytes: int) -> Manifest:
+        """This layout, checksums pending, announcing checksums of the kind `piece_bytes` names."""
+        return Manifest(entries=tuple(replace(e, checksum="") for e in self.entries), piece_bytes=piece_bytes)
 
     def __iter__(self) -> Iterator[TensorEntry]:
         return iter(self.entries)
@@ -144,13 +177,21 @@ class StreamingChecksums:
     """Each tensor's checksum, computed from the layout's bytes fed in order, in pieces of any size.
 
     What lets the publisher hash a tensor while its chunks go out, instead of in a pass before them.
+    With `piece_bytes` (the combinable kind), a caller that already has a whole piece's xxh3_64 (the
+    chunk's own checksum) hands it to `add_digest` instead of feeding the bytes again.
     """
 
-    def __init__(self, sizes: Sequence[int]) -> None:
+    def __init__(self, sizes: Sequence[int], piece_bytes: int = 0) -> None:
         self.checksums: list[str] = []
+        self.piece_bytes = piece_bytes
         self._sizes = sizes
         self._left = 0
+        self._position = 0  # in the flat layout
         self._digest = xxhash.xxh3_128()
+        self._piece = xxhash.xxh3_64()
+        self._piece_left = 0  # bytes until the current piece ends
+        self._piece_fed = 0  # bytes of the current piece hashed so far
+        self._digests: list[int] = []
         self._finish_empty()
 
     @property
@@ -162,31 +203,80 @@ class StreamingChecksums:
             if self.done:
                 raise ValueError("more bytes than the layout holds")
             take = min(self._left, piece.nbytes)
-            self._digest.update(piece[:take])
-            piece, self._left = piece[take:], self._left - take
-            if not self._left:
+            if self.piece_bytes:
+                take = min(take, self._piece_left)
+                self._piece.update(piece[:take])
+                self._piece_left -= take
+                self._piece_fed += take
+                if not self._piece_left:
+                    self._digests.append(self._piece.intdigest())
+                    self._piece.reset()
+                    self._piece_fed = 0
+            else:
+                self._digest.update(piece[:take])
+            piece = piece[take:]
+            self._advance(take)
+
+    def add_digest(self, nbytes: int, digest: int) -> None:
+        """Takes the next `nbytes`, exactly one whole piece, by its xxh3_64 digest (combinable kind only)."""
+        if not self.wants_piece(nbytes):
+            raise ValueError("add_digest takes exactly one whole piece of a combinable-kind layout")
+        self._digests.append(digest)
+        self._piece_left = 0
+        self._advance(nbytes)
+
+    def wants_piece(self, nbytes: int) -> bool:
+        """Whether the next `nbytes` are exactly one whole piece, none of it fed yet (so `add_digest` fits)."""
+        return bool(self.piece_bytes) and not self.done and not self._piece_fed and nbytes == self._piece_left
+
+    def _piece_size(self) -> int:
+        """The size of the piece starting at the current position (to the next multiple of G or the tensor end)."""
+        g = self.piece_bytes
+        return min(self._left, g - self._position % g)
+
+    def _advance(self, n: int) -> None:
+        self._position += n
+        self._left -= n
+        if not self._left:
+            if self.piece_bytes:
+                self.checksums.append(piece_checksum(self.piece_bytes, self._digests))
+                self._digests.clear()
+            else:
                 self.checksums.append(CHECKSUM_PREFIX + self._digest.hexdigest())
                 self._digest.reset()
-                self._finish_empty()
+            self._finish_empty()
+        if self.piece_bytes and not self._piece_left and not self.done:
+            self._piece_left = self._piece_size()
 
     def _finish_empty(self) -> None:
         """Closes zero-byte tensors (they get no bytes) and sets up the next one."""
         while not self.done and not self._sizes[len(self.checksums)]:
-            self.checksums.append(tensor_checksum(b""))
+            self.checksums.append(piece_checksum(self.piece_bytes, ()) if self.piece_bytes else tensor_checksum(b""))
         self._left = self._sizes[len(self.checksums)] if not self.done else 0
+        if self.piece_bytes and not self.done:
+            self._piece_left = self._piece_size()
 
 
 def build_manifest(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], checksums: Iterable[str] | None = None
+    named_tensors: Iterable[tuple[str, torch.Tensor]], checksums: Iterable[str] | None = None, *, piece_bytes: int = 0
 ) -> Manifest:
-    """Lays out contiguous CPU tensors back to back and checksums each one.
+    """Lays out contiguous CPU tensors back to back and checksums each one (of the kind `piece_bytes` names).
 
     `checksums`, one per tensor in order, are taken as given: a caller that already hashed the bytes
     (the delta diff hashes while it compares) saves a pass over memory.
     """
     named = list(named_tensors)
-    given = list(checksums) if checksums is not None else [tensor_checksum(tensor_bytes(t)) for _, t in named]
-    return build_layout(named).with_checksums(given)
+    layout = build_layout(named)
+    if checksums is not None:
+        given = list(checksums)
+    elif piece_bytes:
+        sums = StreamingChecksums([e.byte_size for e in layout], piece_bytes)
+        for _, t in named:
+            sums.update(tensor_bytes(t))
+        given = sums.checksums
+    else:
+        given = [tensor_checksum(tensor_bytes(t)) for _, t in named]
+    return layout.with_piece_bytes(piece_bytes).with_checksums(given)
 
 
 def build_layout(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Manifest:
@@ -204,9 +294,12 @@ def build_layout(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Manifest:
     return Manifest(entries=tuple(entries))
 
 
-def manifest_of_state(state: Mapping[str, torch.Tensor]) -> Manifest:
-    """Manifest of a state dict as it would be sent: bf16, contiguous, tied tensors once."""
-    return build_manifest(wire_tensors(state))
+def manifest_of_state(state: Mapping[str, torch.Tensor], *, piece_bytes: int = 0) -> Manifest:
+    """Manifest of a state dict as it would be sent: bf16, contiguous, tied tensors once.
+
+    `piece_bytes` picks the combinable checksum kind: what a sharded push of this state announces
+    with chunks of that size (trainer_side/collective.py)."""
+    return build_manifest(wire_tensors(state), piece_bytes=piece_bytes)
 
 
 def wire_tensors(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -63,6 +63,7 @@ def manifest_to_proto(manifest: Manifest) -> pb.Manifest:
             for e in manifest
         ],
         total_bytes=manifest.total_bytes,
+        checksum_piece_bytes=manifest.piece_bytes,
     )
 
 
@@ -83,7 +84,7 @@ def manifest_from_proto(message: pb.Manifest) -> Manifest:
                 checksum=spec.checksum,
             )
         )
-    manifest = Manifest(entries=tuple(entries))
+    manifest = Manifest(entries=tuple(entries), piece_bytes=message.checksum_piece_bytes)
     if manifest.total_bytes != message.total_bytes:
         raise BadManifest(f"total_bytes {message.total_bytes} != sum of tensor sizes {manifest.total_bytes}")
     return manifest
@@ -155,17 +156,18 @@ def iter_wire_payloads(
         yield index, pieces
 
 
-def encode_chunk(update_id: bytes, index: int, pieces: Sequence[memoryview]) -> bytes:
-    """Serializes one PushChunksRequest with a single copy of the payload."""
+def encode_chunk(update_id: bytes, index: int, pieces: Sequence[memoryview], checksum: int | None = None) -> bytes:
+    """Serializes one PushChunksRequest with a single copy of the payload (`checksum`: its xxh3_64, if known)."""
     size = sum(p.nbytes for p in pieces)
-    digest = xxhash.xxh3_64()
-    for piece in pieces:
-        digest.update(piece)
+    if checksum is None:
+        digest = xxhash.xxh3_64()
+        for piece in pieces:
+            digest.update(piece)
+        checksum = digest.intdigest()
     header = _with_update_id(update_id)
     if index:
         header.append(_TAG_INDEX)
         _put_varint(header, index)
-    checksum = digest.intdigest()
     if checksum:
         header.append(_TAG_CHECKSUM)
         _put_varint(header, checksum)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
     from weightsync.manifest import Manifest
 
-__all__ = ["Completion", "Engine", "ParamSpec", "Sampling"]
+__all__ = ["SWAP_POLICIES", "Completion", "Engine", "ParamSpec", "Sampling", "join_pieces"]
+
+SWAP_POLICIES = ("drain", "abort", "continue")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -33,34 +37,62 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    # vLLM's SamplingParams names and meanings. logprobs: None = none; k >= 0 = the sampled token's
+    # logprob plus the k best alternatives, all from the raw model distribution (before temperature/top_p).
+    logprobs: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Completion:
-    """Tokens produced by exactly one weight version.
+    """Tokens produced by exactly one weight version (see `token_versions` for the exception).
 
     From `generate_stream` each Completion holds the tokens since the previous one and
-    `finish_reason` is empty until the last.
+    `finish_reason` is empty until the last ("abort": the swap policy abort ended it at a swap).
     """
 
     token_ids: list[int]
     text: str
     weight_version: int
     finish_reason: str
+    # One per token when Sampling.logprobs is set: the raw log-softmax of the sampled token.
+    logprobs: list[float] | None = None
+    # One per token when Sampling.logprobs > 0: {token id: logprob} of the best alternatives, best first.
+    top_logprobs: list[dict[int, float]] | None = None
+    # Swap policy continue only: one version per token when the tokens span versions (weight_version
+    # is then the first token's); empty when weight_version produced every token.
+    token_versions: list[int] = field(default_factory=list)
 
 
 class Engine(ABC):
     """Runs a model whose weights a receiver swaps in, one complete version at a time.
 
     Contract: `load` is atomic with respect to `generate`: every request runs wholly on one
-    version, and `weight_version` names it. A failed `load` leaves `weight_version` at 0
-    (nothing trustworthy is served) until a later load succeeds.
+    version, and `weight_version` names it (under `swap_policy` "continue" a request may go on
+    with the new version, and its Completion says which version produced which token). A failed
+    `load` leaves `weight_version` at 0 (nothing trustworthy is served) until a later load succeeds.
     """
 
     name: str = "engine"
+    # What a load does to requests in flight (SWAP_POLICIES): "drain" waits for them (every request
+    # runs wholly on one version), "abort" ends them with finish_reason "abort" and the tokens so far,
+    # "continue" lets them go on with the new version and tags each token with its version.
+    swap_policy: str = "drain"
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = model_dir
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt plus completion, in tokens: the model's max_position_embeddings by default."""
+        return int(_model_config(self.model_dir).get("max_position_embeddings") or UNBOUNDED)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold are below this: the model's vocab_size (its embedding rows)."""
+        return int(_model_config(self.model_dir).get("vocab_size") or UNBOUNDED)
 
     @abstractmethod
     async def start(self, weights: Path | None = None, version: int = 0) -> None:
@@ -103,3 +135,35 @@ class Engine(ABC):
     @abstractmethod
     async def shutdown(self) -> None:
         """Releases the engine's processes and memory."""
+
+
+UNBOUNDED = 1 << 31  # a model folder that does not say
+
+
+@functools.cache
+def _model_config(model_dir: Path) -> dict[str, Any]:
+    """The model's config.json (its text part, for a multimodal one); empty if there is none."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return dict(config.get("text_config") or config)
+
+
+def join_pieces(pieces: list[Completion], text: str) -> Completion:
+    """The streamed pieces of one completion as one Completion whose text is `text`."""
+    tokens = [t for p in pieces for t in p.token_ids]
+    versions = [p.weight_version for p in pieces for _ in p.token_ids]
+    first = versions[0] if versions else (pieces[-1].weight_version if pieces else 0)
+    finish = next((p.finish_reason for p in reversed(pieces) if p.finish_reason), "length")
+    logprobs = [x for p in pieces for x in p.logprobs or ()] if any(p.logprobs is not None for p in pieces) else None
+    top = [x for p in pieces for x in p.top_logprobs or ()] if any(p.top_logprobs is not None for p in pieces) else None
+    return Completion(
+        token_ids=tokens,
+        text=text,
+        weight_version=first,
+        finish_reason=finish,
+        logprobs=logprobs,
+        top_logprobs=top,
+        token_versions=versions if len(set(versions)) > 1 else [],
+    )

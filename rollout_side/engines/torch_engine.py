@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import typing
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from rollout_side.compat import meta_param_specs, model_param_specs
-from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling
+from rollout_side.engines.base import SWAP_POLICIES, Completion, Engine, ParamSpec, Sampling, join_pieces
 from weightsync.checkpoint import load_checkpoint
 from weightsync.manifest import Manifest
 from weightsync.memory import prefaulted_buffer
@@ -42,10 +43,17 @@ class TorchEngine(Engine):
 
     name = "torch"
 
-    def __init__(self, model_dir: Path, *, device: str = "cpu", seed: int = 0) -> None:
+    def __init__(self, model_dir: Path, *, device: str = "cpu", seed: int = 0, swap_policy: str = "drain") -> None:
         super().__init__(model_dir)
+        if swap_policy not in SWAP_POLICIES:
+            raise ValueError(f"swap_policy must be one of {', '.join(SWAP_POLICIES)}, not {swap_policy!r}")
+        self.swap_policy = swap_policy
         self.device = torch.device(device)
         self.seed = seed
+        # abort/continue: a load waiting for the worker thread; the running request performs it at its
+        # next token boundary (abort: after ending itself; continue: then goes on with the new version).
+        self._pending_swap: tuple[Callable[[], torch.Tensor | None], Future[torch.Tensor | None]] | None = None
+        self._pending_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
         self._version = 0
         self._live: torch.Tensor | None = None  # the staging buffer the parameters point into
@@ -83,7 +91,27 @@ class TorchEngine(Engine):
         return prefaulted_buffer(nbytes)
 
     async def load(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
-        return await self._run(self._swap, staging, manifest, version)
+        if self.swap_policy == "drain":  # behind every request already queued on the worker thread
+            return await self._run(self._swap, staging, manifest, version)
+        done: Future[torch.Tensor | None] = Future()
+        with self._pending_lock:
+            self._pending_swap = (functools.partial(self._swap, staging, manifest, version), done)
+        # Runs it if no request reaches a token boundary first (an idle engine, or only queued requests).
+        self._worker.submit(self._run_pending_swap)
+        return await asyncio.wrap_future(done)
+
+    def _run_pending_swap(self) -> bool:
+        """On the worker thread: performs the pending swap, if any; True if one ran."""
+        with self._pending_lock:
+            pending, self._pending_swap = self._pending_swap, None
+        if pending is None:
+            return False
+        swap, done = pending
+        try:
+            done.set_result(swap())
+        except BaseException as error:  # noqa: BLE001 - the load's caller re-raises it
+            done.set_exception(error)
+        return True
 
     def _swap(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
         assert self.model is not None
@@ -116,58 +144,96 @@ class TorchEngine(Engine):
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     async def generate(self, prompt_ids: list[int], sampling: Sampling) -> Completion:
-        tokens: list[int] = []
-        finish, version = "length", 0
-        async for piece in self.generate_stream(prompt_ids, sampling):
-            tokens += piece.token_ids
-            finish, version = piece.finish_reason or finish, piece.weight_version
-        return Completion(token_ids=tokens, text=self._decode(tokens), weight_version=version, finish_reason=finish)
+        pieces = [piece async for piece in self.generate_stream(prompt_ids, sampling)]
+        return join_pieces(pieces, pieces[-1].text if pieces else "")
 
     async def generate_stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Completion]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Completion | BaseException] = asyncio.Queue()
+        # Set when the reader is gone (cancelled, deadline passed, stream closed): decoding stops at the
+        # next token, and a request still queued behind others never starts.
+        abandoned = threading.Event()
 
         def produce() -> None:
+            if abandoned.is_set():
+                return
             try:
                 for piece in self._decode_loop(prompt_ids, sampling):
                     loop.call_soon_threadsafe(queue.put_nowait, piece)
+                    if abandoned.is_set():
+                        return
             except BaseException as error:  # noqa: BLE001 - handed to the consumer, re-raised there
                 loop.call_soon_threadsafe(queue.put_nowait, error)
 
         task = loop.run_in_executor(self._worker, produce)
-        while True:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason:
-                break
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    break
+        finally:
+            abandoned.set()
         await task
 
     def _decode_loop(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[Completion]:
-        """Greedy or sampled decoding with a KV cache; runs wholly on the worker thread."""
+        """Greedy or sampled decoding with a KV cache; runs wholly on the worker thread.
+
+        The last piece carries the whole text (stop strings cut off). Under the swap policies abort and
+        continue a pending swap runs at a token boundary: abort ends the request there; continue
+        recomputes the KV cache of prompt + tokens so far with the new weights and goes on.
+        """
         assert self.model is not None
+        self._run_pending_swap()  # a request not yet started runs wholly on the new version
         version = self._version
         generator = torch.Generator(device=self.device)
         if sampling.seed is not None:
             generator.manual_seed(sampling.seed)
         else:
             generator.seed()
-        eos = set(_eos_ids(self.model))
+        eos = set() if sampling.ignore_eos else set(_eos_ids(self.model))
+        stops = eos | set(sampling.stop_token_ids)
         ids = torch.tensor([prompt_ids], device=self.device)
         past = None
         emitted: list[int] = []
         with torch.no_grad():
             for step in range(sampling.max_tokens):
+                if step and self._pending_swap is not None:
+                    if self.swap_policy == "continue":
+                        self._run_pending_swap()
+                    if self.swap_policy == "abort" or self._version == 0:  # 0: the swap failed
+                        text = self._decode(emitted)
+                        yield Completion(token_ids=[], text=text, weight_version=version, finish_reason="abort")
+                        return
+                    if self._version != version:
+                        version, past = self._version, None
+                        ids = torch.tensor([prompt_ids + emitted], device=self.device)
                 out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
                 past = out.past_key_values
-                token = _pick(out.logits[0, -1].float(), sampling, generator)
+                logits = out.logits[0, -1].float()
+                token = _pick(logits, sampling, generator)
+                logprobs, top = _logprobs(logits, token, sampling.logprobs)
                 emitted.append(token)
-                last = token in eos or step == sampling.max_tokens - 1
-                finish = ("stop" if token in eos else "length") if last else ""
-                text = self._decode(emitted) if last else ""
-                yield Completion(token_ids=[token], text=text, weight_version=version, finish_reason=finish)
-                if last:
+                finish = "stop" if token in stops else ""
+                text = ""
+                if sampling.stop:
+                    text, hit = _cut_at_stop(self._decode(emitted), sampling.stop)
+                    finish = "stop" if hit else finish
+                if not finish and step == sampling.max_tokens - 1:
+                    finish = "length"
+                if finish and not sampling.stop:
+                    text = self._decode(emitted)
+                yield Completion(
+                    token_ids=[token],
+                    text=text if finish else "",
+                    weight_version=version,
+                    finish_reason=finish,
+                    logprobs=logprobs,
+                    top_logprobs=top,
+                )
+                if finish:
                     return
                 ids = torch.tensor([[token]], device=self.device)
 
@@ -201,6 +267,25 @@ def _flatten_parameters(model: torch.nn.Module) -> torch.Tensor | None:
             param.data = view
             offset += size
     return flat
+
+
+def _logprobs(
+    logits: torch.Tensor, token: int, k: int | None
+) -> tuple[list[float] | None, list[dict[int, float]] | None]:
+    """The sampled token's raw log-softmax and the k best alternatives' (vLLM's default raw_logprobs)."""
+    if k is None:
+        return None, None
+    logp = torch.log_softmax(logits, dim=-1)
+    if not k:
+        return [float(logp[token])], None
+    values, indices = torch.topk(logp, k)
+    return [float(logp[token])], [dict(zip(indices.tolist(), values.tolist(), strict=True))]
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """`text` up to the earliest stop string, and whether one occurred (vLLM leaves the stop string out)."""
+    hits = [i for i in (text.find(stop) for stop in stops if stop) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
 
 
 def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rollout_side.compat import check_manifest, meta_param_specs
-from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling
+from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling, join_pieces
 from rollout_side.engines.vllm_worker import ShmStaging
 from weightsync.errors import BadManifest, BadRequest, EngineUnavailable
 
@@ -80,13 +81,19 @@ class VllmEngine(Engine):
         kv_cache_space_gib: float | None = None,
         dtype: torch.dtype = torch.bfloat16,
         engine_kwargs: Mapping[str, Any] | None = None,
+        swap_policy: str = "drain",
     ) -> None:
         super().__init__(Path(model_dir))
+        if swap_policy not in ("drain", "abort"):
+            # continue would need the KV cache of each request recomputed under the new weights.
+            raise ValueError(f"the vllm engine supports --swap-policy drain or abort, not {swap_policy!r}")
+        self.swap_policy = swap_policy
         if kv_cache_space_gib is None and gpu_memory_utilization is None and _on_cpu():
             # vLLM's CPU default reserves 90% of RAM for the KV cache; tests and trainers need it too.
             kv_cache_space_gib = CPU_DEFAULT_KV_GIB
         self.tensor_parallel_size = tensor_parallel_size
         self.dtype = dtype
+        self._max_model_len = max_model_len
         args: dict[str, Any] = {
             "max_model_len": max_model_len,
             "tensor_parallel_size": tensor_parallel_size,
@@ -109,6 +116,7 @@ class VllmEngine(Engine):
         self._admitting = asyncio.Event()
         self._admitting.set()
         self._swap_lock = asyncio.Lock()
+        self._request_ids: set[str] = set()  # inside vLLM now: what the swap policy abort aborts
         self._shm = ShmStaging()
 
     async def start(self, weights: Path | None = None, version: int = 0) -> None:
@@ -171,6 +179,10 @@ class VllmEngine(Engine):
     def weight_version(self) -> int:
         return self._version
 
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
     @cached_property
     def _specs(self) -> dict[str, ParamSpec]:
         return meta_param_specs(self.model_dir, self.dtype)
@@ -198,6 +210,9 @@ class VllmEngine(Engine):
         async with self._swap_lock:
             self._admitting.clear()
             try:
+                if self.swap_policy == "abort" and self._request_ids:
+                    # vLLM ends each with finish_reason "abort" and the tokens so far.
+                    await llm.abort(list(self._request_ids))
                 await self._drained.wait()
                 started = time.perf_counter()
                 await self._swap(llm, (path, nbytes, layout), version)
@@ -262,60 +277,92 @@ class VllmEngine(Engine):
         return list(self._tokenizer.encode(text, add_special_tokens=True))
 
     async def generate(self, prompt_ids: list[int], sampling: Sampling) -> Completion:
-        token_ids: list[int] = []
-        texts: list[str] = []
-        version, reason = self._version, ""
-        async for piece in self.generate_stream(prompt_ids, sampling):
-            token_ids += piece.token_ids
-            texts.append(piece.text)
-            version, reason = piece.weight_version, piece.finish_reason or reason
-        text = "".join(texts)
-        return Completion(token_ids=token_ids, text=text, weight_version=version, finish_reason=reason)
+        pieces = [piece async for piece in self.generate_stream(prompt_ids, sampling)]
+        return join_pieces(pieces, "".join(piece.text for piece in pieces))
 
     async def generate_stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Completion]:
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         llm = self._require_llm()
-        params = SamplingParams(
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=sampling.seed,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        try:
+            params = SamplingParams(
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed,
+                logprobs=sampling.logprobs,
+                stop=list(sampling.stop) or None,
+                stop_token_ids=list(sampling.stop_token_ids) or None,
+                ignore_eos=sampling.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except (VLLMValidationError, ValueError) as exc:
+            raise BadRequest(f"vLLM refused the sampling settings: {exc}") from None
         prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
         version = await self._admit()
-        queue: asyncio.Queue[tuple[list[int], str, str] | BaseException | None] = asyncio.Queue()
+        queue: asyncio.Queue[Completion | BaseException | None] = asyncio.Queue()
         # A separate task drains vLLM, so a slow reader cannot hold the gate (and block loads) after
         # vLLM has finished the request; the done callback releases even a task cancelled before starting.
-        pump = asyncio.create_task(self._pump(llm, prompt, params, queue))
+        pump = asyncio.create_task(self._pump(llm, prompt, params, version, queue))
         pump.add_done_callback(lambda _: self._release())
         try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                ids, text, reason = item
-                yield Completion(token_ids=ids, text=text, weight_version=version, finish_reason=reason)
+                yield item
         finally:
             pump.cancel()  # no-op once finished; otherwise vLLM aborts the request
 
-    async def _pump(self, llm: AsyncLLM, prompt: Any, params: Any, queue: asyncio.Queue[Any]) -> None:
+    async def _pump(self, llm: AsyncLLM, prompt: Any, params: Any, version: int, queue: asyncio.Queue[Any]) -> None:
         from vllm.exceptions import VLLMClientError
 
+        request_id = f"ws-{uuid.uuid4().hex}"
+        k = params.logprobs
         try:
             # Rendering checks the prompt (empty, too long, ids outside the vocabulary).
             (rendered,) = llm.renderer.render_cmpl([prompt])
-            async for out in llm.generate(rendered, params, request_id=f"ws-{uuid.uuid4().hex}"):
+            self._request_ids.add(request_id)
+            async for out in llm.generate(rendered, params, request_id=request_id):
                 piece = out.outputs[0]
-                reason = (piece.finish_reason or "") if out.finished else ""
-                queue.put_nowait((list(piece.token_ids), piece.text, reason))
+                ids = list(piece.token_ids)
+                logprobs, top = _logprobs(ids, piece.logprobs, k)
+                queue.put_nowait(
+                    Completion(
+                        token_ids=ids,
+                        text=piece.text,
+                        weight_version=version,
+                        finish_reason=(piece.finish_reason or "") if out.finished else "",
+                        logprobs=logprobs,
+                        top_logprobs=top,
+                    )
+                )
         except VLLMClientError as exc:
             queue.put_nowait(BadRequest(f"vLLM refused the request: {exc}"))
         except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
             queue.put_nowait(EngineUnavailable(f"vLLM failed while generating: {exc!r}"))
         else:
             queue.put_nowait(None)
+        finally:
+            self._request_ids.discard(request_id)
+
+    @contextlib.asynccontextmanager
+    async def admission(self, request_id: str) -> AsyncIterator[int]:
+        """Holds the admission gate around one vLLM request made outside `generate_stream` (vLLM's own
+        OpenAI serving layer, rollout_side/vllm_openai.py); yields the version it runs on."""
+        version = await self._admit()
+        self._request_ids.add(request_id)
+        try:
+            yield version
+        finally:
+            self._request_ids.discard(request_id)
+            self._release()
+
+    @property
+    def async_llm(self) -> AsyncLLM:
+        """The running AsyncLLM (raises EngineUnavailable when not started)."""
+        return self._require_llm()
 
     async def _admit(self) -> int:
         """Waits out any load in progress, then returns the version this request will run on."""
@@ -331,3 +378,19 @@ class VllmEngine(Engine):
         self._inflight -= 1
         if self._inflight == 0:
             self._drained.set()
+
+
+def _logprobs(
+    ids: list[int], positions: Any, k: int | None
+) -> tuple[list[float] | None, list[dict[int, float]] | None]:
+    """vLLM's per-position {token id: Logprob} as the sampled tokens' logprobs and the k best, best first."""
+    if k is None or positions is None:
+        return None, None
+    logprobs = [float(position[token].logprob) for token, position in zip(ids, positions, strict=True)]
+    if not k:
+        return logprobs, None
+    top = [
+        {t: float(lp.logprob) for t, lp in sorted(position.items(), key=lambda item: item[1].rank) if lp.rank <= k}
+        for position in positions
+    ]
+    return logprobs, top

@@ -9,15 +9,19 @@ from typing import Any, TypeVar
 
 import grpc
 
-from rollout_side.servicers.registry import Malformed
+from rollout_side.servicers.registry import Unparsed
 from weightsync import metrics
-from weightsync.errors import BadRequest, Reason, WeightSyncError, to_status
+from weightsync.errors import Reason, WeightSyncError, to_status
 
 __all__ = ["grpc_errors", "grpc_stream_errors"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# A status message carries at most this much: gRPC sends it in a trailer, and a caller's input (a name,
+# an id) quoted into it must never grow it past what the trailer limits allow.
+MAX_STATUS_MESSAGE = 1024
 
 
 def grpc_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -54,7 +58,11 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, error
     """The one place an error becomes a status: ours keep theirs, anything else is INTERNAL and logged."""
     if isinstance(error, WeightSyncError):
         metrics.Rollout.refused.labels(method, error.code.name).inc()
-        await context.abort_with_status(to_status(error.code, str(error), error.reason, error.metadata))
+        message = str(error)
+        if len(message) > MAX_STATUS_MESSAGE:
+            message = message[: MAX_STATUS_MESSAGE - 40] + f"... ({len(message)} characters)"
+        metadata = {k[:256]: v[:MAX_STATUS_MESSAGE] for k, v in error.metadata.items()}
+        await context.abort_with_status(to_status(error.code, message, error.reason, metadata))
     logger.error("%s failed", method, exc_info=error)
     await context.abort_with_status(
         to_status(grpc.StatusCode.INTERNAL, f"{method} failed; see the rollout's log", Reason.INTERNAL)
@@ -62,5 +70,6 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, error
 
 
 def _check_parsed(request: Any) -> None:
-    if isinstance(request, Malformed):
-        raise BadRequest(f"request is not a valid {request.type_name}: {request.error}")
+    """A request the registry did not parse (over its size limit, or malformed) is refused here."""
+    if isinstance(request, Unparsed):
+        raise request.error

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from rollout_side.engines.base import Completion
 from rollout_side.generation import Generation, GenerationRequest
 from rollout_side.servicers.errors import grpc_errors, grpc_stream_errors
 from weightsync.v1 import weightsync_pb2 as pb
@@ -22,21 +23,33 @@ class GenerateServicer(pb_grpc.GenerateServicer):  # type: ignore[misc]  # gener
 
     @grpc_errors
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
-        out = await self.generation.generate(_request(request), context.time_remaining())
+        outs = await self.generation.generate_n(_request(request), context.time_remaining())
+        completions = [_completion(i, out) for i, out in enumerate(outs)]
+        first = completions[0]
         return pb.GenerateResponse(
-            token_ids=out.token_ids, text=out.text, weight_version=out.weight_version, finish_reason=out.finish_reason
+            token_ids=first.token_ids,
+            text=first.text,
+            weight_version=first.weight_version,
+            finish_reason=first.finish_reason,
+            logprobs=first.logprobs,
+            top_logprobs=first.top_logprobs,
+            token_weight_versions=first.token_weight_versions,
+            completions=completions,
         )
 
     @grpc_stream_errors
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for out in self.generation.generate_stream(_request(request.request), context.time_remaining()):
+        async for index, out in self.generation.generate_stream_n(_request(request.request), context.time_remaining()):
             yield pb.GenerateStreamResponse(
                 token_ids=out.token_ids,
                 text=out.text,
                 weight_version=out.weight_version,
                 finish_reason=out.finish_reason,
+                logprobs=out.logprobs or (),
+                top_logprobs=_top(out),
+                index=index,
             )
 
 
@@ -50,4 +63,27 @@ def _request(request: pb.GenerateRequest) -> GenerationRequest:
         seed=request.seed if request.HasField("seed") else None,
         min_weight_version=request.min_weight_version,
         wait_for_version=request.wait_for_version,
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
+        n=request.n,
+        stop=list(request.stop),
+        stop_token_ids=list(request.stop_token_ids),
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def _top(out: Completion) -> list[pb.TopLogprobs]:
+    return [pb.TopLogprobs(token_ids=list(top), logprobs=list(top.values())) for top in out.top_logprobs or ()]
+
+
+def _completion(index: int, out: Completion) -> pb.GenerateCompletion:
+    return pb.GenerateCompletion(
+        index=index,
+        token_ids=out.token_ids,
+        text=out.text,
+        weight_version=out.weight_version,
+        finish_reason=out.finish_reason,
+        logprobs=out.logprobs or (),
+        top_logprobs=_top(out),
+        token_weight_versions=out.token_versions,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,6 +11,7 @@ from rollout_side.servicers.errors import grpc_errors
 from rollout_side.servicers.registry import add_service
 from rollout_side.updates import Announcement, Forward, Updates
 from weightsync import wire
+from weightsync.limits import check_update_id, weight_sync_request_limits
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -41,9 +43,12 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]  # g
 
     @grpc_errors
     async def BeginUpdate(self, request: pb.BeginUpdateRequest, context: Context) -> pb.BeginUpdateResponse:
+        check_update_id(request.update_id)  # before it is logged or shown in GetStatus
+        # Thousands of tensors take a while to convert and check: off the event loop.
+        manifest = await asyncio.to_thread(wire.manifest_from_proto, request.manifest)
         announced = Announcement(
             version=request.version,
-            manifest=wire.manifest_from_proto(request.manifest),
+            manifest=manifest,
             chunk_bytes=request.chunk_bytes,
             fingerprint=request.fingerprint,
             update_id=request.update_id,
@@ -52,10 +57,12 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]  # g
             checksums_at_commit=request.checksums_at_commit,
             shared_memory_file=request.shared_memory_file,
             shared_memory_streamed=request.shared_memory_streamed,
+            peer=context.peer() or "",
         )
         forward = Forward(targets=request.relay_to, request=request, metadata=_authorization(context))
         update = await self.updates.begin(announced, forward if request.relay_to else None)
-        return pb.BeginUpdateResponse(update_id=update.id, chunk_count=update.chunk_count)
+        held = [pb.ChunkRange(start=start, end=end) for start, end in update.held_chunks()]
+        return pb.BeginUpdateResponse(update_id=update.id, chunk_count=update.chunk_count, held_chunks=held)
 
     @grpc_errors
     async def PushChunks(self, request_iterator: AsyncIterator[bytes], context: Context) -> pb.PushChunksResponse:
@@ -81,5 +88,10 @@ def _authorization(context: Context) -> tuple[tuple[str, str], ...]:
 
 
 def add_weight_sync(servicer: WeightSyncServicer, server: grpc.aio.Server) -> None:
-    """Registers the service; PushChunks gets raw bytes, decoded in the core without copying."""
-    add_service(servicer, server, pb.DESCRIPTOR.services_by_name["WeightSync"], raw_requests=frozenset({"PushChunks"}))
+    """Registers the service; PushChunks gets raw bytes, decoded in the core without copying.
+
+    BeginUpdate and Commit are refused unparsed when larger than a manifest of this model can be.
+    """
+    limits = weight_sync_request_limits(len(servicer.receiver.engine.param_specs()))
+    service = pb.DESCRIPTOR.services_by_name["WeightSync"]
+    add_service(servicer, server, service, raw_requests=frozenset({"PushChunks"}), limits=limits)

@@ -9,6 +9,7 @@ import threading
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from safetensors.torch import load_file, save_file
 
 from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
@@ -95,21 +96,39 @@ def test_min_weight_version_refuses_or_waits(rollout, trained_state) -> None:  #
     assert info.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def test_concurrent_generate_during_pushes_never_mixes_versions(rollout, model_dir, trained_state) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_generate_during_pushes_never_mixes_versions(rollout, model_dir, tokenizer, trained_state) -> None:  # type: ignore[no-untyped-def]
+    """Every response's tokens are exactly transformers' answer under the version it claims, while swaps
+    land during decoding: a swap inside a request would give a mix of two versions' tokens, equal to neither."""
     states = [trained_state, new_model(model_dir, seed=2).state_dict()]
+    ids = tokenizer("the cat", add_special_tokens=False)["input_ids"]
+    max_tokens = 24  # long enough that swaps keep landing while requests decode
+    expected = [greedy(reference_model(model_dir, state), ids, max_tokens) for state in states]
+    assert expected[0] != expected[1], "both versions answer alike: a mixed response would go unnoticed"
+    state_of = {1: 0} | {version: version % 2 for version in range(2, 7)}  # version -> index into states
     with Publisher([rollout.address], progress=False) as publisher:
         assert publisher.push(states[0], version=1)[0].ok
         stop = threading.Event()
         seen: dict[int, list[int]] = {i: [] for i in range(3)}
+        wrong: list[str] = []
         errors: list[BaseException] = []
 
         def client(i: int) -> None:
-            request = pb.GenerateStreamRequest(request=pb.GenerateRequest(prompt="the cat", max_tokens=6))
+            request = pb.GenerateRequest(prompt_token_ids=ids, max_tokens=max_tokens)
             try:
                 while not stop.is_set():
-                    versions = {p.weight_version for p in rollout.generate.GenerateStream(request, timeout=30)}
+                    if i % 2:
+                        reply = rollout.generate.Generate(request, timeout=30)
+                        tokens, versions = list(reply.token_ids), {reply.weight_version}
+                    else:
+                        pieces = list(
+                            rollout.generate.GenerateStream(pb.GenerateStreamRequest(request=request), timeout=30)
+                        )
+                        tokens, versions = [t for p in pieces for t in p.token_ids], {p.weight_version for p in pieces}
                     assert len(versions) == 1, versions
-                    seen[i].append(versions.pop())
+                    version = versions.pop()
+                    if tokens != expected[state_of[version]]:
+                        wrong.append(f"version {version} answered {tokens}, expected {expected[state_of[version]]}")
+                    seen[i].append(version)
             except BaseException as error:  # noqa: BLE001 - reported below
                 errors.append(error)
 
@@ -117,14 +136,16 @@ def test_concurrent_generate_during_pushes_never_mixes_versions(rollout, model_d
         for t in threads:
             t.start()
         for version in range(2, 7):
-            assert publisher.push(states[version % 2], version=version)[0].ok
+            assert publisher.push(states[state_of[version]], version=version)[0].ok
         stop.set()
         for t in threads:
             t.join(60)
     assert not errors, errors
+    assert not wrong, wrong[:3]
     for versions in seen.values():
         assert versions == sorted(versions), "a client saw versions go backwards"
     assert max(max(v) for v in seen.values() if v) >= 5
+    assert len({v for vs in seen.values() for v in vs}) >= 3, "too few versions were served to test anything"
 
 
 def test_standalone_mode_serves_real_weights(model_dir, tokenizer, trained_state, trained_checkpoint) -> None:  # type: ignore[no-untyped-def]
@@ -144,7 +165,7 @@ def test_standalone_mode_serves_real_weights(model_dir, tokenizer, trained_state
         assert rollout.stop() == 0
 
 
-def test_push_cli_exit_codes(rollout, trained_checkpoint) -> None:  # type: ignore[no-untyped-def]
+def test_push_cli_exit_codes(rollout, trained_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
     push = [
         sys.executable,
         "-m",
@@ -158,8 +179,17 @@ def test_push_cli_exit_codes(rollout, trained_checkpoint) -> None:  # type: igno
     ok = subprocess.run([*push, "--version", "4"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "version 4 committed" in ok.stdout
-    stale = subprocess.run([*push, "--version", "4"], capture_output=True, text=True, timeout=120)
+    again = subprocess.run([*push, "--version", "4"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr  # e.g. a retry after a lost answer: it has it already
+    assert "version 4 already committed" in again.stdout
+    stale = subprocess.run([*push, "--version", "3"], capture_output=True, text=True, timeout=120)
     assert stale.returncode == 1
     assert "FAILED_PRECONDITION" in stale.stderr and "STALE_VERSION" in stale.stderr
+    other = tmp_path / "other.safetensors"
+    save_file({k: v + 1 for k, v in load_file(trained_checkpoint).items()}, other)
+    conflict = subprocess.run(
+        [*push[:5], str(other), *push[6:], "--version", "4"], capture_output=True, text=True, timeout=120
+    )
+    assert conflict.returncode == 1 and "STALE_VERSION" in conflict.stderr  # version 4 with other bytes
     gone = subprocess.run([*push[:-1], "127.0.0.1:1", "--version", "5"], capture_output=True, text=True, timeout=120)
     assert gone.returncode == 1 and "127.0.0.1:1" in gone.stderr

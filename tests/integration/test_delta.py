@@ -365,9 +365,7 @@ def process_rollout(model_dir: Path) -> Iterator[list[RolloutProcess]]:
 def restart(model_dir: Path, started: list[RolloutProcess], port: int | None = None) -> RolloutProcess:
     if started:
         started[-1].kill()  # SIGKILL: no goodbye, its memory is gone
-    process = RolloutProcess(
-        model_dir, engine="torch", port=port, args=["--idle-timeout", "3", "--log-level", "WARNING"]
-    )
+    process = RolloutProcess(model_dir, engine="torch", port=port, args=["--log-level", "WARNING"])
     started.append(process)
     return process
 

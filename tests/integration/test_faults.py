@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,9 +17,8 @@ from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
 import raw
-from conftest import Rollout
-
-FAST_REAP = ["--idle-timeout", "3"]
+from conftest import LoopThread, Rollout, start_rollout
+from proxy import Proxy
 
 
 def status(address: str) -> pb.GetStatusResponse:
@@ -39,44 +37,6 @@ def wait_no_update(address: str, timeout: float = 20) -> None:
         time.sleep(0.1)
 
 
-class CuttingProxy:
-    """Forwards TCP both ways, and cuts the connection once `cut_after` bytes went to the server."""
-
-    def __init__(self, target: str, cut_after: int) -> None:
-        self.target = target
-        self.cut_after = cut_after
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.cut = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        client, _ = self.listener.accept()
-        host, port = self.target.rsplit(":", 1)
-        upstream = socket.create_connection((host, int(port)))
-        threading.Thread(target=self._pipe, args=(upstream, client, None), daemon=True).start()
-        self._pipe(client, upstream, self.cut_after)
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
-        sent = 0
-        try:
-            while data := src.recv(65536):
-                if limit is not None and sent + len(data) >= limit:
-                    dst.sendall(data[: limit - sent])  # the middle of a chunk, then nothing
-                    self.cut.set()
-                    break
-                dst.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-
 @pytest.fixture
 def serving(rollout: Rollout, trained_state) -> Iterator[Rollout]:  # type: ignore[no-untyped-def]
     with Publisher([rollout.address], progress=False) as publisher:
@@ -84,19 +44,32 @@ def serving(rollout: Rollout, trained_state) -> Iterator[Rollout]:  # type: igno
     yield rollout
 
 
+@pytest.fixture
+def fast_reaping(loop_thread: LoopThread, model_dir: Path, trained_state) -> Iterator[Rollout]:  # type: ignore[no-untyped-def]
+    """A serving rollout that drops an update idle for 3 s: for the test of the idle reaper itself."""
+    r = start_rollout(loop_thread, model_dir, idle_timeout=3.0)
+    with Publisher([r.address], progress=False) as publisher:
+        assert publisher.push(trained_state, 1)[0].ok
+    yield r
+    r.channel.close()
+    loop_thread.run(r.server.stop(grace=0))
+
+
 def test_connection_cut_in_the_middle_of_a_chunk(serving: Rollout, trained_state) -> None:  # type: ignore[no-untyped-def]
-    proxy = CuttingProxy(serving.address, cut_after=(2 << 20) + 12345)
+    """The same push() call reconnects, resumes with the chunks the rollout held, and returns ok."""
+    proxy = Proxy(serving.address)
+    proxy.cut_after((2 << 20) + 12345)
     with Publisher([proxy.address], progress=False, timeout=10) as publisher:
         [result] = publisher.push(trained_state, 2)
-    assert proxy.cut.is_set()
-    assert not result.ok and result.error.split(":")[0] in ("UNAVAILABLE", "CANCELLED", "INTERNAL")
-    wait_no_update(serving.address)
-    assert status(serving.address).weight_version == 1 and generate(serving.address).weight_version == 1
-    with Publisher([serving.address], progress=False) as publisher:
-        assert publisher.push(trained_state, 2)[0].ok
+    assert proxy.cuts == 1
+    assert result.ok, result.error
+    assert result.reconnects == 1 and result.held_bytes >= 1 << 20, result
+    assert status(serving.address).weight_version == 2 and generate(serving.address).weight_version == 2
+    proxy.close()
 
 
-def test_stalled_stream_is_dropped_after_the_idle_timeout(serving: Rollout, trained_state) -> None:  # type: ignore[no-untyped-def]
+def test_stalled_stream_is_dropped_after_the_idle_timeout(fast_reaping: Rollout, trained_state) -> None:  # type: ignore[no-untyped-def]
+    serving = fast_reaping  # a live stream that sends nothing: only the idle timeout ends it
     tensors, manifest = raw.prepare(trained_state)
     update_id = raw.begin(serving.weight_sync, 2, manifest).update_id
     chunks = raw.encoded_chunks(update_id, tensors, manifest)
@@ -121,7 +94,7 @@ def test_stalled_stream_is_dropped_after_the_idle_timeout(serving: Rollout, trai
 
 
 def test_rollout_killed_mid_commit_and_restarted(model_dir: Path, trained_state) -> None:  # type: ignore[no-untyped-def]
-    rollout = RolloutProcess(model_dir, args=FAST_REAP)
+    rollout = RolloutProcess(model_dir)
     address = rollout.address
     try:
         with Publisher([address], progress=False) as publisher:
@@ -137,7 +110,7 @@ def test_rollout_killed_mid_commit_and_restarted(model_dir: Path, trained_state)
             commit.result()
     finally:
         rollout.kill()
-    with RolloutProcess(model_dir, args=FAST_REAP, port=rollout.port):
+    with RolloutProcess(model_dir, port=rollout.port):
         # Nothing survives a crash: the restarted rollout holds dummy weights and refuses Generate.
         assert (status(address).weight_version, status(address).state) == (0, pb.ROLLOUT_STATE_DUMMY)
         with pytest.raises(grpc.RpcError) as info:
@@ -149,7 +122,7 @@ def test_rollout_killed_mid_commit_and_restarted(model_dir: Path, trained_state)
 
 
 def test_graceful_shutdown_finishes_in_flight_generate(model_dir: Path, trained_state) -> None:  # type: ignore[no-untyped-def]
-    rollout = RolloutProcess(model_dir, args=[*FAST_REAP, "--shutdown-grace", "60"])
+    rollout = RolloutProcess(model_dir, args=["--shutdown-grace", "60"])
     try:
         with Publisher([rollout.address], progress=False) as publisher:
             assert publisher.push(trained_state, 1)[0].ok

@@ -31,7 +31,7 @@ def target(loop_thread, model_dir, trained_state):  # type: ignore[no-untyped-de
     """One rollout serving version 1 for the whole module (hypothesis runs many examples against it)."""
     from conftest import start_rollout
 
-    rollout = start_rollout(loop_thread, model_dir, idle_timeout=3.0)
+    rollout = start_rollout(loop_thread, model_dir)
     with Publisher([rollout.address], progress=False) as publisher:
         assert publisher.push(trained_state, 1)[0].ok
     yield rollout

@@ -21,7 +21,7 @@ from conftest import LoopThread, Rollout, start_rollout
 
 @pytest.fixture
 def three(loop_thread: LoopThread, model_dir) -> Iterator[list[Rollout]]:  # type: ignore[no-untyped-def]
-    rollouts = [start_rollout(loop_thread, model_dir, idle_timeout=3.0) for _ in range(3)]
+    rollouts = [start_rollout(loop_thread, model_dir) for _ in range(3)]
     yield rollouts
     for r in rollouts:
         r.channel.close()
@@ -118,7 +118,7 @@ def test_relay_killed_mid_stream_then_restarted(tmp_path) -> None:  # type: igno
     model = make_model("64MiB", tmp_path)
     state = random_state(model)
     fingerprint = manifest_of_state(state).fingerprint
-    procs = [RolloutProcess(model, args=["--idle-timeout", "5", "--log-level", "WARNING"]) for _ in range(3)]
+    procs = [RolloutProcess(model, args=["--log-level", "WARNING"]) for _ in range(3)]
     _, middle, last = procs
     status_of = {p.address: pb_grpc.WeightSyncStub(grpc.insecure_channel(p.address)) for p in procs}
     try:

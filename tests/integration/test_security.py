@@ -20,10 +20,14 @@ from rollout_side.engines.torch_engine import TorchEngine
 from rollout_side.receiver import Receiver
 from rollout_side.server import create_server
 from trainer_side.publisher import Publisher
+from weightsync import wire
+from weightsync.channel import raw_push_chunks
+from weightsync.errors import Reason, reason_of
 from weightsync.security import channel_credentials, server_credentials
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
+import raw
 from conftest import LoopThread, Rollout
 
 TOKEN = "s3cret-trainer-token"
@@ -193,3 +197,49 @@ def test_relay_under_mutual_tls(loop_thread, model_dir, trained_state, pki, rela
     finally:
         for server, _ in servers:
             loop_thread.run(server.stop(grace=0))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("token", "code"),
+    [(None, grpc.StatusCode.UNAUTHENTICATED), ("wrong-token", grpc.StatusCode.PERMISSION_DENIED)],
+)
+def test_streaming_calls_without_the_right_token_are_refused(
+    loop_thread, model_dir, trained_state, token, code
+) -> None:  # type: ignore[no-untyped-def]
+    """PushChunks (client streaming) and GenerateStream (server streaming) are guarded like unary calls."""
+    server, port = _start(loop_thread, model_dir, ServerSecurity(token=TOKEN, generate_token="reader"))
+    address = f"127.0.0.1:{port}"
+    channel = grpc.insecure_channel(address)
+    trainer = [("authorization", f"Bearer {TOKEN}")]
+    caller = [("authorization", f"Bearer {token}")] if token else []
+    try:
+        with Publisher([address], progress=False, token=TOKEN) as publisher:
+            assert publisher.push(trained_state, 1)[0].ok
+        # An update the trainer began: chunks from anyone else must not reach it.
+        stub = pb_grpc.WeightSyncStub(channel)
+        tensors, manifest = raw.prepare(trained_state)
+        begin = pb.BeginUpdateRequest(
+            version=2,
+            manifest=wire.manifest_to_proto(manifest),
+            chunk_bytes=raw.CHUNK,
+            fingerprint=manifest.fingerprint,
+        )
+        update_id = stub.BeginUpdate(begin, timeout=30, metadata=trainer).update_id
+        with pytest.raises(grpc.RpcError) as info:
+            raw_push_chunks(channel)(
+                iter(raw.encoded_chunks(update_id, tensors, manifest)), timeout=30, metadata=caller
+            )
+        assert (info.value.code(), reason_of(info.value)) == (code, Reason[code.name])
+        status = stub.GetStatus(pb.GetStatusRequest(), timeout=5, metadata=trainer)
+        assert (status.weight_version, status.received_bytes) == (1, 0)
+
+        generate = pb_grpc.GenerateStub(channel)
+        request = pb.GenerateStreamRequest(request=pb.GenerateRequest(prompt="red", max_tokens=4))
+        with pytest.raises(grpc.RpcError) as info:
+            list(generate.GenerateStream(request, timeout=30, metadata=caller))
+        assert (info.value.code(), reason_of(info.value)) == (code, Reason[code.name])
+        pieces = list(generate.GenerateStream(request, timeout=30, metadata=[("authorization", "Bearer reader")]))
+        assert pieces and {p.weight_version for p in pieces} == {1}
+    finally:
+        channel.close()
+        loop_thread.run(server.stop(grace=0))  # type: ignore[attr-defined]

@@ -38,7 +38,7 @@ def shm(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def colocated(loop_thread: LoopThread, model_dir: Path, shm: Path) -> Iterator[Rollout]:
-    r = start_rollout(loop_thread, model_dir, idle_timeout=3.0, shared_memory_dir=shm)
+    r = start_rollout(loop_thread, model_dir, shared_memory_dir=shm)
     yield r
     r.channel.close()
     loop_thread.run(r.server.stop(grace=0))
@@ -116,7 +116,7 @@ def test_a_delta_publisher_sends_newcomers_the_full_version_through_the_file(  #
 ) -> None:
     """Beside a delta to the rollout that holds the base, a newcomer gets the full version, whose checksums
     the diff already computed, through the file (written without hashing it again)."""
-    newcomer = start_rollout(loop_thread, model_dir, idle_timeout=3.0, shared_memory_dir=shm)
+    newcomer = start_rollout(loop_thread, model_dir, shared_memory_dir=shm)
     try:
         with Publisher([colocated.address], progress=False, delta=True, shared_memory=shm) as publisher:
             [first] = publisher.push(trained_state, version=2)

@@ -107,41 +107,80 @@ def test_dummy_boot_is_gated_then_push_equals_transformers_and_load_format_auto(
     assert dummy != expected, "the dummy boot already answered like the trained weights: the test proves nothing"
 
 
-def test_concurrent_generate_while_pushes_commit(vllm_rollout: Rollout, versions, model_dir, trained_state) -> None:  # type: ignore[no-untyped-def]
-    states = [trained_state, new_model(model_dir, seed=3).state_dict()]
+def relabelled(state: dict[str, torch.Tensor], answers: dict[str, list[int]], tokenizer) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """A second version as confident as `state`: the tokens of its answers swapped with unused ones.
+
+    The embedding (tied to lm_head) gets rows swapped, so the model computes exactly what `state` does and
+    names each answer token by its partner: the same margins (random weights have near-ties on which vLLM's
+    kernels and transformers' disagree), other answers, and a swap during decoding shows in the tokens.
+    """
+    prompts = {t for p in PROMPTS for t in tokenizer(p, add_special_tokens=False)["input_ids"]}
+    special = set(tokenizer.all_special_ids) | {0}
+    answer = sorted({t for tokens in answers.values() for t in tokens} - prompts - special)
+    vocab = state["model.embed_tokens.weight"].shape[0]
+    spare = [t for t in range(vocab - 1, 0, -1) if t not in prompts and t not in special and t not in answer]
+    order = torch.arange(vocab)
+    for a, b in zip(answer, spare, strict=False):
+        order[a], order[b] = b, a
+    embedding = state["model.embed_tokens.weight"][order].clone()
+    return {**state, "model.embed_tokens.weight": embedding, "lm_head.weight": embedding}
+
+
+def test_concurrent_generate_while_pushes_commit(
+    vllm_rollout: Rollout, versions, model_dir, trained_state, tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    """Every response's tokens are exactly transformers' answer under the version it claims, while swaps
+    keep landing during decoding: a response mixing two versions' tokens would equal neither answer."""
+    first_answers = reference(model_dir, trained_state, tokenizer)
+    states = [trained_state, relabelled(trained_state, first_answers, tokenizer)]
+    expected = [first_answers, reference(model_dir, states[1], tokenizer)]
+    assert all(expected[0][p] != expected[1][p] for p in PROMPTS), "versions answer alike: a mix would go unnoticed"
+    state_of: dict[int, int] = {}  # version -> index into states
     stop = threading.Event()
     seen: dict[int, list[int]] = {i: [] for i in range(6)}
+    wrong: list[str] = []
     errors: list[BaseException] = []
 
     def client(i: int) -> None:
-        request = pb.GenerateRequest(prompt=PROMPTS[i % len(PROMPTS)], max_tokens=8)
+        prompt = PROMPTS[i % len(PROMPTS)]
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        request = pb.GenerateRequest(prompt_token_ids=ids, max_tokens=MAX_TOKENS)
         try:
             while not stop.is_set():
                 if i % 2:
                     stream = vllm_rollout.generate.GenerateStream(pb.GenerateStreamRequest(request=request), timeout=60)
-                    tags = {piece.weight_version for piece in stream}
+                    pieces = list(stream)
+                    tokens, tags = [t for p in pieces for t in p.token_ids], {p.weight_version for p in pieces}
                     assert len(tags) == 1, f"one stream carried versions {tags}"
-                    seen[i].append(tags.pop())
+                    version = tags.pop()
                 else:
-                    seen[i].append(vllm_rollout.generate.Generate(request, timeout=60).weight_version)
+                    reply = vllm_rollout.generate.Generate(request, timeout=60)
+                    tokens, version = list(reply.token_ids), reply.weight_version
+                if tokens != expected[state_of[version]][prompt]:
+                    wrong.append(f"version {version}, {prompt!r}: {tokens} != {expected[state_of[version]][prompt]}")
+                seen[i].append(version)
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
     with Publisher([vllm_rollout.address], progress=False) as publisher:
-        assert publisher.push(states[0], next(versions))[0].ok
+        first = next(versions)
+        state_of[first] = 0
+        assert publisher.push(states[0], first)[0].ok
         threads = [threading.Thread(target=client, args=(i,)) for i in seen]
         for t in threads:
             t.start()
         pushed = []
         for k in range(4):
             version = next(versions)
-            [result] = publisher.push(states[k % 2], version)
+            state_of[version] = (k + 1) % 2
+            [result] = publisher.push(states[state_of[version]], version)
             assert result.ok, result.error
             pushed.append(version)
         stop.set()
         for t in threads:
             t.join(120)
     assert not errors, errors[:3]
+    assert not wrong, wrong[:3]
     for versions_seen in seen.values():
         assert versions_seen == sorted(versions_seen), "a client saw versions go backwards"
     assert max(max(v) for v in seen.values() if v) == pushed[-1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,13 @@ import pytest
 from fake_engine import FakeEngine, fake_state
 from safetensors.torch import save_file
 
+from rollout_side import receiver as receiver_module
 from rollout_side.generation import Generation, GenerationRequest, VersionGate
 from rollout_side.incoming import Incoming
 from rollout_side.lifecycle import RESTING, TRANSITIONS, Lifecycle, Phase
 from rollout_side.receiver import Receiver
 from weightsync.errors import Reason, WeightSyncError
-from weightsync.manifest import manifest_of_state, tensor_bytes, wire_tensors
+from weightsync.manifest import Manifest, manifest_of_state, tensor_bytes, wire_tensors
 from weightsync.wire import chunk_checksum, chunk_span
 
 CHUNK = 4096
@@ -54,13 +55,21 @@ def announce(receiver: Receiver, version: int, seed: int | None = None, **begin_
     return receiver.begin(version, manifest_of_state(fake_state(seed or version)), CHUNK, **begin_args)
 
 
-def send(receiver: Receiver, update: Incoming, seed: int) -> None:
-    """Every chunk of `fake_state(seed)`, in order."""
+def send(receiver: Receiver, update: Incoming, seed: int, indexes: Iterable[int] | None = None) -> None:
+    """Every chunk of `fake_state(seed)` (or those in `indexes`), in order."""
     flat = b"".join(bytes(tensor_bytes(t)) for _, t in wire_tensors(fake_state(seed)))
-    for index in range(update.chunk_count):
+    for index in range(update.chunk_count) if indexes is None else indexes:
         start, end = chunk_span(index, len(flat), CHUNK)
         data = memoryview(flat)[start:end]
         receiver.put_chunk(update.id, index, chunk_checksum(data), data)
+
+
+def stream(receiver: Receiver, update_id: str, seed: int, indexes: Iterable[int], error: str = "") -> Incoming:
+    """One PushChunks stream that carries chunks `indexes` of `fake_state(seed)` and ends (failed, with `error`)."""
+    update = receiver.stream_opened(update_id)
+    send(receiver, update, seed, indexes)
+    receiver.stream_closed(update, error)
+    return update
 
 
 async def push(receiver: Receiver, version: int, **begin_args: Any) -> str:
@@ -108,6 +117,7 @@ PATHS = {  # a way to reach each phase from BOOTING, through allowed moves only
     Phase.FAILED: [Phase.DUMMY, Phase.RECEIVING, Phase.COMMITTING, Phase.FAILED],
     Phase.RECEIVING: [Phase.DUMMY, Phase.RECEIVING],
     Phase.COMMITTING: [Phase.DUMMY, Phase.RECEIVING, Phase.COMMITTING],
+    Phase.INTERRUPTED: [Phase.DUMMY, Phase.RECEIVING, Phase.INTERRUPTED],
 }
 
 # Refusals a caller meets, with the reason it hears; every other move outside the table is refused too.
@@ -130,7 +140,7 @@ def at(phase: Phase) -> Lifecycle[_Update]:
 @pytest.mark.parametrize(("source", "target"), list(itertools.product(Phase, Phase)), ids=str)
 def test_every_move_is_allowed_exactly_when_the_table_says(source: Phase, target: Phase) -> None:
     lifecycle = at(source)
-    update = _Update() if target is Phase.RECEIVING else None
+    update = (lifecycle.held or _Update()) if target is Phase.RECEIVING else None  # an interrupted one resumes
     if target in TRANSITIONS[source]:
         lifecycle.move(target, update)
         assert lifecycle.phase is target
@@ -140,6 +150,38 @@ def test_every_move_is_allowed_exactly_when_the_table_says(source: Phase, target
         lifecycle.move(target, update)
     assert info.value.reason is REFUSALS.get((source, target), info.value.reason)
     assert lifecycle.phase is source
+
+
+def test_an_interrupted_update_resumes_as_itself_only() -> None:
+    lifecycle = at(Phase.INTERRUPTED)
+    held = lifecycle.held
+    with pytest.raises(WeightSyncError):
+        lifecycle.move(Phase.RECEIVING, _Update())  # another update: drop this one first
+    assert lifecycle.phase is Phase.INTERRUPTED and lifecycle.held is held and lifecycle.receiving is None
+
+
+@pytest.mark.parametrize("rest", [Phase.DUMMY, Phase.SERVING], ids=str)
+def test_interrupted_shows_the_resting_phase_on_the_wire(rest: Phase) -> None:
+    async def scenario() -> list[Phase]:
+        heard: list[Phase] = []
+
+        async def listener(phase: Phase) -> None:
+            heard.append(phase)
+
+        lifecycle = at(Phase.BOOTING)
+        lifecycle.add_listener(listener)
+        lifecycle.move(rest)
+        update = _Update()
+        lifecycle.move(Phase.RECEIVING, update)
+        lifecycle.move(Phase.INTERRUPTED)
+        assert lifecycle.wire is rest and lifecycle.held is update
+        lifecycle.move(Phase.RECEIVING, update)
+        lifecycle.move(Phase.INTERRUPTED)
+        lifecycle.move(rest)
+        await asyncio.sleep(0)
+        return heard
+
+    assert asyncio.run(scenario()) == [rest, Phase.RECEIVING, rest, Phase.RECEIVING, rest]
 
 
 def test_committing_is_receiving_on_the_wire_and_listeners_hear_only_wire_changes() -> None:
@@ -158,7 +200,7 @@ def test_committing_is_receiving_on_the_wire_and_listeners_hear_only_wire_change
 
     assert asyncio.run(scenario()) == [Phase.DUMMY, Phase.RECEIVING, Phase.SERVING]
     assert Phase.COMMITTING.wire is Phase.RECEIVING
-    assert all(phase.wire is phase for phase in Phase if phase is not Phase.COMMITTING)
+    assert all(phase.wire is phase for phase in Phase if phase is not Phase.COMMITTING)  # INTERRUPTED: Lifecycle.wire
 
 
 # -- the receiver on a fake engine: allowed transitions -------------------------------------------
@@ -274,7 +316,8 @@ async def test_the_reaper_aborts_a_silent_update() -> None:
 @run
 async def test_refusals_at_begin_leave_the_phase_alone() -> None:
     receiver, _ = await rest_in(Phase.SERVING)
-    await refused(Reason.STALE_VERSION, lambda: announce(receiver, 1))
+    await refused(Reason.STALE_VERSION, lambda: announce(receiver, 1, seed=9))  # another version 1
+    await refused(Reason.STALE_VERSION, lambda: announce(receiver, 0))
     await refused(Reason.TOO_LARGE, lambda: receiver.begin(2, manifest_of_state(fake_state(2)), 1024))
     assert receiver.lifecycle.phase is Phase.SERVING
     announce(receiver, 2)
@@ -402,3 +445,171 @@ async def test_a_failed_load_forgets_the_delta_base() -> None:
     assert receiver.delta_base.fingerprint == ""
     await receiver.settle(delta=True)
     await refused(Reason.FULL_VERSION_NEEDED, lambda: announce(receiver, 3, base_fingerprint=fingerprint))
+
+
+# -- updates owned by a live trainer, and resumable -------------------------------------------------
+
+
+def pending(seed: int) -> Manifest:
+    """fake_state(seed)'s layout with its checksums left for Commit (checksums_at_commit)."""
+    return manifest_of_state(fake_state(seed)).with_piece_bytes(0)
+
+
+async def commit_pending(receiver: Receiver, update: Incoming, seed: int) -> tuple[int, str, float]:
+    complete = manifest_of_state(fake_state(seed))
+    return await receiver.commit(update.id, [e.checksum for e in complete], complete.fingerprint)
+
+
+@pytest.mark.parametrize("error", ["", "chunk message is truncated"], ids=["ended", "failed"])
+@pytest.mark.parametrize("rest", [Phase.DUMMY, Phase.SERVING, Phase.FAILED], ids=str)
+@run
+async def test_a_stream_ending_without_every_chunk_interrupts_and_the_next_version_begins_at_once(
+    rest: Phase, error: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver, engine = await rest_in(rest)
+    served = (engine.weight_version, receiver.status().fingerprint)
+    update = announce(receiver, 5)
+    stream(receiver, update.id, 5, [0], error)
+    assert receiver.lifecycle.phase is Phase.INTERRUPTED
+    status = receiver.status()
+    assert (status.phase, status.update_id, status.received_bytes) == (rest, update.id, CHUNK)  # held, not in progress
+    assert "interrupted" in caplog.text and (error or "ended") in caplog.text  # the log says why
+    assert (engine.weight_version, receiver.status().fingerprint) == served
+    await push(receiver, 6)  # another version: the interrupted one is dropped, nothing waits
+    assert receiver.lifecycle.phase is Phase.SERVING and "dropped: version 6 began" in caplog.text
+
+
+@run
+async def test_a_begin_of_the_same_version_and_layout_resumes_with_the_chunks_held() -> None:
+    receiver, _ = await booted()
+    first = announce(receiver, 1, update_id="run-1")
+    stream(receiver, first.id, 1, [1])
+    again = announce(receiver, 1, update_id="run-2")
+    assert again is first and again.id == "run-2" and receiver.lifecycle.phase is Phase.RECEIVING
+    assert again.held_chunks() == [(1, 2)]
+    await refused(Reason.UNKNOWN_UPDATE, lambda: receiver.abort("run-1", "the old name is gone"))
+    stream(receiver, again.id, 1, [0, 1])  # the rest; chunk 1 again is ignored
+    version, fingerprint, _ = await receiver.commit(again.id)
+    assert (version, fingerprint) == (1, manifest_of_state(fake_state(1)).fingerprint)
+
+
+@run
+async def test_resumed_chunks_are_verified_at_commit() -> None:
+    """Same version and layout, other bytes: resumed (the layout is all a pending manifest shows), refused at commit."""
+    receiver, engine = await rest_in(Phase.SERVING)
+    first = receiver.begin(2, pending(2), CHUNK, checksums_at_commit=True)
+    stream(receiver, first.id, 2, [0])  # chunk 0 of seed 2 ...
+    again = receiver.begin(2, pending(3), CHUNK, checksums_at_commit=True)
+    assert again is first and again.held_chunks() == [(0, 1)]
+    stream(receiver, again.id, 3, [1])  # ... the rest of seed 3, committed as seed 3
+    await refused(Reason.CHECKSUM_MISMATCH, lambda: commit_pending(receiver, again, 3))
+    assert (receiver.lifecycle.phase, engine.weight_version) == (Phase.SERVING, 1)
+    update = receiver.begin(2, pending(3), CHUNK, checksums_at_commit=True)  # a fresh update: nothing held
+    assert update.held_chunks() == []
+    stream(receiver, update.id, 3, range(update.chunk_count))
+    assert (await commit_pending(receiver, update, 3))[1] == manifest_of_state(fake_state(3)).fingerprint
+
+
+@run
+async def test_other_checksums_or_chunk_size_do_not_resume() -> None:
+    receiver, _ = await booted()
+    first = announce(receiver, 1)
+    stream(receiver, first.id, 1, [0])
+    other = announce(receiver, 1, seed=2)  # a complete manifest with other checksums: a fresh update
+    assert other is not first and other.held_chunks() == []
+    stream(receiver, other.id, 2, [0])
+    smaller = receiver.begin(1, manifest_of_state(fake_state(2)), CHUNK * 2)
+    assert smaller is not other and smaller.held_chunks() == []
+
+
+@run
+async def test_a_live_update_refuses_a_second_trainer_with_its_version_age_and_peer() -> None:
+    receiver, _ = await booted()
+    update = announce(receiver, 1, peer="ipv4:10.0.0.7:41234")
+    receiver.stream_opened(update.id)  # a live stream
+    for other in (lambda: announce(receiver, 2), lambda: announce(receiver, 1)):  # even the same version
+        with pytest.raises(WeightSyncError) as info:
+            other()
+        error = info.value
+        assert error.reason is Reason.UPDATE_IN_PROGRESS
+        assert error.metadata["version"] == "1" and error.metadata["peer"] == "ipv4:10.0.0.7:41234"
+        assert error.metadata["update_id"] == update.id and float(error.metadata["age_seconds"]) >= 0
+        assert "ipv4:10.0.0.7:41234" in str(error) and "version 1" in str(error)
+    assert announce(receiver, 1, update_id=update.id) is update  # its own trainer, reconnected, takes it back
+    receiver.stream_closed(update)
+    assert receiver.lifecycle.phase is Phase.INTERRUPTED  # chunks missing
+
+
+@run
+async def test_an_update_no_stream_feeds_is_interrupted_after_a_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(receiver_module, "STREAMLESS_GRACE", 0.0)
+    receiver, _ = await booted()
+    update = announce(receiver, 1)  # begun, never streamed (a trainer killed right after BeginUpdate)
+    await asyncio.sleep(0.001)
+    await push(receiver, 2)  # begin reaps first: the silent update does not block it
+    assert receiver.status().weight_version == 2
+    await refused(Reason.UNKNOWN_UPDATE, lambda: receiver.commit(update.id))
+
+
+@run
+async def test_an_update_streamed_in_full_waits_for_its_commit() -> None:
+    receiver, _ = await booted()
+    update = announce(receiver, 1)
+    stream(receiver, update.id, 1, range(update.chunk_count))
+    assert receiver.lifecycle.phase is Phase.RECEIVING  # every chunk in: its trainer commits next
+    await refused(Reason.UPDATE_IN_PROGRESS, lambda: announce(receiver, 2))
+    await receiver.commit(update.id)
+
+
+@run
+async def test_an_interrupted_update_takes_chunks_commit_and_abort() -> None:
+    receiver, _ = await booted()
+    update = announce(receiver, 1)
+    stream(receiver, update.id, 1, [0])
+    stream(receiver, update.id, 1, [1])  # a stream of its own resumes it
+    assert receiver.lifecycle.phase is Phase.RECEIVING
+    receiver.lifecycle.move(Phase.INTERRUPTED)  # streamed in full, then quiet past the grace
+    await receiver.commit(update.id)  # its trainer commits: INTERRUPTED -> COMMITTING -> SERVING
+    assert receiver.status().weight_version == 1
+    update = announce(receiver, 2)
+    stream(receiver, update.id, 2, [0])
+    receiver.abort(update.id, "python -m trainer_side abort")  # INTERRUPTED -> SERVING
+    assert receiver.lifecycle.phase is Phase.SERVING and receiver.status().update_id == ""
+    await refused(Reason.UNKNOWN_UPDATE, lambda: receiver.stream_opened(update.id))
+
+
+@run
+async def test_an_interrupted_update_is_dropped_after_the_idle_timeout() -> None:
+    receiver, _ = await booted(idle_timeout=0.05)
+    update = announce(receiver, 1)
+    stream(receiver, update.id, 1, [0])
+    assert receiver.lifecycle.phase is Phase.INTERRUPTED
+    await asyncio.sleep(0.3)  # the reaper looks every idle_timeout / 4
+    assert receiver.lifecycle.phase is Phase.DUMMY and receiver.status().update_id == ""
+    await refused(Reason.UNKNOWN_UPDATE, lambda: receiver.commit(update.id))
+    await receiver.close()
+
+
+@run
+async def test_the_committed_version_again_is_already_committed_not_stale() -> None:
+    receiver, _ = await rest_in(Phase.SERVING)
+    fingerprint = receiver.status().fingerprint
+    with pytest.raises(WeightSyncError) as info:
+        announce(receiver, 1)  # the same version and fingerprint: a retry after a lost Commit answer
+    assert info.value.reason is Reason.ALREADY_COMMITTED and info.value.metadata["fingerprint"] == fingerprint
+    with pytest.raises(WeightSyncError) as info:  # checksums pending: the layout matches, the trainer compares
+        receiver.begin(1, pending(9), CHUNK, checksums_at_commit=True)
+    assert info.value.reason is Reason.ALREADY_COMMITTED and info.value.metadata["fingerprint"] == fingerprint
+    await refused(Reason.STALE_VERSION, lambda: announce(receiver, 1, seed=9))
+    assert receiver.lifecycle.phase is Phase.SERVING
+
+
+@run
+async def test_a_refused_begin_keeps_the_interrupted_update() -> None:
+    receiver, _ = await rest_in(Phase.SERVING)
+    update = announce(receiver, 2)
+    stream(receiver, update.id, 2, [0])
+    await refused(Reason.STALE_VERSION, lambda: announce(receiver, 1, seed=9))
+    await refused(Reason.TOO_LARGE, lambda: receiver.begin(3, manifest_of_state(fake_state(3)), 1024))
+    assert receiver.lifecycle.phase is Phase.INTERRUPTED and receiver.lifecycle.held is update
+    assert announce(receiver, 2).held_chunks() == [(0, 1)]  # still there to resume

