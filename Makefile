@@ -81,6 +81,8 @@ bench: $(STUBS) $(MODEL_STAMP)  ## run the benchmarks; results under bench/resul
 	$(BIN)/python -m bench.vllm_boot
 	$(BIN)/python -m bench.relay || [ $$? -eq 2 ]  # 2: no network namespaces on this machine
 	$(BIN)/python -m bench.delta
+	$(BIN)/python -m bench.sharded
+	$(BIN)/python -m bench.swap_policies
 
 clean:  ## remove generated stubs, models and caches (keeps .venv/)
 	rm -rf weightsync/v1 models .pytest_cache .ruff_cache

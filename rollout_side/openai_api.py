@@ -14,22 +14,21 @@ Before the first commit every generation endpoint answers 503 with an OpenAI-sty
 When the rollout has a Generate token (--generate-token-file) every /v1 endpoint wants it as
 `Authorization: Bearer <token>`, which is how the `openai` client sends its api_key.
 
-Built on starlette and uvicorn (both come with vLLM); the same code serves both engines.
+Built on starlette and uvicorn (both come with vLLM); the same code serves both engines. Request parsing
+and the response shapes live in rollout_side/openai_schema.py; the routes, the server and streaming here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, cast
 
-import grpc
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -38,59 +37,30 @@ from starlette.routing import Route
 from rollout_side.auth import ServerSecurity
 from rollout_side.engines.base import Completion
 from rollout_side.generation import Generation, GenerationRequest
+from rollout_side.openai_schema import (
+    RETRY_AFTER_SECONDS,
+    HttpError,
+    _body,
+    _chat_logprobs,
+    _completion_logprobs,
+    _events,
+    _extras,
+    _flat_content,
+    _int,
+    _prompts,
+    _request,
+    _usage_numbers,
+    _with_prompt,
+    bad,
+)
+from rollout_side.openai_schema import (
+    _cut as _cut,  # re-exported: tests/unit/test_rl_shapes.py imports it from here
+)
 from weightsync.errors import WeightSyncError
 
 __all__ = ["HttpServer", "create_app", "start_http"]
 
 logger = logging.getLogger(__name__)
-
-RETRY_AFTER_SECONDS = 5
-# Google's mapping of gRPC codes to HTTP statuses (google.rpc.Code), for errors the core raises.
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-ERROR_TYPE = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    409: "conflict_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-    504: "timeout_error",
-}
-
-
-class HttpError(Exception):
-    """An answer other than 200, as an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
-
-    def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": ERROR_TYPE.get(self.status, "server_error"), "param": None}
-        return JSONResponse({"error": error | {"code": self.code}}, self.status, headers=self.headers)
-
-    @classmethod
-    def of(cls, error: WeightSyncError) -> HttpError:
-        status = HTTP_STATUS.get(error.code, 500)
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
-        return cls(status, str(error), error.reason.value, headers)
-
-
-def bad(message: str) -> HttpError:
-    return HttpError(400, message, "BAD_REQUEST")
 
 
 class OpenAIFace:
@@ -157,7 +127,9 @@ class OpenAIFace:
         if body.get("echo") or body.get("suffix") or body.get("best_of", 1) not in (1, None):
             raise bad("echo, suffix and best_of are not supported")
         logprobs = _int(body, "logprobs", None)
-        base = self._request(body, logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+        base = _request(
+            body, self.generation.max_tokens_limit, logprobs=logprobs is not None, top_logprobs=logprobs or 0
+        )
         requests = [_with_prompt(base, prompt) for prompt in prompts]
         if body.get("stream"):
             return await self._stream(request, requests, body, chat=False)
@@ -168,7 +140,7 @@ class OpenAIFace:
                 choice = {
                     "index": p * len(outs) + i,
                     "text": out.text,
-                    "logprobs": self._completion_logprobs(out) if logprobs is not None else None,
+                    "logprobs": _completion_logprobs(out, self._token_text) if logprobs is not None else None,
                     "finish_reason": out.finish_reason,
                 }
                 choices.append(choice | _extras(out))
@@ -195,8 +167,9 @@ class OpenAIFace:
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         top = _int(body, "top_logprobs", 0) or 0
-        base = self._request(
+        base = _request(
             body,
+            self.generation.max_tokens_limit,
             logprobs=bool(body.get("logprobs")),
             top_logprobs=top if body.get("logprobs") else 0,
             max_tokens_field=("max_completion_tokens", "max_tokens"),
@@ -209,7 +182,7 @@ class OpenAIFace:
             {
                 "index": i,
                 "message": {"role": "assistant", "content": out.text},
-                "logprobs": {"content": self._chat_logprobs(out)} if base.logprobs else None,
+                "logprobs": {"content": _chat_logprobs(out, self._token_text)} if base.logprobs else None,
                 "finish_reason": out.finish_reason,
             }
             | _extras(out)
@@ -220,41 +193,6 @@ class OpenAIFace:
         return self._json(result | {"model": self.model, "choices": choices, "usage": usage}, outs[0].weight_version)
 
     # -- requests ---------------------------------------------------------------------------------
-
-    def _request(
-        self,
-        body: dict[str, Any],
-        *,
-        logprobs: bool,
-        top_logprobs: int,
-        max_tokens_field: Sequence[str] = ("max_tokens",),
-    ) -> GenerationRequest:
-        chat = "max_completion_tokens" in max_tokens_field
-        max_tokens = next((_int(body, f, None) for f in max_tokens_field if body.get(f) is not None), None)
-        if max_tokens is not None and max_tokens < 1:
-            raise bad("max_tokens must be at least 1")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise bad("stop must be a string or a list of strings")
-        temperature = _float(body, "temperature", 1.0)  # the OpenAI API's default
-        top_p = _float(body, "top_p", 1.0)
-        seed = _int(body, "seed", None)
-        return GenerationRequest(
-            # Chat answers may use the whole context by default, as vLLM's do; completions default to 16.
-            max_tokens=max_tokens or (self.generation.max_tokens_limit if chat else 16),
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            min_weight_version=_int(body, "min_weight_version", 0) or 0,
-            wait_for_version=bool(body.get("wait_for_version", False)),
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-            n=_int(body, "n", 1) or 1,
-            stop=stop,
-            stop_token_ids=[int(t) for t in body.get("stop_token_ids") or []],
-            ignore_eos=bool(body.get("ignore_eos", False)),
-        )
 
     async def _run(self, request: Request, requests: list[GenerationRequest]) -> list[list[Completion]]:
         """Runs every prompt's completions; a client that disconnects cancels them (the engines abort)."""
@@ -289,68 +227,19 @@ class OpenAIFace:
         version = first[1].weight_version
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         stream_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        events = self._events(merged, first, requests, stream_id=stream_id, chat=chat, include_usage=include_usage)
+        events = _events(
+            merged,
+            first,
+            requests,
+            model=self.model,
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            token_text=self._token_text,
+            count_prompt_tokens=self._prompt_tokens,
+            stream_id=stream_id,
+            chat=chat,
+            include_usage=include_usage,
+        )
         return StreamingResponse(events, media_type="text/event-stream", headers={"x-weight-version": str(version)})
-
-    async def _events(
-        self,
-        merged: AsyncGenerator[tuple[int, Completion]],
-        first: tuple[int, Completion],
-        requests: list[GenerationRequest],
-        *,
-        stream_id: str,
-        chat: bool,
-        include_usage: bool,
-    ) -> AsyncIterator[str]:
-        created = int(time.time())
-        base = {"id": stream_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created}
-        base["model"] = self.model
-        stops = list(requests[0].stop)
-        holdback = max((len(s) for s in stops), default=1) - 1
-        tokens: dict[int, list[int]] = {}
-        sent: dict[int, str] = {}
-        want_logprobs = requests[0].logprobs or requests[0].top_logprobs > 0
-        try:
-            pending: tuple[int, Completion] | None = first
-            while pending is not None:
-                index, piece = pending
-                if chat and index not in sent:
-                    role = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                    yield _sse(base | {"choices": [role], "weight_version": piece.weight_version})
-                ids = tokens.setdefault(index, [])
-                ids += piece.token_ids
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                if piece.finish_reason:
-                    text = _cut(text, stops)
-                elif text.endswith("\ufffd"):  # an incomplete character: wait for the next token
-                    text = sent.get(index, "")
-                else:
-                    text = text[: len(text) - holdback] if stops and holdback else text
-                done = sent.get(index, "")
-                delta = text[len(done) :] if text.startswith(done) else ""
-                sent[index] = done + delta
-                choice: dict[str, Any] = {"index": index, "finish_reason": piece.finish_reason or None}
-                if chat:
-                    choice["delta"] = {"content": delta} if delta or not piece.finish_reason else {}
-                    choice["logprobs"] = {"content": self._chat_logprobs(piece)} if want_logprobs else None
-                else:
-                    choice["text"] = delta
-                    choice["logprobs"] = self._completion_logprobs(piece) if want_logprobs else None
-                choice["token_ids"] = piece.token_ids
-                if delta or piece.token_ids or piece.finish_reason:
-                    yield _sse(base | {"choices": [choice], "weight_version": piece.weight_version})
-                pending = await anext(merged, None)
-            if include_usage:
-                prompt_tokens = sum(self._prompt_tokens(r) for r in requests)
-                completion_tokens = sum(len(t) for t in tokens.values())
-                usage = _usage_numbers(prompt_tokens, completion_tokens)
-                yield _sse(base | {"choices": [], "usage": usage, "weight_version": first[1].weight_version})
-            yield "data: [DONE]\n\n"
-        except WeightSyncError as error:
-            http = HttpError.of(error)  # the status line is sent: the error goes in the stream, as vLLM does
-            yield _sse({"error": {"message": http.message, "type": ERROR_TYPE.get(http.status), "code": http.code}})
-        finally:
-            await merged.aclose()  # a client gone early: the engines abort its requests
 
     # -- shapes -----------------------------------------------------------------------------------
 
@@ -359,31 +248,6 @@ class OpenAIFace:
 
     def _token_text(self, token: int) -> str:
         return str(self.tokenizer.decode([token]))
-
-    def _completion_logprobs(self, out: Completion) -> dict[str, Any]:
-        texts = [self._token_text(t) for t in out.token_ids]
-        offsets, at = [], 0
-        for text in texts:
-            offsets.append(at)
-            at += len(text)
-        top = [{self._token_text(t): lp for t, lp in alt.items()} for alt in out.top_logprobs or []]
-        return {
-            "tokens": texts,
-            "token_logprobs": list(out.logprobs or []),
-            "top_logprobs": top or None,
-            "text_offset": offsets,
-        }
-
-    def _chat_logprobs(self, out: Completion) -> list[dict[str, Any]]:
-        def entry(token: int, logprob: float) -> dict[str, Any]:
-            text = self._token_text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-        tops = out.top_logprobs or [{} for _ in out.token_ids]
-        return [
-            entry(t, lp) | {"top_logprobs": [entry(a, alp) for a, alp in alt.items()]}
-            for t, lp, alt in zip(out.token_ids, out.logprobs or [], tops, strict=False)
-        ]
 
     def _json(self, payload: dict[str, Any], version: int) -> JSONResponse:
         return JSONResponse(payload | {"weight_version": version}, headers={"x-weight-version": str(version)})
@@ -481,89 +345,9 @@ async def start_http(
     return HttpServer(server, sock)
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except ValueError:
-        raise bad("the body is not JSON") from None
-    if not isinstance(body, dict):
-        raise bad("the body must be a JSON object")
-    return body
-
-
-def _prompts(prompt: Any) -> list[str | list[int]]:
-    """OpenAI's prompt: a string, a list of token ids, or a list of either."""
-    if isinstance(prompt, str) and prompt:
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return [list(prompt)]
-        if all(isinstance(p, str) and p for p in prompt):
-            return list(prompt)
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
-            return [list(p) for p in prompt]
-    raise bad("prompt must be a non-empty string, a list of token ids, or a list of either")
-
-
-def _flat_content(message: dict[str, Any]) -> dict[str, Any]:
-    """A message whose content is a list of parts, as one string (the text parts, joined)."""
-    content = message.get("content")
-    if isinstance(content, list):
-        texts = [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
-        return message | {"content": "".join(texts)}
-    return message | {"content": content or ""}
-
-
-def _with_prompt(request: GenerationRequest, prompt: str | list[int]) -> GenerationRequest:
-    import dataclasses
-
-    if isinstance(prompt, str):
-        return dataclasses.replace(request, prompt=prompt)
-    return dataclasses.replace(request, prompt_token_ids=prompt)
-
-
-def _int(body: dict[str, Any], name: str, default: int | None) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad(f"{name} must be an integer")
-    return value
-
-
-def _float(body: dict[str, Any], name: str, default: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad(f"{name} must be a number")
-    return float(value)
-
-
-def _extras(out: Completion) -> dict[str, Any]:
-    extra: dict[str, Any] = {"token_ids": out.token_ids}
-    if out.token_versions:
-        extra["token_weight_versions"] = out.token_versions
-    return extra
-
-
-def _usage_numbers(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    total = prompt_tokens + completion_tokens
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
-
-
 def _usage(requests: list[GenerationRequest], groups: list[list[Completion]], face: OpenAIFace) -> dict[str, int]:
     prompt_tokens = sum(face._prompt_tokens(r) for r in requests)
     return _usage_numbers(prompt_tokens, sum(len(out.token_ids) for outs in groups for out in outs))
-
-
-def _cut(text: str, stops: list[str]) -> str:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return text[: min(hits)] if hits else text
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
 
 
 async def _merge(

@@ -2,11 +2,9 @@
 
 An update moves through begin -> chunks (or a shared-memory file) -> commit, or is aborted; its
 phases and the transitions allowed between them live in rollout_side/lifecycle.py. An update is
-owned by a live trainer: when its last chunk stream ends without every chunk (a killed trainer, a cut
-connection, a malformed message) it is interrupted at once, so the next begin need not wait for the
-idle timeout; its verified chunks stay, and a begin of the same version and layout resumes it (the
-trainer then sends only the chunks missing). Commit checks every tensor against its checksum over
-the staged bytes whichever run sent them, so a resume is never trusted. Any refusal
+owned by a live trainer: when its streams end without every chunk it is interrupted and held for a
+resume (rollout_side/resume.py); commit checks every tensor against its checksum over the staged
+bytes whichever run sent them, so a resume is never trusted. Any refusal
 raises a `WeightSyncError` and leaves the served version untouched, because bytes are only ever
 written into a staging buffer the engine does not read until `commit`. Nothing here knows about
 protobuf or gRPC.
@@ -29,19 +27,19 @@ from typing import TypeVar
 
 import torch
 
+from rollout_side import resume
 from rollout_side.compat import check_manifest, max_update_bytes
-from rollout_side.delta_base import DeltaBase, same_layout
+from rollout_side.delta_base import DeltaBase
 from rollout_side.engines.base import Engine
 from rollout_side.incoming import Incoming, check_announcement, check_finite
 from rollout_side.lifecycle import RESTING, Lifecycle, Listener, Phase, resting_phase
-from rollout_side.reaper import Reaper, overdue
+from rollout_side.reaper import Reaper
 from rollout_side.staging import Router, Verifier
 from rollout_side.standalone import boot_from_disk
 from rollout_side.version_file import VersionFileReader, open_reader
 from weightsync import metrics
 from weightsync.delta import Encoding, TransferPlan
 from weightsync.errors import (
-    AlreadyCommitted,
     BadManifest,
     BusyError,
     ChunkCorrupt,
@@ -138,11 +136,7 @@ class Receiver:
         """What is served, and the update receiving or (interrupted) held for a resume, if any."""
         self.reap()  # an update no stream has fed for the grace shows as interrupted now, not at the next sweep
         update = self.lifecycle.held
-        detail = self._detail
-        if update is not None and update.interrupted and not detail:
-            detail = (
-                f"update {update.id} (version {update.version}) interrupted, held for a resume: {update.interrupted}"
-            )
+        detail = self._detail or resume.held_detail(update)
         return Status(
             phase=self.lifecycle.wire,
             weight_version=self.engine.weight_version,
@@ -182,21 +176,26 @@ class Receiver:
         if (held := self.lifecycle.held) is not None:
             mine = bool(update_id) and update_id == held.id
             if not mine and self.lifecycle.phase is Phase.RECEIVING:
-                raise self._busy(held)
-            if resumable and held.resumes(
-                version, manifest, chunk_bytes, plan or TransferPlan.full(manifest), base_fingerprint
-            ):
+                raise resume.busy(self.lifecycle, held)
+            if resume.resumes(held, version, manifest, chunk_bytes, plan, base_fingerprint, resumable=resumable):
                 check_announcement(manifest, checksums_at_commit, fingerprint, base_fingerprint, plan)
                 if fingerprint and fingerprint != manifest.fingerprint:
                     raise BadManifest("announced fingerprint does not match the manifest")
-                return self._resume(held, update_id, peer)
+                return resume.resume(self.lifecycle, held, update_id, peer)
         if (committing := self.lifecycle.committing) is not None:
-            raise self._busy(committing)
+            raise resume.busy(self.lifecycle, committing)
         if held is None:
             self.lifecycle.check(Phase.RECEIVING)
         if self.delta_base.busy:
             raise BusyError("the delta base is being brought up to date; await settle() before begin()")
-        self._check_already_committed(version, manifest)
+        resume.check_already_committed(
+            version,
+            manifest,
+            high_water=self._high_water,
+            weight_version=self.engine.weight_version,
+            committed=self._committed_fingerprint(),
+            committed_manifest=self.delta_base.manifest,
+        )
         if version <= self._high_water:
             raise StaleVersion(f"version {version} is not newer than committed version {self._high_water}")
         if manifest.total_bytes > self._max_bytes:
@@ -252,27 +251,12 @@ class Receiver:
 
     def stream_opened(self, update_id: str) -> Incoming:
         """A PushChunks stream starts feeding `update_id`; an interrupted update resumes."""
-        update = self.lifecycle.current(update_id)
-        if self.lifecycle.phase is Phase.INTERRUPTED:
-            logger.info("update %s: resumed by a chunk stream", update.id)
-            update.interrupted = ""
-            self.lifecycle.move(Phase.RECEIVING, update)
-        update.streams += 1
-        return update
+        return resume.stream_opened(self.lifecycle, update_id)
 
     def stream_closed(self, update: Incoming, error: str = "") -> None:
         """A stream that fed `update` ended, failed with `error` if set; the last one to end without every
         chunk (or failed) interrupts the update: its trainer is gone or lost its connection."""
-        update.streams -= 1
-        if update.streams or self.lifecycle.receiving is not update:
-            return  # others still feed it, or it was committed, aborted or dropped meanwhile
-        update.quiet_since = time.monotonic()
-        missing = update.chunk_count - update.received_chunks
-        if error or missing:
-            ended = (
-                f"its chunk stream failed ({error})" if error else "its chunk stream ended (closed, cancelled or cut)"
-            )
-            self._interrupt(update, f"{ended} with {missing} of {update.chunk_count} chunks missing")
+        resume.stream_closed(self.lifecycle, update, error, self.idle_timeout)
 
     def put_chunk(self, update_id: str, index: int, checksum: int, data: memoryview) -> int:
         """Verifies one chunk and copies it into staging; returns its bytes (0: it arrived before).
@@ -386,26 +370,7 @@ class Receiver:
     def reap(self) -> None:
         """Aborts an update whose trainer went silent or that has taken too long; interrupts one no stream
         has fed for STREAMLESS_GRACE; drops an interrupted one not resumed within the idle timeout."""
-        update = self.lifecycle.held
-        if update is None:
-            return
-        now = time.monotonic()
-        reason = overdue(
-            idle=now - update.last_activity,
-            age=now - update.started,
-            idle_timeout=self.idle_timeout,
-            max_seconds=self.max_update_seconds,
-        )
-        if reason:
-            self.abort(
-                update.id, f"interrupted ({update.interrupted}), then {reason}" if update.interrupted else reason
-            )
-        elif (
-            self.lifecycle.phase is Phase.RECEIVING
-            and not update.streams
-            and now - update.quiet_since > STREAMLESS_GRACE
-        ):
-            self._interrupt(update, f"no chunk stream has fed it for {now - update.quiet_since:.0f} s")
+        resume.reap(self.lifecycle, self.abort, self.idle_timeout, self.max_update_seconds, STREAMLESS_GRACE)
 
     def drop_interrupted(
         self,
@@ -421,8 +386,7 @@ class Receiver:
         held = self.lifecycle.held
         if held is None or self.lifecycle.phase is not Phase.INTERRUPTED:
             return
-        full = plan or TransferPlan.full(manifest)
-        if not (resumable and held.resumes(version, manifest, chunk_bytes, full, base_fingerprint)):
+        if not resume.resumes(held, version, manifest, chunk_bytes, plan, base_fingerprint, resumable=resumable):
             self.abort(held.id, f"{held.interrupted}; dropped: version {version} began")
 
     # -- helpers ------------------------------------------------------------------------------
@@ -446,76 +410,6 @@ class Receiver:
             self.delta_base.forget()
             self.lifecycle.move(Phase.FAILED)
             raise EngineUnavailable(self._detail) from error
-
-    def _resume(self, update: Incoming, update_id: str, peer: str) -> Incoming:
-        """Hands the held `update` to the trainer that announced it again, under that trainer's id."""
-        was = update.interrupted
-        update.id, update.peer = update_id or update.id, peer or update.peer
-        update.interrupted = ""
-        update.quiet_since = update.last_activity = time.monotonic()
-        if self.lifecycle.phase is Phase.INTERRUPTED:
-            self.lifecycle.move(Phase.RECEIVING, update)
-        metrics.Rollout.updates.labels("resumed").inc()
-        logger.info(
-            "update %s: resuming version %d with %d of %d chunks held (%.1f of %.1f MB)%s",
-            update.id,
-            update.version,
-            update.received_chunks,
-            update.chunk_count,
-            update.received_bytes / 1e6,
-            update.wire_bytes / 1e6,
-            f"; it was interrupted: {was}" if was else "",
-        )
-        return update
-
-    def _interrupt(self, update: Incoming, why: str) -> None:
-        update.interrupted = why
-        self.lifecycle.move(Phase.INTERRUPTED)
-        metrics.Rollout.updates.labels("interrupted").inc()
-        logger.warning(
-            "update %s (version %d) interrupted: %s; %.1f of %.1f MB held for a resume for %.0f s",
-            update.id,
-            update.version,
-            why,
-            update.received_bytes / 1e6,
-            update.wire_bytes / 1e6,
-            self.idle_timeout,
-        )
-
-    def _busy(self, update: Incoming) -> BusyError:
-        """The refusal a second trainer hears while `update` is live: whose it is, how old, which version."""
-        age = time.monotonic() - update.started
-        committing = " (committing)" if self.lifecycle.phase is Phase.COMMITTING else ""
-        return BusyError(
-            f"update {update.id}{committing} of version {update.version}, begun {age:.0f} s ago by "
-            f"{update.peer or 'an unknown peer'}, is in progress; one update at a time per rollout "
-            "(python -m trainer_side abort drops it)",
-            metadata={
-                "update_id": update.id,
-                "version": str(update.version),
-                "age_seconds": f"{age:.1f}",
-                "peer": update.peer,
-            },
-        )
-
-    def _check_already_committed(self, version: int, manifest: Manifest) -> None:
-        """Refuses a begin of the version served, if it is the same version: a retry after a lost Commit answer.
-
-        With checksums pending the fingerprint is not known yet: the same layout is reported, and the trainer
-        compares the committed fingerprint (in the error's metadata) with its own.
-        """
-        if not version or version != self._high_water or version != self.engine.weight_version:
-            return
-        committed = self._committed_fingerprint()
-        if manifest.pending:
-            same = self.delta_base.manifest is not None and same_layout(self.delta_base.manifest, manifest)
-        else:
-            same = manifest.fingerprint == committed
-        if same:
-            raise AlreadyCommitted(
-                f"version {version} is already committed here with fingerprint {committed}",
-                metadata={"version": str(version), "fingerprint": committed},
-            )
 
     def _or_abort(self, update: Incoming, step: Callable[[], T]) -> T:
         """Runs `step`; a refusal from it aborts the whole update before it reaches the caller."""

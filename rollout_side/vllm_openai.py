@@ -97,7 +97,7 @@ class VllmOpenAI:
         from pydantic import ValidationError
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-        from rollout_side.openai_api import HttpError
+        from rollout_side.openai_schema import HttpError
 
         body = {k: v for k, v in body.items() if k not in ("min_weight_version", "wait_for_version")}
         body.setdefault("return_token_ids", True)  # as the rollout's own face does: choices carry token_ids

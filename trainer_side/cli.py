@@ -191,6 +191,10 @@ def _push(args: argparse.Namespace) -> int:
         base = load_checkpoint(args.base) if args.base else None
     except (OSError, ValueError) as error:
         fail(f"cannot read checkpoint: {error}")
+    for flag, tensors in (("--checkpoint", state), ("--base", base or {})):
+        for name, tensor in tensors.items():
+            if not tensor.is_floating_point():  # left out on the wire, which the rollout would call "missing"
+                fail(f"{flag}: tensor {name!r} is {tensor.dtype}: weights must be floating point (bf16 on the wire)")
     chunk_bytes = int(args.chunk_mib * (1 << 20))
     delta = base is not None
     try:
@@ -245,8 +249,14 @@ def _status(args: argparse.Namespace) -> int:
     print(f"{'ROLLOUT':24} {'STATE':10} {'VERSION':>7}  FINGERPRINT")
     for address, status in rows.items():
         if isinstance(status, str):
-            print(f"{address:24} {'UNREACHABLE':10} {'-':>7}  {status}")
+            print(f"{address:24} {_unanswered(status):10} {'-':>7}  {status}")
             continue
         state = pb.RolloutState.Name(status.state).removeprefix("ROLLOUT_STATE_")
         print(f"{address:24} {state:10} {status.weight_version:>7}  {status.fingerprint or '-'}")
     return 0 if all(not isinstance(s, str) for s in rows.values()) else 1
+
+
+def _unanswered(status: str) -> str:
+    """What a failed GetStatus means: no answer at all (UNREACHABLE), or a refusal such as UNAUTHENTICATED."""
+    code = status.partition(":")[0]  # describe() writes "<status code>: <details>"
+    return "UNREACHABLE" if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ERROR") else code

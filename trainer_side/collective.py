@@ -9,8 +9,9 @@ at a time, never the whole model on one rank.
 
 Chunks are cut from the full layout as in a plain push, and each is sent by the rank that owns its first
 byte; the bytes of it that other ranks own (only chunks across a rank boundary have any) are exchanged
-over gloo as the chunks go out, `window` chunks at a time. Rank 0 runs BeginUpdate and Commit; every rank
-streams its chunks straight to every rollout under the update id rank 0 broadcasts. Checksums are of
+over gloo as the chunks go out, `window` chunks at a time (that plan is trainer_side/shard_plan.py).
+Rank 0 runs BeginUpdate and Commit; every rank streams its chunks straight to every rollout under the
+update id rank 0 broadcasts. Checksums are of
 the combinable kind (`Manifest.piece_bytes` = chunk size, weightsync/manifest.py): each chunk's sender
 hashes its pieces, rank 0 combines them, so the manifest and fingerprint equal the unsharded state's
 (`manifest_of_state(full_state, piece_bytes=chunk_bytes)`).
@@ -33,7 +34,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -47,12 +47,14 @@ from tqdm import tqdm
 
 from trainer_side.chunk_window import ChunkWindow
 from trainer_side.outgoing import Outgoing, WirePayloads, commit_request
-from trainer_side.rollout_client import PushResult, RolloutClient, describe
+from trainer_side.push_result import PushResult, describe, failure
+from trainer_side.rollout_client import RolloutClient
+from trainer_side.shard_plan import Piece, chunk_owners, combine, local_view, spans_of
 from weightsync import wire
-from weightsync.errors import Reason, reason_of
-from weightsync.manifest import Manifest, piece_checksum, tensor_bytes, wire_layout
+from weightsync.errors import Reason
+from weightsync.manifest import Manifest, tensor_bytes, wire_layout
 
-__all__ = ["Collective", "Span", "chunk_owners", "in_collective_job"]
+__all__ = ["Collective", "in_collective_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,64 +62,6 @@ logger = logging.getLogger(__name__)
 def in_collective_job() -> bool:
     """Whether this process is one rank of several in an initialized torch.distributed job."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@dataclass(frozen=True, slots=True)
-class Span:
-    """Bytes [start, end) of the full layout, held by `rank` as its local part of tensor `tensor`."""
-
-    start: int
-    end: int
-    rank: int
-    tensor: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Piece:
-    """Part of a chunk: bytes [start, end) of the full layout, of one tensor, held by one rank."""
-
-    chunk: int
-    start: int
-    end: int
-    span: Span
-
-
-def spans_of(layout: Manifest, rows: Sequence[Sequence[tuple[int, int, int]]]) -> list[Span]:
-    """Every rank's (tensor, first row, row count) as spans of the layout; they must tile it exactly."""
-    spans = []
-    for rank, held in enumerate(rows):
-        for tensor, first, count in held:
-            entry = layout.entries[tensor]
-            row = entry.byte_size // entry.shape[0] if entry.shape and entry.shape[0] else entry.byte_size
-            if count:
-                spans.append(Span(entry.offset + first * row, entry.offset + (first + count) * row, rank, tensor))
-    spans.sort(key=lambda s: (s.start, s.end))
-    position = 0
-    for span in spans:
-        if span.start != position:
-            how = "twice" if span.start < position else "by no rank"
-            raise RuntimeError(f"bytes {min(span.start, position)}.. of the layout are held {how}")
-        position = span.end
-    if position != layout.total_bytes:
-        raise RuntimeError(f"bytes {position}..{layout.total_bytes} of the layout are held by no rank")
-    return spans
-
-
-def chunk_owners(spans: Sequence[Span], total: int, chunk_bytes: int) -> list[list[_Piece]]:
-    """Each chunk's pieces (one per span it meets); the chunk goes out from the rank of its first piece."""
-    chunks: list[list[_Piece]] = []
-    s = 0
-    for index in range(wire.chunk_count(total, chunk_bytes)):
-        start, end = wire.chunk_span(index, total, chunk_bytes)
-        pieces = []
-        while start < end:
-            while spans[s].end <= start:
-                s += 1
-            stop = min(end, spans[s].end)
-            pieces.append(_Piece(index, start, stop, spans[s]))
-            start = stop
-        chunks.append(pieces)
-    return chunks
 
 
 class Collective:
@@ -222,11 +166,11 @@ class Collective:
         _, offset = compute_local_shape_and_global_offset(tensor.shape, mesh, tensor.placements)
         return (offset[0], rows.shape[0], rows) if rows.shape[0] else None
 
-    def _exchange(self, chunks: Sequence[Sequence[_Piece]], payloads: WirePayloads, tag: int) -> dict[int, memoryview]:
+    def _exchange(self, chunks: Sequence[Sequence[Piece]], payloads: WirePayloads, tag: int) -> dict[int, memoryview]:
         """Sends the pieces this rank holds of `chunks` that another rank sends, and receives the pieces of
         its own `chunks` that other ranks hold; returns the received pieces by their start in the layout."""
-        outgoing: dict[int, list[_Piece]] = defaultdict(list)
-        incoming: dict[int, list[_Piece]] = defaultdict(list)
+        outgoing: dict[int, list[Piece]] = defaultdict(list)
+        incoming: dict[int, list[Piece]] = defaultdict(list)
         for pieces in chunks:
             owner = pieces[0].span.rank
             for piece in pieces:
@@ -237,7 +181,7 @@ class Collective:
         if not outgoing and not incoming:
             return {}
         works = []
-        buffers: dict[int, tuple[torch.Tensor, list[_Piece]]] = {}
+        buffers: dict[int, tuple[torch.Tensor, list[Piece]]] = {}
         for peer, pieces in sorted(incoming.items()):
             buffer = torch.empty(sum(p.end - p.start for p in pieces), dtype=torch.uint8)
             buffers[peer] = (buffer, pieces)
@@ -248,7 +192,7 @@ class Collective:
             view, at = tensor_bytes(data), 0
             for piece in pieces:
                 size = piece.end - piece.start
-                view[at : at + size] = _local_view(piece, payloads)
+                view[at : at + size] = local_view(piece, payloads)
                 at += size
             sends.append(data)
             works.append(dist.isend(data, dst=peer, group=self.group, tag=tag))
@@ -266,7 +210,7 @@ class Collective:
     def _chunks(
         self,
         key: bytes,
-        chunks: Sequence[Sequence[_Piece]],
+        chunks: Sequence[Sequence[Piece]],
         payloads: WirePayloads,
         digests: list[tuple[int, int, int, int]],
         bucket: int,
@@ -286,12 +230,12 @@ class Collective:
         self,
         key: bytes,
         index: int,
-        pieces: Sequence[_Piece],
+        pieces: Sequence[Piece],
         payloads: WirePayloads,
         received: Mapping[int, memoryview],
         digests: list[tuple[int, int, int, int]],
     ) -> bytes:
-        views = [_local_view(p, payloads) if p.span.rank == self.rank else received[p.start] for p in pieces]
+        views = [local_view(p, payloads) if p.span.rank == self.rank else received[p.start] for p in pieces]
         # A chunk is one piece of the combinable checksum per tensor it meets (the piece size is the
         # chunk size): a chunk inside one tensor is hashed once, for both.
         by_tensor: dict[int, list[memoryview]] = defaultdict(list)
@@ -315,10 +259,10 @@ class Collective:
 
         def begin(client: RolloutClient) -> PushResult | None:
             try:
-                client._stub.BeginUpdate(request, timeout=self.timeout, metadata=client._metadata)
+                client.begin(request, timeout=self.timeout)
                 return None
             except grpc.RpcError as error:
-                return _failure(client.address, outgoing.version, describe(error), error)
+                return failure(client.address, outgoing.version, describe(error), error)
 
         with ThreadPoolExecutor(max_workers=len(clients)) as pool:
             answers = dict(zip(clients, pool.map(begin, clients.values()), strict=True))
@@ -340,7 +284,7 @@ class Collective:
         def send(slot: int, address: str) -> tuple[int, str]:
             bar = tqdm(disable=True)
             try:
-                return clients[address]._stream(shared, slot, streams, bar), ""
+                return clients[address].stream(shared, slot, streams, bar), ""
             except grpc.RpcError as error:
                 return 0, describe(error)
             finally:
@@ -369,7 +313,7 @@ class Collective:
         if all(address in failed or errors[address] for address in clients):
             manifest = outgoing.announced  # nothing to commit: the pieces need not be complete
         else:
-            manifest = outgoing.complete(_combine(outgoing.announced, [d for _, ds, _ in gathered for d in ds]))
+            manifest = outgoing.complete(combine(outgoing.announced, [d for _, ds, _ in gathered for d in ds]))
 
         def commit(address: str) -> PushResult:
             if address in failed:
@@ -379,12 +323,10 @@ class Collective:
                 client.abort(update_id)
                 return PushResult(address=address, version=version, ok=False, error="; ".join(errors[address]))
             try:
-                answer = client._stub.Commit(
-                    commit_request(update_id, manifest, pending=True), timeout=self.timeout, metadata=client._metadata
-                )
+                answer = client.commit(commit_request(update_id, manifest, pending=True), timeout=self.timeout)
             except grpc.RpcError as error:
                 client.abort(update_id)
-                return _failure(address, version, describe(error), error)
+                return failure(address, version, describe(error), error)
             if answer.weight_version != version or answer.fingerprint != manifest.fingerprint:
                 return PushResult(
                     address=address,
@@ -442,38 +384,8 @@ def _sources(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]
     return out
 
 
-def _local_view(piece: _Piece, payloads: WirePayloads) -> memoryview:
-    """The bytes of `piece` from this rank's own part of its tensor."""
-    span = piece.span
-    return payloads[span.tensor][piece.start - span.start : piece.end - span.start]
-
-
 def _xxh3_64(parts: Sequence[memoryview]) -> int:
     digest = xxhash.xxh3_64()
     for part in parts:
         digest.update(part)
     return int(digest.intdigest())
-
-
-def _combine(layout: Manifest, digests: Sequence[tuple[int, int, int, int]]) -> list[str]:
-    """Each tensor's checksum of the combinable kind from the pieces every rank hashed; every byte exactly once."""
-    by_tensor: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
-    for start, size, tensor, digest in digests:
-        by_tensor[tensor].append((start, size, digest))
-    checksums = []
-    for i, entry in enumerate(layout):
-        pieces = sorted(by_tensor.get(i, []))
-        position = entry.offset
-        for start, size, _ in pieces:
-            if start != position:
-                raise RuntimeError(f"tensor {entry.name!r}: its pieces do not cover it once (at byte {position})")
-            position += size
-        if position != entry.end:
-            raise RuntimeError(f"tensor {entry.name!r}: its pieces end at byte {position}, not {entry.end}")
-        checksums.append(piece_checksum(layout.piece_bytes, (d for _, _, d in pieces)))
-    return checksums
-
-
-def _failure(address: str, version: int, why: str, error: grpc.RpcError) -> PushResult:
-    code = error.code() if hasattr(error, "code") else None
-    return PushResult(address=address, version=version, ok=False, error=why, code=code, reason=reason_of(error))

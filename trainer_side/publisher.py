@@ -32,7 +32,8 @@ from trainer_side.chunk_window import ChunkWindow
 from trainer_side.collective import Collective, in_collective_job
 from trainer_side.names import renamed
 from trainer_side.outgoing import Outgoing
-from trainer_side.rollout_client import PushResult, RolloutClient, wants_full
+from trainer_side.push_result import PushResult, wants_full
+from trainer_side.rollout_client import RolloutClient
 from trainer_side.version_file import VersionFileWriter
 from weightsync import metrics, wire
 from weightsync.manifest import manifest_of_state, wire_sources, wire_tensors

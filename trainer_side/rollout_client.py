@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import grpc
 from tqdm import tqdm
 
 from trainer_side.chunk_window import ChunkWindow, counted
-from trainer_side.outgoing import Outgoing, WirePayloads, commit_request
+from trainer_side.outgoing import Outgoing, commit_request
+from trainer_side.push_result import PushResult, describe, wants_full
+from trainer_side.resume import chunk_size, held_indices, held_mask, own_chunks
 from weightsync.channel import open_channel, raw_push_chunks
 from weightsync.errors import Reason, metadata_of, reason_of
 from weightsync.v1 import weightsync_pb2 as pb
@@ -42,44 +43,6 @@ RECONNECT_TIMEOUT = 20.0  # seconds a reconnection may wait for the rollout to b
 TRANSPORT_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 )
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PushResult:
-    """What one rollout answered; `ok` only if it committed the version with our fingerprint."""
-
-    address: str
-    version: int
-    ok: bool
-    fingerprint: str = ""
-    seconds: float = 0.0
-    bytes_sent: int = 0
-    swap_seconds: float = 0.0
-    error: str = ""
-    relayed_by: str = ""  # the relay that delivered this version, if the trainer did not
-    relayed: tuple[pb.RelayResult, ...] = ()  # what this rollout's relay downstream answered
-    delta: bool = False  # sent as a delta against the version it held (bytes_sent counts the wire bytes)
-    code: grpc.StatusCode | None = None  # the status of a failed call; None if ok or no call failed
-    reason: Reason | None = None  # why it failed, as the rollout (or, for FINGERPRINT_MISMATCH, we) said
-    held_bytes: int = 0  # wire bytes the rollout held from an interrupted run of this update (not sent again)
-    reconnects: int = 0  # how often the push began again: a cut connection, or a resume with other bytes refused
-    already: bool = False  # the rollout had committed this version, with our fingerprint, before this push
-
-    def line(self) -> str:
-        if self.ok:
-            if self.relayed_by:
-                return f"{self.address}: version {self.version} committed via relay {self.relayed_by}"
-            if self.already:
-                return f"{self.address}: version {self.version} already committed, same fingerprint"
-            rate = self.bytes_sent / self.seconds / 1e9 if self.seconds else 0.0
-            how = f" as a delta of {self.bytes_sent / 1e6:.1f} MB" if self.delta else f" ({rate:.2f} GB/s)"
-            if self.held_bytes:
-                how += f", resumed: {self.held_bytes / 1e6:.1f} MB were held"
-            if self.reconnects:
-                how += f", after {self.reconnects} reconnection(s)"
-            return f"{self.address}: version {self.version} committed in {self.seconds:.2f} s{how}"
-        why = f" [{self.reason.value}]" if self.reason else ""
-        return f"{self.address}: version {self.version} FAILED{why}: {self.error}"
 
 
 class _Attempt(Exception):
@@ -239,10 +202,9 @@ class RolloutClient:
         accepted, held = False, 0
         chunk_bytes, update_id = request.chunk_bytes, request.update_id
         try:
-            began = self._stub.BeginUpdate(
+            began = self.begin(
                 request,
                 timeout=min(self.timeout, RECONNECT_TIMEOUT) if reconnect else self.timeout,
-                metadata=self._metadata,
                 wait_for_ready=reconnect or None,
             )
             accepted = True
@@ -253,8 +215,8 @@ class RolloutClient:
                     f"the rollout expects {began.chunk_count} chunks: it does not take deltas",
                     Reason.FULL_VERSION_NEEDED,
                 )
-            mask = _held_mask(began.held_chunks, chunk_count(outgoing.wire_bytes, chunk_bytes))
-            held = sum(_chunk_size(i, outgoing.wire_bytes, chunk_bytes) for i in _indices(mask))
+            mask = held_mask(began.held_chunks, chunk_count(outgoing.wire_bytes, chunk_bytes))
+            held = sum(chunk_size(i, outgoing.wire_bytes, chunk_bytes) for i in held_indices(mask))
             if held:
                 logger.info("%s: resuming update %s, %.1f MB held there", self.address, update_id, held / 1e6)
                 bar.update(held)
@@ -262,19 +224,15 @@ class RolloutClient:
                 sent = outgoing.wire_bytes  # the rollout read the whole file before it answered
             else:
                 if window is None:
-                    window = ChunkWindow(_own_chunks(outgoing, update_id, chunk_bytes), consumers=1, window=16)
+                    window = ChunkWindow(own_chunks(outgoing, update_id, chunk_bytes), consumers=1, window=16)
                     slot = 0
                 if held:
                     window.skip(slot, mask)
-                sent = self._stream(window, slot, streams, bar)
+                sent = self.stream(window, slot, streams, bar)
             manifest = outgoing.manifest  # complete now: every chunk (or the whole file) has gone out
             if manifest is None:
                 raise RuntimeError("the update's bytes went out, yet its checksums are still pending")
-            answer: pb.CommitResponse = self._stub.Commit(
-                commit_request(update_id, manifest, pending=request.checksums_at_commit),
-                timeout=self.timeout,
-                metadata=self._metadata,
-            )
+            answer = self.commit(commit_request(update_id, manifest, pending=request.checksums_at_commit))
         except grpc.RpcError as error:
             raise _Attempt(error, accepted=accepted, held=held) from error
         return answer, sent, held
@@ -284,7 +242,7 @@ class RolloutClient:
         theirs = metadata_of(error).get("fingerprint", "")
         manifest = outgoing.manifest
         if manifest is None:  # checksums pending: hash our bytes (without sending them) to compare
-            for _ in _own_chunks(outgoing, "", 1 << 20):
+            for _ in own_chunks(outgoing, "", 1 << 20):
                 pass
             manifest = outgoing.manifest
         assert manifest is not None
@@ -327,7 +285,26 @@ class RolloutClient:
             seconds=seconds,
         )
 
-    def _stream(self, window: ChunkWindow, slot: int, streams: int, bar: tqdm) -> int:
+    def begin(
+        self, request: pb.BeginUpdateRequest, *, timeout: float | None = None, wait_for_ready: bool | None = None
+    ) -> pb.BeginUpdateResponse:
+        """BeginUpdate (or a resume of it); `timeout` None is the client's. Raises grpc.RpcError if refused."""
+        began: pb.BeginUpdateResponse = self._stub.BeginUpdate(
+            request,
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=self._metadata,
+            wait_for_ready=wait_for_ready,
+        )
+        return began
+
+    def commit(self, request: pb.CommitRequest, *, timeout: float | None = None) -> pb.CommitResponse:
+        """Commit; `timeout` None is the client's. Raises grpc.RpcError if the rollout refuses it."""
+        answer: pb.CommitResponse = self._stub.Commit(
+            request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata
+        )
+        return answer
+
+    def stream(self, window: ChunkWindow, slot: int, streams: int, bar: tqdm) -> int:
         """Sends this rollout's chunks over `streams` parallel PushChunks calls; returns bytes sent.
 
         All streams draw from the rollout's one position in the window, so each chunk goes out
@@ -398,48 +375,3 @@ class _Refused(grpc.RpcError):
 
 def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
     return error.code() if hasattr(error, "code") else None
-
-
-def _held_mask(ranges: Sequence[pb.ChunkRange], count: int) -> bytearray:
-    """A byte per chunk, 1 where the rollout holds it (ranges outside the layout are ignored)."""
-    mask = bytearray(count)
-    for r in ranges:
-        start, end = min(r.start, count), min(r.end, count)
-        if start < end:
-            mask[start:end] = b"\x01" * (end - start)
-    return mask
-
-
-def _indices(mask: bytearray) -> Iterator[int]:
-    return (i for i, held in enumerate(mask) if held)
-
-
-def _chunk_size(index: int, total: int, chunk_bytes: int) -> int:
-    return min(chunk_bytes, total - index * chunk_bytes)
-
-
-def _own_chunks(outgoing: Outgoing, update_id: str, chunk_bytes: int) -> Iterator[bytes]:
-    """`outgoing`'s chunks encoded afresh for one rollout, reading its tensors through views of its own (so
-    the push's shared window may read them at the same time), completing its manifest if still pending."""
-    payloads = outgoing.payloads
-    own = Outgoing(
-        outgoing.version,
-        outgoing.announced,
-        WirePayloads(payloads.sources) if isinstance(payloads, WirePayloads) else payloads,
-        plan=outgoing.plan,
-        base_fingerprint=outgoing.base_fingerprint,
-    )
-    yield from own.chunks(update_id, chunk_bytes)
-    if outgoing.manifest is None and own.manifest is not None:
-        outgoing.manifest = own.manifest
-
-
-def wants_full(result: PushResult) -> bool:
-    """Whether a rollout refused a delta in a way the full version of the same push fixes."""
-    return result.delta and not result.ok and result.reason == Reason.FULL_VERSION_NEEDED
-
-
-def describe(error: grpc.RpcError) -> str:
-    code = error.code() if hasattr(error, "code") else None
-    details = error.details() if hasattr(error, "details") else str(error)
-    return f"{code.name if code else 'ERROR'}: {details}"

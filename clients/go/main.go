@@ -1,8 +1,9 @@
 // Command weightsync-client calls a weightsync rollout from Go: it reads WeightSync.GetStatus,
 // then calls Generate.Generate.
 //
-//	weightsync-client [-max-tokens N] [-timeout DURATION] [-token-file FILE] ADDRESS PROMPT
+//	weightsync-client [-max-tokens N] [-logprobs] [-timeout DURATION] [-token-file FILE] ADDRESS PROMPT
 //
+// With -logprobs the request sets logprobs: true and the response carries one logprob per token id.
 // With -token-file (or WEIGHTSYNC_AUTH_TOKEN), every call carries "authorization: Bearer <token>",
 // for a rollout started with --auth-token-file (and --generate-token-file holding the same token).
 // The stubs are generated from proto/ by protoc-gen-go and protoc-gen-go-grpc (`make go-client`).
@@ -74,10 +75,11 @@ func codeName(camel string) string {
 
 func main() {
 	maxTokens := flag.Uint("max-tokens", 16, "upper bound on generated tokens")
+	logprobs := flag.Bool("logprobs", false, "also return the logprob of each generated token")
 	timeout := flag.Duration("timeout", 30*time.Second, "deadline of each call")
 	tokenFile := flag.String("token-file", "", "file holding the bearer token (default: $WEIGHTSYNC_AUTH_TOKEN)")
 	flag.Usage = func() {
-		fmt.Fprintln(os.Stderr, "usage: weightsync-client [-max-tokens N] [-timeout DURATION] [-token-file FILE] ADDRESS PROMPT")
+		fmt.Fprintln(os.Stderr, "usage: weightsync-client [-max-tokens N] [-logprobs] [-timeout DURATION] [-token-file FILE] ADDRESS PROMPT")
 		flag.PrintDefaults()
 	}
 	flag.Parse()
@@ -136,6 +138,7 @@ func main() {
 		response, err := weightsyncv1.NewGenerateClient(conn).Generate(ctx, &weightsyncv1.GenerateRequest{
 			Prompt:    prompt,
 			MaxTokens: uint32(*maxTokens),
+			Logprobs:  *logprobs,
 		})
 		if err != nil {
 			return err

@@ -2,8 +2,9 @@
 // @ts-check
 // A weightsync client in JavaScript: reads WeightSync.GetStatus, then calls Generate.Generate.
 //
-//   node client.js [--max-tokens N] [--timeout SECONDS] [--proto DIR] [--token-file FILE] ADDRESS PROMPT
+//   node client.js [--max-tokens N] [--logprobs] [--timeout SECONDS] [--proto DIR] [--token-file FILE] ADDRESS PROMPT
 //
+// With --logprobs the request sets logprobs: true and the response carries one logprob per token id.
 // With --token-file (or WEIGHTSYNC_AUTH_TOKEN), every call carries "authorization: Bearer <token>",
 // for a rollout started with --auth-token-file (and --generate-token-file holding the same token).
 // The stubs come from proto/ at runtime (@grpc/proto-loader), so nothing is generated or committed.
@@ -29,11 +30,12 @@ const { values: flags, positionals } = parseArgs({
     timeout: { type: "string", default: "30" },
     proto: { type: "string", default: path.resolve(__dirname, "..", "..", "proto") },
     "token-file": { type: "string" },
+    logprobs: { type: "boolean", default: false },
   },
 });
 if (positionals.length !== 2) {
   process.stderr.write(
-    "usage: client.js [--max-tokens N] [--timeout SECONDS] [--proto DIR] [--token-file FILE] ADDRESS PROMPT\n",
+    "usage: client.js [--max-tokens N] [--logprobs] [--timeout SECONDS] [--proto DIR] [--token-file FILE] ADDRESS PROMPT\n",
   );
   process.exit(2);
 }
@@ -133,6 +135,7 @@ async function main() {
       prompt,
       max_tokens: Number(flags["max-tokens"]),
       temperature: 0,
+      logprobs: flags.logprobs,
     });
   } catch (error) {
     out.error = statusOf(error);

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from rollout_side.engines.torch_engine import TorchEngine
 from rollout_side.process import free_port, wait_until_up
@@ -135,6 +136,7 @@ push(
     "--checkpoint",
     "{dir}/corrupt.safetensors",
 )
+push("push-checkpoint-int", "tensor 'model.norm.weight' is torch.int32", "--checkpoint", "{dir}/int.safetensors")
 push("push-checkpoint-truncated", "truncated.safetensors is not a valid", "--checkpoint", "{dir}/truncated.safetensors")
 push("push-base-corrupt", "--base: {dir}/corrupt.safetensors is not a valid", "--base", "{dir}/corrupt.safetensors")
 push(
@@ -194,6 +196,8 @@ def files(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
     (out / "empty.safetensors").write_bytes(b"")
     (out / "corrupt.safetensors").write_bytes(b"this is not a safetensors file\n" * 64)
     save_file({}, out / "notensors.safetensors")
+    weights = load_file(out / "good.safetensors")
+    save_file({**weights, "model.norm.weight": weights["model.norm.weight"].to(torch.int32)}, out / "int.safetensors")
     for name, tokenizer in (("no_tokenizer", None), ("broken_tokenizer", b"{not json")):
         folder = out / name
         folder.mkdir()

@@ -122,3 +122,21 @@ def test_client_sends_the_bearer_token(client, loop_thread, model_dir, trained_s
         assert int(out["status"]["weight_version"]) == 2 and int(out["response"]["weight_version"]) == 2
     finally:
         loop_thread.run(server.stop(grace=0))
+
+
+def test_client_asks_for_logprobs(client, rollout, trained_state) -> None:  # type: ignore[no-untyped-def]
+    """--logprobs (-logprobs in Go) sets GenerateRequest.logprobs; the JSON carries one per token, as Python's."""
+    with Publisher([rollout.address], progress=False) as publisher:
+        [result] = publisher.push(trained_state, version=8)
+    assert result.ok, result.error
+    request = pb.GenerateRequest(prompt=PROMPT, max_tokens=MAX_TOKENS, logprobs=True)
+    expected = rollout.generate.Generate(request, timeout=30)
+    assert expected.weight_version == 8 and len(expected.logprobs) == len(expected.token_ids) > 0
+
+    code, out = run(client, rollout.address, "--logprobs")
+    assert code == 0, out
+    response = out["response"]
+    assert int(response["weight_version"]) == 8
+    assert response["token_ids"] == list(expected.token_ids)
+    assert len(response["logprobs"]) == len(response["token_ids"])
+    assert response["logprobs"] == pytest.approx(list(expected.logprobs), abs=1e-6)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -227,3 +229,52 @@ def test_continue_on_vllm_and_a_busy_http_port_fail_at_start(model_dir: Path) ->
             [*base, "--engine", "torch", "--http-port", str(port)], capture_output=True, text=True, timeout=60
         )
     assert taken.returncode != 0 and "--http-port" in taken.stderr
+
+
+def test_a_client_that_closes_a_stream_frees_the_engine(
+    loop_thread: LoopThread, model_dir: Path, trained_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing a long SSE completion early stops decoding: the engine's worker is free long before the
+    request would have finished, and a short request then completes on it."""
+    s = serve(loop_thread, model_dir, trained_checkpoint)
+    engine = s.rollout.receiver.engine
+    decode_loop = engine._decode_loop
+    decoded: list[int] = []
+    live = threading.Event()
+
+    def slow_decode_loop(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        """The engine's decoding, 50 ms a token (so the whole request takes ~20 s), counted."""
+        live.set()
+        try:
+            for piece in decode_loop(*args, **kwargs):
+                time.sleep(0.05)
+                decoded.append(len(piece.token_ids))
+                yield piece
+        finally:
+            live.clear()
+
+    monkeypatch.setattr(engine, "_decode_loop", slow_decode_loop)
+    max_tokens = 400
+    try:
+        stream = s.client.completions.create(
+            model="tiny", prompt="the cat sat", max_tokens=max_tokens, stream=True, extra_body={"ignore_eos": True}
+        )
+        first = next(iter(stream))
+        assert first.choices[0].text is not None
+        assert live.is_set()
+        stream.close()  # the client goes away mid-generation
+
+        deadline = time.monotonic() + 15  # generous, and still short of the ~20 s a whole run takes
+        while live.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not live.is_set(), f"still decoding after the client left ({sum(decoded)} tokens)"
+        assert sum(decoded) < max_tokens
+        # The engine's single worker thread is free: nothing is queued or running on it.
+        engine._worker.submit(lambda: None).result(timeout=5)
+
+        monkeypatch.setattr(engine, "_decode_loop", decode_loop)
+        short = s.client.completions.create(model="tiny", prompt="the cat sat", max_tokens=4, temperature=0)
+        assert short.choices[0].finish_reason in ("length", "stop")
+    finally:
+        monkeypatch.undo()
+        s.close()

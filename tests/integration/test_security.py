@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
 import raw
-from conftest import LoopThread, Rollout
+from conftest import ROOT, LoopThread, Rollout
 
 TOKEN = "s3cret-trainer-token"
 
@@ -122,6 +125,18 @@ def test_push_without_the_right_token_is_refused_and_changes_nothing(secured, tr
     with pytest.raises(grpc.RpcError) as info:
         secured.generate.Generate(pb.GenerateRequest(prompt="red"), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # open, but nothing committed
+
+
+def test_status_command_tells_a_refusal_from_an_unreachable_rollout(secured) -> None:  # type: ignore[no-untyped-def]
+    command = [sys.executable, "-m", "trainer_side", "status", "--rollouts", f"{secured.address},127.0.0.1:1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, env=_without_token())
+    assert done.returncode == 1, done.stderr
+    rows = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines()[1:]}
+    assert rows == {secured.address: "UNAUTHENTICATED", "127.0.0.1:1": "UNREACHABLE"}, done.stdout
+
+
+def _without_token() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "WEIGHTSYNC_AUTH_TOKEN"}
 
 
 def test_push_with_the_token_commits(secured, trained_state) -> None:  # type: ignore[no-untyped-def]
