@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -42,15 +43,7 @@ class GenerateServicer(pb_grpc.GenerateServicer):  # type: ignore[misc]  # gener
         self, request: pb.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async for index, out in self.generation.generate_stream_n(_request(request.request), context.time_remaining()):
-            yield pb.GenerateStreamResponse(
-                token_ids=out.token_ids,
-                text=out.text,
-                weight_version=out.weight_version,
-                finish_reason=out.finish_reason,
-                logprobs=out.logprobs or (),
-                top_logprobs=_top(out),
-                index=index,
-            )
+            yield pb.GenerateStreamResponse(index=index, **_tokens(out))
 
 
 def _request(request: pb.GenerateRequest) -> GenerationRequest:
@@ -77,13 +70,16 @@ def _top(out: Completion) -> list[pb.TopLogprobs]:
 
 
 def _completion(index: int, out: Completion) -> pb.GenerateCompletion:
-    return pb.GenerateCompletion(
-        index=index,
-        token_ids=out.token_ids,
-        text=out.text,
-        weight_version=out.weight_version,
-        finish_reason=out.finish_reason,
-        logprobs=out.logprobs or (),
-        top_logprobs=_top(out),
-        token_weight_versions=out.token_versions,
-    )
+    return pb.GenerateCompletion(index=index, token_weight_versions=out.token_versions, **_tokens(out))
+
+
+def _tokens(out: Completion) -> dict[str, Any]:
+    """The fields a completion and a stream piece share: tokens, text, version, finish, logprobs."""
+    return {
+        "token_ids": out.token_ids,
+        "text": out.text,
+        "weight_version": out.weight_version,
+        "finish_reason": out.finish_reason,
+        "logprobs": out.logprobs or (),
+        "top_logprobs": _top(out),
+    }
