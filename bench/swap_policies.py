@@ -1,16 +1,19 @@
 """`python -m bench.swap_policies [--quick]`: swap latency per swap policy, and Generate with n > 1.
 
-Swap latency: for each --swap-policy (drain, abort, continue) a real rollout process (torch engine,
-models/tiny) takes a first version, then, for every run, --inflight long greedy Generate calls
+Swap latency: for each --swap-policy (drain, abort, continue) a real rollout process (--engine torch or
+vllm, models/tiny) takes a first version, then, for every run, --inflight long greedy Generate calls
 (--long-tokens tokens each, ignore_eos) start, and once they are decoding the trainer pushes the next
 version. The figure is the Commit's time as the rollout reports it (CommitResponse.swap_seconds: drain
 waits for the in-flight requests, abort ends them at the next token, continue swaps at the next token
-and goes on); the push's whole time and how the in-flight requests ended are recorded beside it.
+and goes on; on vLLM continue aborts the in-flight requests and resubmits each as prompt + its tokens
+so far once the new version is in); the push's whole time and how the in-flight requests ended, with how
+long they took, are recorded beside it.
 
 Throughput: one Generate with n = --n against --n concurrent single Generate calls (same seeds,
 --max-tokens each, ignore_eos), in generated tokens per second, on the same rollout.
 
-Writes bench/results/swap_policies.json (every run's numbers, median/min/max). Nothing is asserted.
+Writes bench/results/swap_policies.json (swap_policies_vllm.json for --engine vllm; every run's numbers,
+median/min/max). Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def long_generate(stub: pb_grpc.GenerateStub, tokens: int) -> dict[str, Any]:
 def swap_latency(
     model_dir: Path, policy: str, args: argparse.Namespace, versions: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    rollout = RolloutProcess(model_dir, args=["--swap-policy", policy])
+    rollout = RolloutProcess(model_dir, engine=args.engine, args=["--swap-policy", policy])
     runs: list[dict[str, Any]] = []
     try:
         channel = grpc.insecure_channel(rollout.address)
@@ -112,7 +115,7 @@ def tokens_per_second(seconds: float, tokens: int) -> float:
 
 
 def throughput(model_dir: Path, args: argparse.Namespace, version: dict[str, Any]) -> dict[str, Any]:
-    rollout = RolloutProcess(model_dir)
+    rollout = RolloutProcess(model_dir, engine=args.engine)
     try:
         channel = grpc.insecure_channel(rollout.address)
         stub = pb_grpc.GenerateStub(channel)
@@ -160,6 +163,7 @@ def throughput(model_dir: Path, args: argparse.Namespace, version: dict[str, Any
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.swap_policies", description=__doc__)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "tiny")
+    parser.add_argument("--engine", choices=["torch", "vllm"], default="torch")
     parser.add_argument("--quick", action="store_true", help="2 runs, 64-token requests, n=4 of 16 tokens")
     parser.add_argument("--runs", type=int, default=5, help="measured pushes per policy (and throughput runs)")
     parser.add_argument("--inflight", type=int, default=2, help="long Generate calls in flight at each push")
@@ -168,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=8, help="completions per request in the throughput figure")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per completion in the throughput figure")
     parser.add_argument("--policies", default=",".join(POLICIES))
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "swap_policies.json")
+    parser.add_argument("--out", type=Path, help="default: bench/results/swap_policies[_vllm].json")
     args = parser.parse_args(argv)
+    suffix = "" if args.engine == "torch" else f"_{args.engine}"
+    args.out = args.out or ROOT / "bench" / "results" / f"swap_policies{suffix}.json"
     if args.quick:
         args.runs, args.long_tokens, args.n, args.max_tokens = 2, 64, 4, 16
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "machine": machine(),
         "model": str(args.model),
+        "engine": args.engine,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "model")},
         "swap_latency": {},
     }

@@ -1,9 +1,18 @@
-"""Time to serve real weights: vLLM dummy boot + push, against vLLM booting from the checkpoint on disk.
+"""Time to serve real weights: a dummy-booted vLLM rollout pushed to, against vLLM booting from disk.
 
-Both clocks start when the rollout process is launched and stop when it serves the trained weights
-(the push is confirmed, or GetStatus reports the standalone version). The trainer's weights are in
-its memory already, as in RL. "cold" evicts the checkpoint from the page cache before each boot
-(posix_fadvise); "warm" leaves it cached, the most favourable case for loading from disk.
+Every clock starts when the rollout process is launched and stops when it serves the trained weights
+(the push is confirmed, or GetStatus reports the standalone version); then one Generate times the
+first token. The trainer's weights are in its memory already, as in RL, and it pushes as soon as the
+rollout's port answers, as a trainer does to a rollout that joins (the rollout receives while its
+engine boots). Paths, interleaved run by run:
+
+- push: `serve` (uninitialised weights, load format "weightsync") + a push;
+- push_random_dummy: the same with vLLM's random dummy fill (what skipping it saves);
+- push_spawn: the same with EngineCore spawned by vLLM, not forked from the pre-warmed server;
+- disk_cold / disk_warm: `serve --weights checkpoint` with the checkpoint evicted from the page cache
+  (posix_fadvise) / left cached, the most favourable case for loading from disk.
+
+Each phase is timed from the rollout's log lines as they arrive (seconds since launch).
 """
 
 from __future__ import annotations
@@ -11,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,22 +39,84 @@ from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
 __all__ = ["run"]
 
+PATHS = ("push", "push_random_dummy", "push_spawn", "disk_cold", "disk_warm")
+ENV = {"push_random_dummy": {"WEIGHTSYNC_VLLM_RANDOM_DUMMY": "1"}, "push_spawn": {"WEIGHTSYNC_VLLM_PREWARM": "0"}}
+# Phase ends, in boot order: (name, pattern of the log line that ends it).
+MARKS = [
+    ("listening", r"listening on"),
+    ("vllm_imported", r"vLLM imported in"),
+    ("engine_process_up", r"Initializing a V1 LLM engine"),
+    ("model_constructed", r"Initializing model took"),
+    ("engine_ready", r"vLLM up in"),
+    ("push_received", r"verified; loading version"),
+    ("committed", r"committed version"),
+]
+# Durations vLLM and the rollout report themselves: (name, pattern with the seconds as group 1).
+DURATIONS = [
+    ("vllm_import_s", r"vLLM imported in ([\d.]+) s"),
+    ("model_construction_s", r"Initializing model took ([\d.]+) seconds"),
+    ("weights_from_disk_s", r"Loading weights took ([\d.]+) seconds"),
+    ("weights_from_push_at_boot_s", r"loaded version \d+ at boot in ([\d.]+) s"),
+    ("profile_kv_cache_warmup_s", r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"),
+    ("swap_after_boot_s", r"serves version \d+ \(swap ([\d.]+) s\)"),
+]
 
-def _launch(model: Path, log: Path, weights: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    cmd = serve_command(model, engine="vllm", port=port, args=["--kv-cache-gib", "0.5"])
-    if weights is not None:
-        cmd += ["--weights", str(weights)]
-    with log.open("a") as sink:
-        return subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT), f"127.0.0.1:{port}"
+
+class Launched:
+    """A rollout process whose output lines are timestamped (seconds since launch) as they arrive."""
+
+    def __init__(self, model: Path, log: Path, weights: Path | None = None, env: dict[str, str] | None = None):
+        port = free_port()
+        cmd = serve_command(model, engine="vllm", port=port, args=["--kv-cache-gib", "0.5"])
+        if weights is not None:
+            cmd += ["--weights", str(weights)]
+        self.address = f"127.0.0.1:{port}"
+        self.lines: list[tuple[float, str]] = []
+        self._log = log
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, text=True
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with self._log.open("a") as sink:
+            for line in self.proc.stdout:
+                self.lines.append((time.perf_counter() - self.started, line))
+                sink.write(line)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._reader.join(10)
+
+    def phases(self) -> dict[str, float]:
+        """Seconds since launch of each mark's first line, and each reported duration."""
+        found: dict[str, float] = {}
+        for at, line in self.lines:
+            for name, pattern in MARKS:
+                if name not in found and re.search(pattern, line):
+                    found[name] = at
+            for name, pattern in DURATIONS:
+                if name not in found and (match := re.search(pattern, line)):
+                    found[name] = float(match.group(1))
+        return found
 
 
-def _serving_version(address: str) -> int:
-    stub = pb_grpc.WeightSyncStub(grpc.insecure_channel(address))
-    try:
-        return int(stub.GetStatus(pb.GetStatusRequest(), timeout=1).weight_version)
-    except grpc.RpcError:
-        return -1
+def _status(address: str) -> pb.GetStatusResponse | None:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return pb_grpc.WeightSyncStub(channel).GetStatus(pb.GetStatusRequest(), timeout=1)
+        except grpc.RpcError:
+            return None
 
 
 def _wait(predicate, timeout: float = 600) -> None:  # type: ignore[no-untyped-def]
@@ -51,15 +124,13 @@ def _wait(predicate, timeout: float = 600) -> None:  # type: ignore[no-untyped-d
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError("rollout did not come up")
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def _first_token(address: str) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerateStub(channel)
+        stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=1), timeout=120)
 
 
 def _evict(path: Path) -> None:
@@ -70,99 +141,132 @@ def _evict(path: Path) -> None:
         os.close(fd)
 
 
+def _one(path: str, model: Path, checkpoint: Path, state: dict[str, object], log: Path) -> dict[str, float]:
+    """One launch to serving (and first token) on `path`; returns its phases and totals."""
+    if path == "disk_cold":
+        _evict(checkpoint)
+    disk = path.startswith("disk")
+    rollout = Launched(model, log, weights=checkpoint if disk else None, env=ENV.get(path))
+    try:
+        if disk:
+            _wait(lambda: (s := _status(rollout.address)) is not None and s.weight_version == 1)
+        else:
+            _wait(lambda: _status(rollout.address) is not None)
+            with Publisher([rollout.address], progress=False) as publisher:
+                [result] = publisher.push(state, 1)  # type: ignore[arg-type]
+            if not result.ok:
+                raise RuntimeError(result.error)
+        serving = rollout.elapsed()
+        _first_token(rollout.address)
+        first_token = rollout.elapsed()
+        time.sleep(0.2)  # the last log lines
+        return {**rollout.phases(), "serving": serving, "first_token": first_token}
+    finally:
+        rollout.stop()
+
+
 def run(size: str = "1GiB", runs: int = 3, workdir: Path | None = None) -> dict[str, object]:
-    """Measures both paths `runs` times each, interleaved; returns medians, min, max and the ratio."""
+    """Measures every path `runs` times, interleaved; returns each phase's median and the ratios."""
     root = Path(workdir or tempfile.mkdtemp(prefix="weightsync-boot-"))
     model = make_model(size, root)
     state = random_state(model)
-    checkpoint = root / "checkpoint.safetensors"
+    checkpoint = root / f"checkpoint-{size}.safetensors"
     save_file(state, checkpoint)
     log = root / "rollouts.log"
-    times: dict[str, list[float]] = {
-        "dummy_boot_plus_push": [],
-        "dummy_boot_alone": [],
-        "disk_boot_cold": [],
-        "disk_boot_warm": [],
-    }
+    measured: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS}
     for _ in range(runs):
-        start = time.perf_counter()
-        proc, address = _launch(model, log)
-        try:
-            _wait(lambda a=address: _serving_version(a) >= 0)
-            times["dummy_boot_alone"].append(time.perf_counter() - start)
-            with Publisher([address], progress=False) as publisher:
-                [result] = publisher.push(state, 1)
-            if not result.ok:
-                raise RuntimeError(result.error)
-            times["dummy_boot_plus_push"].append(time.perf_counter() - start)
-        finally:
-            _stop(proc)
-        for mode in ("cold", "warm"):
-            if mode == "cold":
-                _evict(checkpoint)
-            start = time.perf_counter()
-            proc, address = _launch(model, log, weights=checkpoint)
-            try:
-                _wait(lambda a=address: _serving_version(a) == 1)
-                times[f"disk_boot_{mode}"].append(time.perf_counter() - start)
-            finally:
-                _stop(proc)
-    summary = {
-        name: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "runs": v}
-        for name, v in times.items()
-    }
-    push = summary["dummy_boot_plus_push"]["median_s"]
-    return {
-        "model": size,
-        "model_bytes": model_bytes(state),
-        **summary,
-        "ratio_disk_cold_over_push": summary["disk_boot_cold"]["median_s"] / push,
-        "ratio_disk_warm_over_push": summary["disk_boot_warm"]["median_s"] / push,
-    }
+        for path in PATHS:
+            measured[path].append(_one(path, model, checkpoint, state, log))  # type: ignore[arg-type]
+    checkpoint.unlink()
+    result: dict[str, object] = {"model": size, "model_bytes": model_bytes(state), "runs": runs}
+    for path, samples in measured.items():
+        names = [name for name in samples[0] if all(name in s for s in samples)]
+        result[path] = {
+            "median": {name: statistics.median(s[name] for s in samples) for name in names},
+            "serving_s": [s["serving"] for s in samples],
+        }
+    push = _median(result, "push", "serving")
+    result["ratio_push_over_disk_cold"] = push / _median(result, "disk_cold", "serving")
+    result["ratio_push_over_disk_warm"] = push / _median(result, "disk_warm", "serving")
+    ready = _median(result, "push", "engine_ready")
+    result["push_ready_to_serving_over_boot"] = (push - ready) / ready
+    result["random_fill_saved_s"] = _median(result, "push_random_dummy", "serving") - push
+    result["prewarm_saved_s"] = _median(result, "push_spawn", "serving") - push
+    return result
 
 
-def readme_table(result: dict[str, object]) -> str:
-    """The README rows for `result`: median (min-max) seconds per path and the ratios."""
-    rows = [
-        ("dummy boot + push from the trainer's memory", "dummy_boot_plus_push"),
-        ("(of which the dummy boot alone)", "dummy_boot_alone"),
-        ("boot with the checkpoint from disk, page cache dropped", "disk_boot_cold"),
-        ("boot with the checkpoint from disk, page cache warm", "disk_boot_warm"),
-    ]
-    lines = ["| path | seconds to serving |", "|---|---:|"]
-    for label, key in rows:
-        if key not in result:
-            continue
-        v = result[key]
-        lines.append(f"| {label} | {v['median_s']:.1f} ({v['min_s']:.1f}-{v['max_s']:.1f}) |")  # type: ignore[index]
-    lines.append(
-        f"\nModel {result['model_bytes'] / 2**30:.2f} GiB; disk cold / push = "  # type: ignore[operator]
-        f"{result['ratio_disk_cold_over_push']:.2f}, disk warm / push = {result['ratio_disk_warm_over_push']:.2f}."
-    )
-    return "\n".join(lines)
+def _median(result: dict[str, object], path: str, name: str) -> float:
+    return float(result[path]["median"][name])  # type: ignore[index]
 
 
-def update_readme(result: dict[str, object], readme: Path = Path("docs/benchmarks.md")) -> None:
+ROWS = [
+    ("rollout listening (interpreter, imports, gRPC)", "listening"),
+    ("vLLM imported in the rollout", "vllm_imported"),
+    ("EngineCore process up (config, spawn, imports)", "engine_process_up"),
+    ("model constructed", "model_constructed"),
+    ("engine ready (weights, profile, KV cache)", "engine_ready"),
+    ("push received and verified", "push_received"),
+    ("serving the trained weights", "serving"),
+    ("first token", "first_token"),
+]
+REPORTED = [
+    ("vLLM import (s)", "vllm_import_s"),
+    ("model construction (s)", "model_construction_s"),
+    ("weights from disk (s)", "weights_from_disk_s"),
+    ("pushed weights loaded at boot (s)", "weights_from_push_at_boot_s"),
+    ("profile + KV cache + warm-up (s)", "profile_kv_cache_warmup_s"),
+    ("swap after boot (s)", "swap_after_boot_s"),
+]
+
+
+def readme_table(results: list[dict[str, object]]) -> str:
+    """Markdown: per model, seconds since launch at each phase's end per path, then the ratios."""
+    out = []
+    for result in results:
+        gib = result["model_bytes"] / 2**30  # type: ignore[operator]
+        out += [
+            f"**{result['model']} model ({gib:.2f} GiB), median of {result['runs']} launches**\n",
+            "| seconds since launch | " + " | ".join(PATHS) + " |",
+            "|---|" + "---:|" * len(PATHS),
+        ]
+        for label, key in ROWS + REPORTED:
+            cells = []
+            for path in PATHS:
+                value = result[path]["median"].get(key)  # type: ignore[index]
+                cells.append("" if value is None else f"{value:.2f}")
+            if any(cells):
+                out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append(
+            f"\npush / disk cold = {result['ratio_push_over_disk_cold']:.2f}, push / disk warm = "
+            f"{result['ratio_push_over_disk_warm']:.2f}; engine ready to serving the push = "
+            f"{100 * result['push_ready_to_serving_over_boot']:.1f}% of the boot; to serving, skipping the "  # type: ignore[operator]
+            f"random fill saved {result['random_fill_saved_s']:.1f} s and the pre-warmed EngineCore "
+            f"{result['prewarm_saved_s']:.1f} s.\n"
+        )
+    return "\n".join(out)
+
+
+def update_readme(results: list[dict[str, object]], readme: Path = Path("docs/benchmarks.md")) -> None:
     text = readme.read_text()
     begin, end = "<!-- boot:begin -->", "<!-- boot:end -->"
     head, _, rest = text.partition(begin)
     _, _, tail = rest.partition(end)
-    readme.write_text(f"{head}{begin}\n{readme_table(result)}\n{end}{tail}")
+    readme.write_text(f"{head}{begin}\n{readme_table(results)}\n{end}{tail}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="1GiB")
+    parser.add_argument("--sizes", nargs="+", default=["1GiB", "2GiB"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/vllm_boot.json"))
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
     args = parser.parse_args()
-    result = run(args.size, args.runs)
+    results = [run(size, args.runs) for size in args.sizes]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(results, indent=2))
     if not args.no_readme:
-        update_readme(result)
-    print(json.dumps(result, indent=2))
+        update_readme(results)
+    print(readme_table(results))
 
 
 if __name__ == "__main__":

@@ -97,7 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SWAP_POLICIES,
         default="drain",
         help="requests in flight at a weight swap: drain (wait for them; default), abort (end them, finish_reason "
-        '"abort"), continue (go on with the new version, each token tagged with its version; torch engine only)',
+        '"abort"), continue (go on with the new version, each token tagged with its version; on vllm the HTTP '
+        "face's requests drain)",
+    )
+    # vLLM's chat parsers on the HTTP face, named as `vllm serve` names them.
+    serve.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='vllm, HTTP face: let the model choose to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    serve.add_argument(
+        "--tool-call-parser",
+        metavar="NAME",
+        help="vllm, HTTP face: vLLM's parser of the model's tool calls, e.g. hermes",
+    )
+    serve.add_argument(
+        "--reasoning-parser",
+        metavar="NAME",
+        help="vllm, HTTP face: vLLM's parser that separates the model's reasoning from its answer, e.g. qwen3",
     )
     add_security_arguments(serve, server=True)
     serve.add_argument("--log-level", default="INFO")
@@ -155,10 +172,21 @@ def check_args(args: argparse.Namespace) -> ServerSecurity:
     problem = port_problem(args.host, args.port)
     if problem:
         fail(problem)
-    if args.engine == "vllm" and args.swap_policy == "continue":
-        fail("--swap-policy continue needs --engine torch; the vllm engine supports drain and abort")
     if args.http_port is not None:
         problem = port_problem(_http_host(args.host), args.http_port, "--http-port")
+        if problem:
+            fail(problem)
+    if args.enable_auto_tool_choice or args.tool_call_parser or args.reasoning_parser:
+        if args.engine != "vllm" or args.http_port is None:
+            fail("--enable-auto-tool-choice, --tool-call-parser and --reasoning-parser need --engine vllm, --http-port")
+        from rollout_side.vllm_openai import ChatParsers, parser_problem
+
+        parsers = ChatParsers(
+            tool_call_parser=args.tool_call_parser,
+            enable_auto_tool_choice=args.enable_auto_tool_choice,
+            reasoning_parser=args.reasoning_parser,
+        )
+        problem = parser_problem(args.model, parsers)
         if problem:
             fail(problem)
     return security
@@ -203,19 +231,20 @@ async def serve(args: argparse.Namespace) -> None:
         reject_nonfinite=args.reject_nonfinite,
         shared_memory_dir=args.shared_memory_dir,
     )
-    try:
-        await receiver.start(args.weights, args.weights_version)
-    except (OSError, ValueError, WeightSyncError) as error:
-        if args.weights is None:
-            raise
-        with contextlib.suppress(Exception):
-            await receiver.close()
-        fail(f"--weights {args.weights} cannot be served by --model {args.model}: {error}")
+    if args.weights is None:
+        boot = receiver.boot()  # pushes are received while the engine boots
+    else:
+        try:
+            await receiver.start(args.weights, args.weights_version)
+        except (OSError, ValueError, WeightSyncError) as error:
+            with contextlib.suppress(Exception):
+                await receiver.close()
+            fail(f"--weights {args.weights} cannot be served by --model {args.model}: {error}")
     try:
         rollout = await create_server(
             receiver, address=f"{args.host}:{args.port}", model=str(args.model), security=security
         )
-    except BindError as error:  # the port was taken while the engine booted
+    except BindError as error:
         with contextlib.suppress(Exception):
             await receiver.close()
         fail(error)
@@ -226,7 +255,14 @@ async def serve(args: argparse.Namespace) -> None:
         http_host = _http_host(args.host)
         try:
             http = await start_http(
-                rollout.generation, host=http_host, port=args.http_port, model=str(args.model), security=security
+                rollout.generation,
+                host=http_host,
+                port=args.http_port,
+                model=str(args.model),
+                security=security,
+                tool_call_parser=args.tool_call_parser,
+                enable_auto_tool_choice=args.enable_auto_tool_choice,
+                reasoning_parser=args.reasoning_parser,
             )
         except OSError as error:
             with contextlib.suppress(Exception):
@@ -237,8 +273,19 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    state = f"serving version {args.weights_version}" if args.weights else "dummy weights, waiting for a push"
-    logger.info("ready on %s:%d: %s", args.host, rollout.port, state)
+    if args.weights is None:
+        logger.info("listening on %s:%d while the engine boots: a push is received meanwhile", args.host, rollout.port)
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([boot, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if boot.done() and (failure := boot.exception()) is not None:
+            await rollout.stop(0)
+            raise failure
+    version = receiver.engine.weight_version
+    state = f"serving version {version}" if version else "dummy weights, waiting for a push"
+    if receiver.lifecycle.committing is not None:
+        state = "loading the version pushed while it booted"
+    if not stop.is_set():
+        logger.info("ready on %s:%d: %s", args.host, rollout.port, state)
     await stop.wait()
     logger.info("shutting down")
     if http is not None:

@@ -29,6 +29,7 @@ DEFAULT_MAX_TOKENS = 16
 PROMPT_CHARS_PER_TOKEN = 32
 MAX_TOP_LOGPROBS = 20  # as vLLM's default max_logprobs
 MAX_N = 64
+MAX_TEMPERATURE = 2.0  # as vLLM's SamplingParams (and the OpenAI API): both engines refuse more alike
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -178,8 +179,8 @@ class Generation:
         check_numbers(request)
         if request.max_tokens > self.max_tokens_limit:
             raise BadRequest(f"max_tokens {request.max_tokens} exceeds this rollout's limit {self.max_tokens_limit}")
-        if request.temperature < 0 or not 0 <= request.top_p <= 1:
-            raise BadRequest("temperature must be >= 0 and top_p within [0, 1]")
+        if not 0 <= request.temperature <= MAX_TEMPERATURE or not 0 <= request.top_p <= 1:
+            raise BadRequest(f"temperature must be within [0, {MAX_TEMPERATURE:g}] and top_p within [0, 1]")
         if request.top_logprobs > MAX_TOP_LOGPROBS:
             raise BadRequest(f"top_logprobs {request.top_logprobs} exceeds {MAX_TOP_LOGPROBS}")
         if request.n > MAX_N:

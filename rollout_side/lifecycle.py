@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, Protocol, TypeVar
 
-from weightsync.errors import BusyError, EngineUnavailable, UnknownUpdate, WeightSyncError
+from weightsync.errors import BusyError, UnknownUpdate, WeightSyncError
 
 __all__ = ["RESTING", "TRANSITIONS", "Lifecycle", "Phase", "resting_phase"]
 
@@ -43,10 +43,13 @@ class Phase(enum.Enum):
         return Phase.RECEIVING if self is Phase.COMMITTING else self
 
 
-RESTING = frozenset({Phase.DUMMY, Phase.SERVING, Phase.FAILED})  # no update in progress, one may begin
+# No update in progress, one may begin: a rollout receives while its engine boots (BOOTING), and a
+# version committed then is loaded once the engine is up.
+RESTING = frozenset({Phase.BOOTING, Phase.DUMMY, Phase.SERVING, Phase.FAILED})
 
 TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
-    Phase.BOOTING: frozenset({Phase.DUMMY, Phase.SERVING}),  # booted with dummy weights, or standalone
+    # booted with dummy weights, or standalone; begin while booting
+    Phase.BOOTING: frozenset({Phase.DUMMY, Phase.SERVING, Phase.RECEIVING}),
     Phase.DUMMY: frozenset({Phase.RECEIVING}),  # begin
     Phase.SERVING: frozenset({Phase.RECEIVING}),  # begin
     Phase.FAILED: frozenset({Phase.RECEIVING}),  # begin: the next commit may recover
@@ -59,11 +62,13 @@ TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
 }
 
 
-def resting_phase(*, serving: bool, committed_before: bool) -> Phase:
+def resting_phase(*, serving: bool, committed_before: bool, booted: bool = True) -> Phase:
     """Where a rollout rests with no update in progress: what it serves decides, not what it tried."""
     if serving:
         return Phase.SERVING
-    return Phase.FAILED if committed_before else Phase.DUMMY
+    if committed_before:
+        return Phase.FAILED
+    return Phase.DUMMY if booted else Phase.BOOTING
 
 
 class _Identified(Protocol):
@@ -144,6 +149,15 @@ class Lifecycle(Generic[S]):
         if before is not self.wire:
             self._notify(self.wire)
 
+    def booted(self) -> None:
+        """The engine is up: BOOTING becomes DUMMY, now or (an update began while booting) as its rest."""
+        if self._phase is Phase.BOOTING:
+            self.move(Phase.DUMMY)
+        elif self._rest is Phase.BOOTING:
+            before, self._rest = self.wire, Phase.DUMMY
+            if before is not self.wire:
+                self._notify(self.wire)
+
     def add_listener(self, listener: Listener) -> None:
         """Calls `listener` with the wire phase on every change of it, in order."""
         self._listeners.append(listener)
@@ -161,8 +175,6 @@ async def _call(listener: Listener, phase: Phase) -> None:
 
 def _refusal(phase: Phase, target: Phase, update: _Identified | None) -> WeightSyncError:
     """Why `phase` -> `target` is not allowed, as the caller should hear it."""
-    if phase is Phase.BOOTING:
-        return EngineUnavailable("the rollout is still booting its engine")
     if target is Phase.RECEIVING and update is not None and phase is not Phase.INTERRUPTED:
         what = update.id if phase is Phase.RECEIVING else f"{update.id} (committing)"
         return BusyError(f"update {what} is in progress; one update at a time per rollout")

@@ -6,9 +6,10 @@ both streamed (server-sent events) or not, with logprobs, n, stop and vLLM's ext
 (seed, stop_token_ids, ignore_eos); GET /ready (503 until a version is committed, for HTTP readiness
 probes) and GET /health (liveness).
 
-What the rollout adds to the OpenAI shapes: every response carries `weight_version` (top-level integer)
-and an `x-weight-version` header; every choice its `token_ids` (and `token_weight_versions` when the swap
-policy continue made it span versions); requests may carry `min_weight_version` and `wait_for_version`.
+What the rollout adds to the OpenAI shapes: every response carries `weight_version` (top-level integer,
+the lowest of its choices') and an `x-weight-version` header; every choice its own `weight_version`, its
+`token_ids` (and `token_weight_versions` when the swap policy continue made it span versions); requests
+may carry `min_weight_version` and `wait_for_version`.
 Before the first commit every generation endpoint answers 503 with an OpenAI-style error body
 ({"error": {"message", "type", "param", "code"}}, code = the weightsync Reason) and `Retry-After`.
 When the rollout has a Generate token (--generate-token-file) every /v1 endpoint wants it as
@@ -56,6 +57,7 @@ from rollout_side.openai_schema import (
 from rollout_side.openai_schema import (
     _cut as _cut,  # re-exported: tests/unit/test_rl_shapes.py imports it from here
 )
+from rollout_side.vllm_openai import ChatParsers
 from weightsync.errors import WeightSyncError
 
 __all__ = ["HttpServer", "create_app", "start_http"]
@@ -67,9 +69,16 @@ class OpenAIFace:
     """The endpoints, over one Generation core; `model` is the id /v1/models lists (any id is accepted)."""
 
     def __init__(
-        self, generation: Generation, *, model: str, generate_token: str | None = None, vllm_serving: bool = True
+        self,
+        generation: Generation,
+        *,
+        model: str,
+        generate_token: str | None = None,
+        vllm_serving: bool = True,
+        parsers: ChatParsers | None = None,
     ) -> None:
         self.generation = generation
+        self.parsers = parsers
         self.engine = generation.engine
         self.model = model
         self._token = generate_token.encode() if generate_token else None
@@ -87,7 +96,7 @@ class OpenAIFace:
         if self._vllm is None:
             from rollout_side.vllm_openai import VllmOpenAI
 
-            self._vllm = VllmOpenAI(self.engine, self.model)  # type: ignore[arg-type]
+            self._vllm = VllmOpenAI(self.engine, self.model, self.parsers)  # type: ignore[arg-type]
         serve = self._vllm.chat_completions if chat else self._vllm.completions
         response: Response = await serve(body, request, self.engine.weight_version)
         return response
@@ -134,7 +143,7 @@ class OpenAIFace:
         if body.get("stream"):
             return await self._stream(request, requests, body, chat=False)
         groups = await self._run(request, requests)
-        choices, version = [], 0
+        choices = []
         for p, outs in enumerate(groups):
             for i, out in enumerate(outs):
                 choice = {
@@ -144,10 +153,9 @@ class OpenAIFace:
                     "finish_reason": out.finish_reason,
                 }
                 choices.append(choice | _extras(out))
-                version = version or out.weight_version
         usage = _usage(requests, groups, self)
         result = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
-        return self._json(result | {"model": self.model, "choices": choices, "usage": usage}, version)
+        return self._json(result | {"model": self.model, "choices": choices, "usage": usage}, _lowest(groups))
 
     async def chat_completions(self, request: Request) -> Response:
         self._authorize(request)
@@ -190,7 +198,7 @@ class OpenAIFace:
         ]
         usage = _usage(requests, [outs], self)
         result = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time())}
-        return self._json(result | {"model": self.model, "choices": choices, "usage": usage}, outs[0].weight_version)
+        return self._json(result | {"model": self.model, "choices": choices, "usage": usage}, _lowest([outs]))
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -263,10 +271,18 @@ class OpenAIFace:
 
 
 def create_app(
-    generation: Generation, *, model: str, generate_token: str | None = None, vllm_serving: bool = True
+    generation: Generation,
+    *,
+    model: str,
+    generate_token: str | None = None,
+    vllm_serving: bool = True,
+    parsers: ChatParsers | None = None,
 ) -> Starlette:
-    """The app; `vllm_serving` False makes the vLLM engine answer through the rollout's own code too."""
-    face = OpenAIFace(generation, model=model, generate_token=generate_token, vllm_serving=vllm_serving)
+    """The app; `vllm_serving` False makes the vLLM engine answer through the rollout's own code too;
+    `parsers` are vLLM's tool-call and reasoning parsers for its chat endpoint (the vLLM engine only)."""
+    face = OpenAIFace(
+        generation, model=model, generate_token=generate_token, vllm_serving=vllm_serving, parsers=parsers
+    )
 
     def handle(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
@@ -323,12 +339,23 @@ async def start_http(
     model: str,
     security: ServerSecurity | None = None,
     vllm_serving: bool = True,
+    tool_call_parser: str | None = None,
+    enable_auto_tool_choice: bool = False,
+    reasoning_parser: str | None = None,
 ) -> HttpServer:
-    """Serves the OpenAI-compatible API on host:port (0: any free port) until `stop()`; OSError if it cannot bind."""
+    """Serves the OpenAI-compatible API on host:port (0: any free port) until `stop()`; OSError if it cannot bind.
+
+    The parser arguments are `vllm serve`'s flags of the same names (vLLM engine only; see vllm_openai.py).
+    """
     import uvicorn
 
     token = security.generate_token if security else None
-    app = create_app(generation, model=model, generate_token=token, vllm_serving=vllm_serving)
+    parsers = ChatParsers(
+        tool_call_parser=tool_call_parser,
+        enable_auto_tool_choice=enable_auto_tool_choice,
+        reasoning_parser=reasoning_parser,
+    )
+    app = create_app(generation, model=model, generate_token=token, vllm_serving=vllm_serving, parsers=parsers)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -343,6 +370,11 @@ async def start_http(
     server.lifespan = config.lifespan_class(config)
     await server.startup(sockets=[sock])
     return HttpServer(server, sock)
+
+
+def _lowest(groups: list[list[Completion]]) -> int:
+    """The top-level version: the lowest of the choices' (each choice carries its own)."""
+    return min(out.weight_version for outs in groups for out in outs)
 
 
 def _usage(requests: list[GenerationRequest], groups: list[list[Completion]], face: OpenAIFace) -> dict[str, int]:

@@ -187,7 +187,9 @@ def _sse(payload: dict[str, Any]) -> str:
 
 
 def _extras(out: Completion) -> dict[str, Any]:
-    extra: dict[str, Any] = {"token_ids": out.token_ids}
+    """A choice's rollout fields: its own version (a multi-prompt request's prompts may run on different
+    versions), its token ids, and per-token versions when the swap policy continue made it span two."""
+    extra: dict[str, Any] = {"weight_version": out.weight_version, "token_ids": out.token_ids}
     if out.token_versions:
         extra["token_weight_versions"] = out.token_versions
     return extra
@@ -274,6 +276,7 @@ async def _events(
                 choice["text"] = delta
                 choice["logprobs"] = _completion_logprobs(piece, token_text) if want_logprobs else None
             choice["token_ids"] = piece.token_ids
+            choice["weight_version"] = piece.weight_version
             if delta or piece.token_ids or piece.finish_reason:
                 yield _sse(base | {"choices": [choice], "weight_version": piece.weight_version})
             pending = await anext(merged, None)

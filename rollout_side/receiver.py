@@ -17,6 +17,8 @@ manifest checksum before commit.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -103,6 +105,7 @@ class Receiver:
         self._high_water = 0  # highest version ever committed: versions only move forward
         self._detail = ""
         self._reaper = Reaper(self.reap, min(idle_timeout / 4, 5.0))
+        self._boot: asyncio.Task[None] | None = None  # the engine's dummy boot, while and after it runs
         self._specs = engine.param_specs()
         self._max_bytes = max_update_bytes(self._specs)
 
@@ -110,21 +113,43 @@ class Receiver:
 
     async def start(self, weights: Path | None = None, version: int = 1) -> None:
         """Boots the engine: dummy weights, or (standalone) real ones committed as `version`."""
-        self._reaper.start()
         if weights is None:
-            await self.engine.start()
-            self.lifecycle.move(Phase.DUMMY)
+            await self.boot()
             return
+        self._reaper.start()
         manifest = await boot_from_disk(self.engine, self._specs, weights, version)
         self._fingerprint, self._high_water, self.delta_base.manifest = manifest.fingerprint, version, manifest
         metrics.Rollout.weight_version.set(version)
         self.lifecycle.move(Phase.SERVING)
+
+    def boot(self) -> asyncio.Task[None]:
+        """Starts the engine's dummy boot and returns its task, without waiting for it.
+
+        Updates are received meanwhile; a commit is verified at once and loaded once the engine is up
+        (the engine may even boot with it: `Engine.offer_at_boot`), so a rollout joining a running job
+        serves the trainer's weights about when its engine is ready.
+        """
+        if self._boot is None:
+            self._reaper.start()
+            self._boot = asyncio.create_task(self._boot_engine())
+        return self._boot
+
+    async def _boot_engine(self) -> None:
+        await self.engine.start()
+        self.lifecycle.booted()
+
+    @property
+    def booting(self) -> bool:
+        return self._boot is not None and not self._boot.done()
 
     async def close(self) -> None:
         """Drops an update in progress, stops background work and the engine."""
         if (update := self.lifecycle.held) is not None:
             self.abort(update.id, "the rollout is shutting down")
         self._reaper.stop()
+        if self._boot is not None:
+            with contextlib.suppress(Exception):
+                await self._boot  # a boot cannot be cut short: let it finish, then stop what it started
         self.delta_base.close()
         await self.engine.shutdown()
 
@@ -399,6 +424,11 @@ class Receiver:
         if self.reject_nonfinite:
             check_finite(update.manifest, update.staging)
         try:
+            if self.booting:
+                assert self._boot is not None
+                await self.engine.offer_at_boot(update.staging, update.manifest, update.version)
+                logger.info("update %s: verified; loading version %d once the engine is up", update.id, update.version)
+                await asyncio.shield(self._boot)
             return await self.engine.load(update.staging, update.manifest, update.version)
         except BadManifest:
             raise  # refused before the engine touched its weights
@@ -423,4 +453,6 @@ class Receiver:
         return self._fingerprint if self.engine.weight_version else ""
 
     def _resting_phase(self) -> Phase:
-        return resting_phase(serving=bool(self.engine.weight_version), committed_before=bool(self._high_water))
+        return resting_phase(
+            serving=bool(self.engine.weight_version), committed_before=bool(self._high_water), booted=not self.booting
+        )

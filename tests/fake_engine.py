@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling
+from weightsync.errors import EngineUnavailable
 from weightsync.manifest import Manifest
 
 __all__ = ["SPECS", "FakeEngine", "fake_state"]
@@ -41,12 +42,21 @@ class FakeEngine(Engine):
 
     name = "fake"
 
-    def __init__(self, *, token_delay: float = 0.0, load_delay: float = 0.0, keeps_staging: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        token_delay: float = 0.0,
+        load_delay: float = 0.0,
+        keeps_staging: bool = False,
+        boot_gate: asyncio.Event | None = None,
+    ) -> None:
         super().__init__(Path("fake-model"))
         self.token_delay = token_delay  # seconds per generated token: a slow request
         self.load_delay = load_delay  # seconds a load takes once requests have drained
         self.keeps_staging = keeps_staging  # serve from the staging buffer (as torch on CPU does), else copy out
         self.fail_next_load = False
+        self.boot_gate = boot_gate  # start() returns once it is set: a slow boot
+        self.offered: list[int] = []  # versions offered while booting (Engine.offer_at_boot)
         self.tokens: list[tuple[int, int]] = []
         self.loads: list[int] = []  # versions loaded, in order
         self.started = False
@@ -58,6 +68,8 @@ class FakeEngine(Engine):
         self._gate = asyncio.Condition()
 
     async def start(self, weights: Path | None = None, version: int = 0) -> None:
+        if self.boot_gate is not None:
+            await self.boot_gate.wait()
         self.started = True
         self._version = version if weights is not None else 0
 
@@ -67,7 +79,13 @@ class FakeEngine(Engine):
     def allocate_staging(self, nbytes: int) -> torch.Tensor:
         return torch.zeros(nbytes, dtype=torch.uint8)
 
+    async def offer_at_boot(self, staging: torch.Tensor, manifest: Manifest, version: int) -> None:
+        assert not self.started, "offered after the boot"
+        self.offered.append(version)
+
     async def load(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
+        if not self.started:
+            raise EngineUnavailable("load before the engine is up")
         async with self._gate:
             self._loading = True
             try:

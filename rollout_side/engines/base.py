@@ -96,7 +96,7 @@ class Engine(ABC):
 
     @abstractmethod
     async def start(self, weights: Path | None = None, version: int = 0) -> None:
-        """Boots the engine with dummy (random) weights, or in standalone mode with the real
+        """Boots the engine with dummy weights (never served), or in standalone mode with the real
         weights in `weights` (a safetensors file or a folder of them) served as `version`."""
 
     @abstractmethod
@@ -113,6 +113,12 @@ class Engine(ABC):
 
         Returns a buffer of the same size the receiver may reuse for the next staging
         (possibly `staging` itself), or None if it must allocate a new one.
+        """
+
+    async def offer_at_boot(self, staging: torch.Tensor, manifest: Manifest, version: int) -> None:  # noqa: B027
+        """A verified version committed while `start` still runs; `load` follows once it has returned.
+
+        An engine may boot with it rather than swap it in after (vLLM's loader does: vllm_loader.py).
         """
 
     @property

@@ -11,6 +11,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rollout_side.compat import check_manifest, meta_param_specs
+from rollout_side.engines import vllm_loader, vllm_prewarm
 from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling, join_pieces
 from rollout_side.engines.vllm_worker import ShmStaging
 from weightsync.errors import BadManifest, BadRequest, EngineUnavailable
@@ -43,14 +45,17 @@ def _on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def _import_async_llm(*, uniproc: bool) -> tuple[Any, Any]:
-    """Imports vLLM lazily, first setting the CPU defaults that vLLM reads at import and boot."""
-    if _on_cpu():
-        # The default binding reserves one of the (few) cores: generation is about 10x slower here.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        if uniproc:
-            # Runs the worker inside the EngineCore process instead of a third process: ~9 s boot, not ~15 s.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+def _cpu_defaults(*, uniproc: bool) -> None:
+    """The CPU settings vLLM reads at import and boot, in this process and the ones it starts."""
+    # The default binding reserves one of the (few) cores: generation is about 10x slower here.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    if uniproc:
+        # Runs the worker inside the EngineCore process instead of a third process: ~9 s boot, not ~15 s.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def _import_async_llm() -> tuple[Any, Any]:
+    """Imports vLLM lazily (seconds)."""
     try:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -84,14 +89,20 @@ class VllmEngine(Engine):
         swap_policy: str = "drain",
     ) -> None:
         super().__init__(Path(model_dir))
-        if swap_policy not in ("drain", "abort"):
-            # continue would need the KV cache of each request recomputed under the new weights.
-            raise ValueError(f"the vllm engine supports --swap-policy drain or abort, not {swap_policy!r}")
+        from rollout_side.engines.base import SWAP_POLICIES
+
+        if swap_policy not in SWAP_POLICIES:
+            raise ValueError(f"swap_policy must be one of {', '.join(SWAP_POLICIES)}, not {swap_policy!r}")
         self.swap_policy = swap_policy
         if kv_cache_space_gib is None and gpu_memory_utilization is None and _on_cpu():
             # vLLM's CPU default reserves 90% of RAM for the KV cache; tests and trainers need it too.
             kv_cache_space_gib = CPU_DEFAULT_KV_GIB
         self.tensor_parallel_size = tensor_parallel_size
+        self._prewarm = _on_cpu() and tensor_parallel_size == 1
+        if _on_cpu():
+            _cpu_defaults(uniproc=tensor_parallel_size == 1)
+        if self._prewarm:
+            vllm_prewarm.start()  # EngineCore's imports, on the other core while this process imports its own
         self.dtype = dtype
         self._max_model_len = max_model_len
         args: dict[str, Any] = {
@@ -117,23 +128,65 @@ class VllmEngine(Engine):
         self._admitting.set()
         self._swap_lock = asyncio.Lock()
         self._request_ids: set[str] = set()  # inside vLLM now: what the swap policy abort aborts
+        # Generate's requests inside vLLM (not the HTTP face's): what the swap policy continue aborts and
+        # resubmits; _swapped holds those it aborted, so their pumps tell that abort from a client's.
+        self._continuable: set[str] = set()
+        self._swapped: set[str] = set()
         self._shm = ShmStaging()
+        self._handoff: vllm_loader.Handoff | None = None  # open from boot until the first load
+        self.load_format = ""  # what vLLM booted with: "weightsync" (vllm_loader.py), "dummy" or "safetensors"
 
     async def start(self, weights: Path | None = None, version: int = 0) -> None:
         if self._llm is not None:
             raise RuntimeError("engine already started")
-        async_engine_args, async_llm = _import_async_llm(uniproc=self.tensor_parallel_size == 1)
-        model, load_format = self.model_dir, "dummy"
-        if weights is not None:
-            model, load_format = self._standalone_dir(Path(weights)), "safetensors"
-        engine_args = {"model": str(model), "tokenizer": str(self.model_dir), "load_format": load_format}
-        args = async_engine_args(**engine_args, **self._args)
+        if weights is None and vllm_loader.wanted():
+            self._handoff = vllm_loader.Handoff()
         started = time.perf_counter()
-        # Blocks the event loop while it boots: nothing can be served before it exists anyway.
-        self._llm = async_llm.from_engine_args(args)
+        # In a thread: vLLM's imports and EngineCore start take seconds, and meanwhile the event loop
+        # receives (and verifies) a push that the boot-time loader can then take (offer_at_boot).
+        self._llm, self.load_format = await asyncio.to_thread(self._boot, weights)
         self._version = version if weights is not None else 0
         self._failed = False
-        logger.info("vLLM up in %.1f s (%s weights)", time.perf_counter() - started, load_format)
+        logger.info("vLLM up in %.1f s (%s weights)", time.perf_counter() - started, self.load_format)
+
+    def _boot(self, weights: Path | None) -> tuple[AsyncLLM, str]:
+        """Builds the AsyncLLM (blocking); returns it and the load format it booted with."""
+        started = time.perf_counter()
+        async_engine_args, async_llm = _import_async_llm()
+        if self._prewarm:
+            vllm_prewarm.install()
+        logger.info("vLLM imported in %.1f s; starting its engine", time.perf_counter() - started)
+        args: dict[str, Any] = {"model": str(self.model_dir), "tokenizer": str(self.model_dir), "load_format": "dummy"}
+        if weights is not None:
+            args.update(model=str(self._standalone_dir(Path(weights))), load_format="safetensors")
+        elif self._handoff is not None:
+            vllm_loader.register()
+            extra = {"handoff": str(self._handoff.path)}
+            args.update(load_format=vllm_loader.LOAD_FORMAT, model_loader_extra_config=extra)
+        return async_llm.from_engine_args(async_engine_args(**args, **self._args)), args["load_format"]
+
+    async def offer_at_boot(self, staging: torch.Tensor, manifest: Manifest, version: int) -> None:
+        """Offers a verified version to the boot-time loader (vllm_loader.py): if vLLM has not reached its
+        load step yet, it boots with these weights and `load` finds them there instead of swapping."""
+        where = self._shm.locate(staging)
+        if self._handoff is None or where is None:
+            return
+        self._check(staging, manifest)
+        path, nbytes, base = where
+        self._handoff.offer(vllm_loader.Offer(version, path, nbytes, self._layout(manifest, base=base)))
+
+    async def _booted_with(self, llm: AsyncLLM, version: int, path: str) -> bool:
+        """Whether the boot-time loader loaded this very version; either way the offer is over."""
+        handoff, self._handoff = self._handoff, None
+        if handoff is None:
+            return False
+        handoff.withdraw()
+        loaded = await llm.collective_rpc("weightsync_booted_with")
+        if not loaded or any(w is None or (w[0], w[1]) != (version, path) for w in loaded):
+            return False
+        self._version, self._failed = version, False
+        logger.info("vLLM serves version %d: it booted with it (pushed while the engine started)", version)
+        return True
 
     def _standalone_dir(self, weights: Path) -> Path:
         """A model folder holding `weights` and the model's config and tokenizer files.
@@ -165,6 +218,8 @@ class VllmEngine(Engine):
             if llm.output_handler is not None:
                 llm.output_handler.cancel()
             await asyncio.to_thread(llm.shutdown)
+        if self._handoff is not None:
+            self._handoff.withdraw()
         self._shm.close()
         if self._tmp_model_dir is not None:
             shutil.rmtree(self._tmp_model_dir, ignore_errors=True)
@@ -206,6 +261,8 @@ class VllmEngine(Engine):
             where = self._shm.locate(shared)
         assert where is not None
         path, nbytes, base = where
+        if await self._booted_with(llm, version, path):
+            return staging
         layout = self._layout(manifest, base=base)
         async with self._swap_lock:
             self._admitting.clear()
@@ -213,6 +270,13 @@ class VllmEngine(Engine):
                 if self.swap_policy == "abort" and self._request_ids:
                     # vLLM ends each with finish_reason "abort" and the tokens so far.
                     await llm.abort(list(self._request_ids))
+                elif self.swap_policy == "continue" and self._continuable:
+                    # Each pump gets an "abort" with the tokens so far (all from the old version), leaves
+                    # the gate, and after the swap resubmits prompt + those tokens: vLLM then computes
+                    # their KV cache with the new weights. The HTTP face's requests (vLLM's response
+                    # shapes cannot tag tokens with versions) drain instead.
+                    self._swapped |= self._continuable
+                    await llm.abort(list(self._continuable))
                 await self._drained.wait()
                 started = time.perf_counter()
                 await self._swap(llm, (path, nbytes, layout), version)
@@ -282,7 +346,6 @@ class VllmEngine(Engine):
 
     async def generate_stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Completion]:
         from vllm.exceptions import VLLMValidationError
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         llm = self._require_llm()
@@ -300,13 +363,13 @@ class VllmEngine(Engine):
             )
         except (VLLMValidationError, ValueError) as exc:
             raise BadRequest(f"vLLM refused the sampling settings: {exc}") from None
-        prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
         version = await self._admit()
         queue: asyncio.Queue[Completion | BaseException | None] = asyncio.Queue()
+        hold = _Hold()
         # A separate task drains vLLM, so a slow reader cannot hold the gate (and block loads) after
         # vLLM has finished the request; the done callback releases even a task cancelled before starting.
-        pump = asyncio.create_task(self._pump(llm, prompt, params, version, queue))
-        pump.add_done_callback(lambda _: self._release())
+        pump = asyncio.create_task(self._pump(llm, list(prompt_ids), params, version, queue, hold))
+        pump.add_done_callback(lambda _: self._let_go(hold))
         try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
@@ -315,37 +378,86 @@ class VllmEngine(Engine):
         finally:
             pump.cancel()  # no-op once finished; otherwise vLLM aborts the request
 
-    async def _pump(self, llm: AsyncLLM, prompt: Any, params: Any, version: int, queue: asyncio.Queue[Any]) -> None:
+    async def _pump(
+        self, llm: AsyncLLM, prompt_ids: list[int], params: Any, version: int, queue: asyncio.Queue[Any], hold: _Hold
+    ) -> None:
+        """Feeds vLLM's outputs to `queue`; under swap policy continue, across swaps (see `load`)."""
         from vllm.exceptions import VLLMClientError
+        from vllm.inputs import TokensPrompt
 
-        request_id = f"ws-{uuid.uuid4().hex}"
-        k = params.logprobs
+        k, budget = params.logprobs, params.max_tokens
+        emitted: list[int] = []  # every token so far, from whichever version
+        request_id = ""
         try:
-            # Rendering checks the prompt (empty, too long, ids outside the vocabulary).
-            (rendered,) = llm.renderer.render_cmpl([prompt])
-            self._request_ids.add(request_id)
-            async for out in llm.generate(rendered, params, request_id=request_id):
-                piece = out.outputs[0]
-                ids = list(piece.token_ids)
-                logprobs, top = _logprobs(ids, piece.logprobs, k)
-                queue.put_nowait(
-                    Completion(
-                        token_ids=ids,
-                        text=piece.text,
-                        weight_version=version,
-                        finish_reason=(piece.finish_reason or "") if out.finished else "",
-                        logprobs=logprobs,
-                        top_logprobs=top,
+            while True:
+                if self.swap_policy == "continue" and not emitted and not self._admitting.is_set():
+                    # A swap began between admission and here: start on the new version, not hold it up.
+                    self._let_go(hold)
+                    version = await self._admit()
+                    hold.held = True
+                request_id = f"ws-{uuid.uuid4().hex}"
+                # Rendering checks the prompt (empty, too long, ids outside the vocabulary).
+                (rendered,) = llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=prompt_ids + emitted)])
+                self._request_ids.add(request_id)
+                self._continuable.add(request_id)
+                swapped = False
+                async for out in llm.generate(rendered, params, request_id=request_id):
+                    piece = out.outputs[0]
+                    ids = list(piece.token_ids)
+                    emitted += ids
+                    # A request that finished by itself before the swap's abort reached it is done.
+                    swapped = out.finished and piece.finish_reason == "abort" and request_id in self._swapped
+                    finish = (piece.finish_reason or "") if out.finished and not swapped else ""
+                    if not (ids or piece.text or finish):
+                        continue
+                    logprobs, top = _logprobs(ids, piece.logprobs, k)
+                    queue.put_nowait(
+                        Completion(
+                            token_ids=ids,
+                            text=piece.text,
+                            weight_version=version,
+                            finish_reason=finish,
+                            logprobs=logprobs,
+                            top_logprobs=top,
+                        )
                     )
-                )
+                self._forget(request_id)
+                if not swapped:
+                    break
+                if len(emitted) >= budget:  # every token is in: nothing to continue
+                    queue.put_nowait(Completion(token_ids=[], text="", weight_version=version, finish_reason="length"))
+                    break
+                # Swap policy continue: out of the gate so the swap can run, then on under the new version.
+                self._let_go(hold)
+                try:
+                    version = await self._admit()
+                except EngineUnavailable:  # the swap failed: end as the torch engine does
+                    queue.put_nowait(Completion(token_ids=[], text="", weight_version=version, finish_reason="abort"))
+                    break
+                hold.held = True
+                params = params.clone()
+                params.max_tokens = budget - len(emitted)
         except VLLMClientError as exc:
             queue.put_nowait(BadRequest(f"vLLM refused the request: {exc}"))
+        except EngineUnavailable as exc:  # a failed swap, met on (re-)admission
+            queue.put_nowait(exc)
         except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
             queue.put_nowait(EngineUnavailable(f"vLLM failed while generating: {exc!r}"))
         else:
             queue.put_nowait(None)
         finally:
-            self._request_ids.discard(request_id)
+            self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._request_ids.discard(request_id)
+        self._continuable.discard(request_id)
+        self._swapped.discard(request_id)
+
+    def _let_go(self, hold: _Hold) -> None:
+        """Releases the gate if `hold` holds it (a continued request leaves it during a swap)."""
+        if hold.held:
+            hold.held = False
+            self._release()
 
     @contextlib.asynccontextmanager
     async def admission(self, request_id: str) -> AsyncIterator[int]:
@@ -394,3 +506,10 @@ def _logprobs(
         for position in positions
     ]
     return logprobs, top
+
+
+@dataclass(slots=True)
+class _Hold:
+    """Whether one Generate request holds the admission gate (under continue it leaves it for a swap)."""
+
+    held: bool = True

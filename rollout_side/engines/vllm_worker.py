@@ -8,12 +8,13 @@ import os
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["LayoutEntry", "ShmStaging", "WeightsyncWorkerExtension"]
+__all__ = ["SHM_DIR", "LayoutEntry", "ShmStaging", "WeightsyncWorkerExtension", "layout_views"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,12 @@ SHM_DIR = Path("/dev/shm")
 # (name, torch dtype name such as "bfloat16", shape, byte offset in the file, byte size): plain values,
 # because collective_rpc serialises its arguments and tensors do not survive that in multiprocess mode.
 LayoutEntry = tuple[str, str, list[int], int, int]
+
+
+def layout_views(flat: torch.Tensor, layout: list[LayoutEntry]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, typed view of `flat`) for every entry: what vLLM's load_weights takes, with no copy."""
+    for name, dtype, shape, offset, size in layout:
+        yield name, flat[offset : offset + size].view(getattr(torch, dtype)).view(shape)
 
 
 class ShmStaging:
@@ -89,14 +96,16 @@ class WeightsyncWorkerExtension:
         """
         started = time.perf_counter()
         flat = self._weightsync_flat(path, nbytes)
-        weights = (
-            (name, flat[offset : offset + size].view(getattr(torch, dtype)).view(shape))
-            for name, dtype, shape, offset, size in layout
-        )
-        self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        self.model_runner.reload_weights(weights_iterator=layout_views(flat, layout), is_checkpoint_format=True)
         elapsed = time.perf_counter() - started
         logger.info("weightsync: loaded %d tensors (%.1f MB) in %.3f s", len(layout), nbytes / 1e6, elapsed)
         return len(layout)
+
+    def weightsync_booted_with(self) -> tuple[int, str] | None:
+        """(version, staging path) the boot-time loader loaded in this worker (vllm_loader.py), or None."""
+        from rollout_side.engines.vllm_loader import booted_with
+
+        return booted_with()
 
     def _weightsync_flat(self, path: str, nbytes: int) -> torch.Tensor:
         """Maps the staging file, reusing the last mapping: receivers stage every version in one buffer."""

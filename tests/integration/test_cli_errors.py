@@ -117,6 +117,35 @@ serve(
     "--auth-token-file",
     "{dir}/bad.token",
 )
+
+
+def _vllm_http() -> tuple[str, ...]:
+    """--engine vllm with an HTTP port of its own: the mistakes run side by side, each test-binding its ports."""
+    return ("--engine", "vllm", "--http-port", str(free_port()))
+
+
+# vLLM's chat parsers (as `vllm serve` takes them): checked before the engine boots; unknown names importing vLLM.
+serve(
+    "serve-tool-call-parser-unknown",
+    "--tool-call-parser 'nope' is not one of vLLM's parsers: ",
+    *_vllm_http(),
+    "--tool-call-parser",
+    "nope",
+)
+serve(
+    "serve-reasoning-parser-unknown",
+    "--reasoning-parser 'nope' is not one of vLLM's parsers: ",
+    *_vllm_http(),
+    "--reasoning-parser",
+    "nope",
+)
+serve(
+    "serve-auto-tool-choice-without-parser",
+    "--enable-auto-tool-choice needs --tool-call-parser",
+    *_vllm_http(),
+    "--enable-auto-tool-choice",
+)
+serve("serve-tool-call-parser-on-torch", "need --engine vllm, --http-port", "--tool-call-parser", "hermes")
 # -- trainer_side push --
 push(
     "push-checkpoint-missing",

@@ -8,13 +8,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
-from test_rl_generate import boot, hf_greedy, hf_model, stop
+from test_rl_generate import boot, hf_greedy, hf_model, perturbed, stop
 from transformers import PreTrainedModel
 
 from rollout_side.auth import ServerSecurity
@@ -158,7 +159,7 @@ def test_streaming_equals_the_whole_answer(served: Served) -> None:
 
 
 def test_n_by_seed_and_stop(served: Served) -> None:
-    kwargs: dict[str, Any] = {"model": "tiny", "prompt": "the cat", "max_tokens": 10, "temperature": 3.0}
+    kwargs: dict[str, Any] = {"model": "tiny", "prompt": "the cat", "max_tokens": 10, "temperature": 2.0}
     first = served.client.completions.create(**kwargs, n=4, seed=11)
     again = served.client.completions.create(**kwargs, n=4, seed=11)
     assert [c.index for c in first.choices] == [0, 1, 2, 3]
@@ -187,6 +188,8 @@ def test_min_weight_version_and_bad_requests(served: Served) -> None:
     assert extra(ok, "weight_version") == 1
     with pytest.raises(openai.BadRequestError):
         served.client.completions.create(model="tiny", prompt="the cat", max_tokens=2, logprobs=21)
+    with pytest.raises(openai.BadRequestError):  # as vLLM refuses it
+        served.client.completions.create(model="tiny", prompt="the cat", max_tokens=2, temperature=2.5)
 
 
 def test_generate_token_guards_the_http_face(
@@ -217,10 +220,8 @@ def test_serve_http_port_end_to_end(model_dir: Path, trained_checkpoint: Path) -
         assert extra(out, "weight_version") == 1 and out.choices[0].text
 
 
-def test_continue_on_vllm_and_a_busy_http_port_fail_at_start(model_dir: Path) -> None:
+def test_a_busy_http_port_fails_at_start(model_dir: Path) -> None:
     base = [sys.executable, "-m", "rollout_side", "serve", "--model", str(model_dir), "--port", str(free_port())]
-    refused = subprocess.run([*base, "--swap-policy", "continue"], capture_output=True, text=True, timeout=60)
-    assert refused.returncode != 0 and "--swap-policy continue" in refused.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -277,4 +278,33 @@ def test_a_client_that_closes_a_stream_frees_the_engine(
         assert short.choices[0].finish_reason in ("length", "stop")
     finally:
         monkeypatch.undo()
+        s.close()
+
+
+def test_each_choice_carries_its_version_when_prompts_straddle_a_swap(
+    loop_thread: LoopThread, model_dir: Path, trained_checkpoint: Path, trained_state: dict[str, torch.Tensor]
+) -> None:
+    """Two prompts, one request, swap policy continue, a push while the first decodes: the first choice spans
+    versions 1 and 2 (and says so per token), the second runs wholly on 2; the top level names the lowest."""
+    rollout = boot(loop_thread, model_dir, trained_checkpoint, swap_policy="continue")
+    http = loop_thread.run(start_http(rollout.server.generation, host="127.0.0.1", port=0, model="tiny"))
+    s = Served(loop_thread, rollout, http)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(
+                s.client.completions.create,
+                model="tiny",
+                prompt=[[5, 6, 7], [8, 9]],
+                max_tokens=400,
+                extra_body={"ignore_eos": True},
+            )
+            time.sleep(0.3)
+            with Publisher([rollout.address], progress=False) as publisher:
+                assert publisher.push(perturbed(trained_state), version=2)[0].ok
+            out = answer.result(timeout=120)
+        spanning, after = sorted(out.choices, key=lambda c: extra(c, "weight_version"))
+        assert extra(spanning, "weight_version") == 1 and set(extra(spanning, "token_weight_versions")) == {1, 2}
+        assert extra(after, "weight_version") == 2 and "token_weight_versions" not in (after.model_extra or {})
+        assert extra(out, "weight_version") == 1
+    finally:
         s.close()

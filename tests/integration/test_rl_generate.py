@@ -118,7 +118,7 @@ def test_sampled_logprobs_are_raw_not_temperature_scaled(
 
 
 def test_n_completions_are_reproducible_by_seed(served: Rollout, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    request = pb.GenerateRequest(prompt="the cat", max_tokens=10, temperature=3.0, seed=7, n=4, logprobs=True)
+    request = pb.GenerateRequest(prompt="the cat", max_tokens=10, temperature=2.0, seed=7, n=4, logprobs=True)
     first = served.generate.Generate(request, timeout=60)
     again = served.generate.Generate(request, timeout=60)
     assert [c.index for c in first.completions] == [0, 1, 2, 3]
@@ -128,7 +128,7 @@ def test_n_completions_are_reproducible_by_seed(served: Rollout, tokenizer) -> N
     assert list(first.token_ids) == list(first.completions[0].token_ids)
     # Completion i is the single completion with seed + i (vLLM's rule for parallel sampling).
     single = served.generate.Generate(
-        pb.GenerateRequest(prompt="the cat", max_tokens=10, temperature=3.0, seed=9), timeout=60
+        pb.GenerateRequest(prompt="the cat", max_tokens=10, temperature=2.0, seed=9), timeout=60
     )
     assert list(single.token_ids) == list(first.completions[2].token_ids)
 
@@ -172,9 +172,11 @@ def test_old_requests_get_old_answers_plus_one_completion(served: Rollout) -> No
     assert len(reply.completions) == 1 and reply.completions[0].text == reply.text
 
 
-def test_top_logprobs_over_20_is_invalid(served: Rollout) -> None:
+@pytest.mark.parametrize("field", [{"top_logprobs": 21}, {"temperature": 2.5}], ids=["top_logprobs", "temperature"])
+def test_top_logprobs_over_20_and_temperature_over_2_are_invalid(served: Rollout, field: dict[str, Any]) -> None:
+    """vLLM's limits (max_logprobs 20, temperature within [0, 2]): both engines refuse alike."""
     with pytest.raises(grpc.RpcError) as info:
-        served.generate.Generate(pb.GenerateRequest(prompt="the cat", top_logprobs=21), timeout=60)
+        served.generate.Generate(pb.GenerateRequest(prompt="the cat", **field), timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

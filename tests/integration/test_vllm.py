@@ -76,7 +76,8 @@ def test_dummy_boot_is_gated_then_push_equals_transformers_and_load_format_auto(
     vllm_rollout: Rollout, loop_thread: LoopThread, versions, model_dir, tokenizer, trained_state, trained_checkpoint
 ) -> None:  # type: ignore[no-untyped-def]
     assert_gated(vllm_rollout)
-    # What the random weights vLLM booted with would say (the engine holds them, the gate hides them).
+    assert vllm_rollout.receiver.engine.load_format == "weightsync"  # type: ignore[attr-defined]
+    # What the zeroed weights vLLM booted with would say (the engine holds them, the gate hides them).
     engine = vllm_rollout.receiver.engine
     dummy = {
         p: loop_thread.run(

@@ -29,6 +29,7 @@ from rollout_side.engines.vllm_engine import VllmEngine  # noqa: E402
 from rollout_side.openai_api import HttpServer, start_http  # noqa: E402
 from rollout_side.receiver import Receiver  # noqa: E402
 from rollout_side.server import create_server  # noqa: E402
+from rollout_side.vllm_openai import Versions  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -164,3 +165,134 @@ def test_abort_policy_ends_a_long_generation_at_the_swap(
         assert after.weight_version == 2
     finally:
         engine.swap_policy = "drain"
+
+
+def test_continue_policy_goes_on_with_the_new_weights_each_token_tagged(
+    served: VllmServed, model_dir: Path, trained_state: dict[str, torch.Tensor], tokenizer: Any
+) -> None:
+    """A long generation in flight while version 3 is pushed: the tokens before the swap are version 2's,
+    the rest version 3's given that prefix (its KV cache recomputed), and every token says which."""
+    engine = served.rollout.receiver.engine
+    assert isinstance(engine, VllmEngine)
+    engine.swap_policy = "continue"
+    long = 400
+    try:
+        states = {2: perturbed(trained_state), 3: trained_state}  # version 2 is what the abort test pushed
+        prompt = list(tokenizer("the cat sat", add_special_tokens=False)["input_ids"])
+
+        def greedy(ids: list[int], max_tokens: int) -> pb.GenerateResponse:
+            request = pb.GenerateRequest(prompt_token_ids=ids, max_tokens=max_tokens, ignore_eos=True, logprobs=True)
+            return served.rollout.generate.Generate(request, timeout=120)
+
+        before = greedy(prompt, long)
+        assert before.weight_version == 2
+        request = pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=long, ignore_eos=True, logprobs=True)
+        stream = served.rollout.generate.GenerateStream(pb.GenerateStreamRequest(request=request), timeout=120)
+        messages = [next(stream)]
+        pushed: list[bool] = []
+
+        def push() -> None:
+            with Publisher([served.rollout.address], progress=False) as publisher:
+                pushed.append(publisher.push(states[3], version=3)[0].ok)
+
+        pusher = threading.Thread(target=push)
+        pusher.start()
+        messages += list(stream)
+        pusher.join(120)
+        assert pushed == [True]
+        tokens = [t for m in messages for t in m.token_ids]
+        versions = [m.weight_version for m in messages for _ in m.token_ids]
+        logprobs = [x for m in messages for x in m.logprobs]
+        assert messages[-1].finish_reason == "length" and len(tokens) == len(logprobs) == long
+        switch = versions.index(3)
+        assert 0 < switch < long and versions == [2] * switch + [3] * (long - switch)
+        assert tokens[:switch] == list(before.token_ids)[:switch]
+        after = greedy(prompt + tokens[:switch], long - switch)
+        assert after.weight_version == 3 and tokens[switch:] == list(after.token_ids)
+        # Each token's logprob is its own version's (transformers, teacher-forced on the whole prefix), and
+        # far from the other version's: bf16 over ~400 positions drifts past 0.05 at the odd one, hence the mean.
+        references = {v: reference_logprobs(hf_model(model_dir, states[v]), prompt, tokens) for v in states}
+        for version, span in ((2, slice(0, switch)), (3, slice(switch, long))):
+            own, other = (mean_gap(logprobs[span], references[v][span]) for v in (version, 5 - version))
+            print(f"version {version}: {own:.4f} from its own reference, {other:.4f} from the other's")
+            assert own < 0.01 and other > 10 * own, version
+    finally:
+        engine.swap_policy = "drain"
+
+
+def mean_gap(a: list[float], b: list[float]) -> float:
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def test_tool_and_reasoning_parsers_reach_vllm_s_chat(served: VllmServed, loop_thread: LoopThread) -> None:
+    """`--enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3` (parsers the tiny
+    tokenizer passes): vLLM refuses tool_choice "auto" without them and serves it with them."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    chat: dict[str, Any] = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "one two"}],
+        "tools": tools,
+        "tool_choice": "auto",
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    with pytest.raises(openai.BadRequestError, match="enable-auto-tool-choice"):
+        served.client.chat.completions.create(**chat)
+    generation = served.rollout.server.generation
+    http = loop_thread.run(
+        start_http(
+            generation,
+            host="127.0.0.1",
+            port=0,
+            model="tiny",
+            tool_call_parser="hermes",
+            enable_auto_tool_choice=True,
+            reasoning_parser="qwen3",
+        )
+    )
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http.port}/v1", api_key="unused", max_retries=0, timeout=120)
+    try:
+        out = client.chat.completions.create(**chat)
+        assert out.choices[0].finish_reason in ("length", "stop", "tool_calls")
+        # qwen3's parser: an answer without </think> is all reasoning (the tiny model writes no tags).
+        message = out.choices[0].message.model_dump()
+        assert message["content"] is None and message["reasoning"]
+    finally:
+        client.close()
+        loop_thread.run(http.stop())
+
+
+def test_temperature_over_2_is_refused_over_generate_and_http(served: VllmServed) -> None:
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as info:
+        served.rollout.generate.Generate(pb.GenerateRequest(prompt="the cat", temperature=2.5), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(openai.BadRequestError):
+        served.client.completions.create(model="tiny", prompt="the cat", max_tokens=2, temperature=2.5)
+
+
+def test_each_choice_of_a_multi_prompt_completion_carries_its_version(served: VllmServed) -> None:
+    out = served.client.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], n=2, max_tokens=3)
+    served_version = served.rollout.receiver.engine.weight_version
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [(c.model_extra or {})["weight_version"] for c in out.choices] == [served_version] * 4
+    assert (out.model_extra or {})["weight_version"] == served_version
+    streamed = served.client.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=3, stream=True)
+    chunks = [c for c in streamed if c.choices]
+    assert {c.choices[0].index for c in chunks} == {0, 1}
+    assert all((c.choices[0].model_extra or {})["weight_version"] == served_version for c in chunks)
+
+
+def test_versions_tag_each_choice_with_its_prompt_s_version() -> None:
+    """vLLM runs a completions request's prompt i as engine request `<id>-i`, its choices i*n .. i*n+n-1."""
+    versions = Versions(2, per_prompt=True)
+    versions.admitted("cmpl-7-1-0", 4)
+    versions.admitted("cmpl-7-1-1", 5)
+    payload = versions.tag({"choices": [{"index": i} for i in range(4)]}, fallback=9)
+    assert [c["weight_version"] for c in payload["choices"]] == [4, 4, 5, 5] and payload["weight_version"] == 4
+    assert versions.tag({"choices": [{"index": 3}]}, fallback=9)["weight_version"] == 5  # one SSE chunk
+    chat = Versions(3, per_prompt=False)
+    chat.admitted("chatcmpl-12", 6)
+    assert chat.tag({"choices": [{"index": 2}]}, fallback=9)["choices"][0]["weight_version"] == 6
+    assert Versions(1, per_prompt=True).tag({"choices": []}, fallback=9)["weight_version"] == 9

@@ -122,7 +122,6 @@ PATHS = {  # a way to reach each phase from BOOTING, through allowed moves only
 
 # Refusals a caller meets, with the reason it hears; every other move outside the table is refused too.
 REFUSALS = {
-    (Phase.BOOTING, Phase.RECEIVING): Reason.ENGINE_UNAVAILABLE,
     (Phase.RECEIVING, Phase.RECEIVING): Reason.UPDATE_IN_PROGRESS,
     (Phase.COMMITTING, Phase.RECEIVING): Reason.UPDATE_IN_PROGRESS,
     **{(rest, Phase.COMMITTING): Reason.UNKNOWN_UPDATE for rest in RESTING},
@@ -327,9 +326,38 @@ async def test_refusals_at_begin_leave_the_phase_alone() -> None:
 
 
 @run
-async def test_begin_before_boot_is_refused() -> None:
-    receiver = Receiver(FakeEngine())
-    await refused(Reason.ENGINE_UNAVAILABLE, lambda: announce(receiver, 1))
+async def test_a_push_during_boot_commits_only_once_the_engine_is_up() -> None:
+    up = asyncio.Event()
+    engine = FakeEngine(boot_gate=up)
+    receiver = Receiver(engine)
+    receiver.boot()
+    assert receiver.status().phase is Phase.BOOTING
+    update = announce(receiver, 1)
+    send(receiver, update, 1)
+    commit = asyncio.ensure_future(receiver.commit(update.id))
+    await asyncio.sleep(0.05)
+    assert not commit.done() and engine.offered == [1] and engine.loads == []
+    assert receiver.status().phase is Phase.RECEIVING  # committing
+    await refused(Reason.NO_WEIGHTS, lambda: generation(receiver).generate(GenerationRequest(prompt="a")))
+    up.set()
+    assert (await commit)[0] == 1
+    assert (receiver.status().phase, engine.weight_version, engine.loads) == (Phase.SERVING, 1, [1])
+
+
+@run
+async def test_an_update_dropped_during_boot_rests_in_booting_then_dummy() -> None:
+    up = asyncio.Event()
+    receiver = Receiver(FakeEngine(boot_gate=up))
+    receiver.boot()
+    update = announce(receiver, 1)
+    receiver.abort(update.id, "test")
+    assert receiver.status().phase is Phase.BOOTING
+    update = announce(receiver, 1)
+    up.set()
+    await receiver.boot()
+    assert receiver.status().phase is Phase.RECEIVING
+    receiver.abort(update.id, "test")
+    assert receiver.status().phase is Phase.DUMMY
 
 
 @run

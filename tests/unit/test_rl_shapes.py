@@ -9,7 +9,7 @@ import pytest
 from rollout_side.engines.base import Completion, Sampling, join_pieces
 from rollout_side.generation import _each
 from rollout_side.openai_api import HttpError, _cut, _prompts
-from rollout_side.vllm_openai import _tag
+from rollout_side.vllm_openai import Versions, _tag
 
 
 def piece(ids: list[int], version: int, finish: str = "", logprobs: list[float] | None = None) -> Completion:
@@ -45,6 +45,13 @@ def test_openai_prompt_shapes() -> None:
 def test_stop_cut_and_sse_tagging() -> None:
     assert _cut("one two three", [" three", " two"]) == "one"
     assert _cut("one", ["x"]) == "one"
-    event = _tag('data: {"id": "x", "choices": []}\n\n', 4)
+    event = _tag('data: {"id": "x", "choices": []}\n\n', Versions(1, per_prompt=False), 4)
     assert json.loads(event.split("\n")[0][6:]) == {"id": "x", "choices": [], "weight_version": 4}
-    assert _tag("data: [DONE]\n\n", 4) == "data: [DONE]\n\n"
+    assert _tag("data: [DONE]\n\n", Versions(1, per_prompt=False), 4) == "data: [DONE]\n\n"
+    # Completions of two prompts (n=2 each), admitted on versions 5 and 6: each choice says its own.
+    versions = Versions(2, per_prompt=True)
+    versions.admitted("cmpl-x-0", 5)
+    versions.admitted("cmpl-x-1", 6)
+    choices = [{"index": i} for i in range(4)]
+    tagged = json.loads(_tag(json.dumps({"choices": choices}).join(["data: ", "\n\n"]), versions, 1)[6:].strip())
+    assert [c["weight_version"] for c in tagged["choices"]] == [5, 5, 6, 6] and tagged["weight_version"] == 5
