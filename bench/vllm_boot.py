@@ -57,6 +57,7 @@ DURATIONS = [
     ("model_construction_s", r"Initializing model took ([\d.]+) seconds"),
     ("weights_from_disk_s", r"Loading weights took ([\d.]+) seconds"),
     ("weights_from_push_at_boot_s", r"loaded version \d+ at boot in ([\d.]+) s"),
+    ("waited_for_push_at_boot_s", r"at boot in [\d.]+ s \(after ([\d.]+) s waiting"),
     ("profile_kv_cache_warmup_s", r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"),
     ("swap_after_boot_s", r"serves version \d+ \(swap ([\d.]+) s\)"),
 ]
@@ -214,6 +215,7 @@ REPORTED = [
     ("model construction (s)", "model_construction_s"),
     ("weights from disk (s)", "weights_from_disk_s"),
     ("pushed weights loaded at boot (s)", "weights_from_push_at_boot_s"),
+    ("(the loader waited for the push) (s)", "waited_for_push_at_boot_s"),
     ("profile + KV cache + warm-up (s)", "profile_kv_cache_warmup_s"),
     ("swap after boot (s)", "swap_after_boot_s"),
 ]

@@ -131,8 +131,14 @@ class Receiver:
         """
         if self._boot is None:
             self._reaper.start()
+            self.lifecycle.add_listener(self._while_booting)
             self._boot = asyncio.create_task(self._boot_engine())
         return self._boot
+
+    async def _while_booting(self, phase: Phase) -> None:
+        """Tells a booting engine whether an update is arriving, so its load step can wait for it."""
+        if self.booting:
+            self.engine.expect_at_boot(phase is Phase.RECEIVING)
 
     async def _boot_engine(self) -> None:
         await self.engine.start()

@@ -57,6 +57,7 @@ class FakeEngine(Engine):
         self.fail_next_load = False
         self.boot_gate = boot_gate  # start() returns once it is set: a slow boot
         self.offered: list[int] = []  # versions offered while booting (Engine.offer_at_boot)
+        self.expected: list[bool] = []  # what Engine.expect_at_boot heard while booting
         self.tokens: list[tuple[int, int]] = []
         self.loads: list[int] = []  # versions loaded, in order
         self.started = False
@@ -78,6 +79,9 @@ class FakeEngine(Engine):
 
     def allocate_staging(self, nbytes: int) -> torch.Tensor:
         return torch.zeros(nbytes, dtype=torch.uint8)
+
+    def expect_at_boot(self, coming: bool) -> None:
+        self.expected.append(coming)
 
     async def offer_at_boot(self, staging: torch.Tensor, manifest: Manifest, version: int) -> None:
         assert not self.started, "offered after the boot"

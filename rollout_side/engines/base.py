@@ -115,6 +115,12 @@ class Engine(ABC):
         (possibly `staging` itself), or None if it must allocate a new one.
         """
 
+    def expect_at_boot(self, coming: bool) -> None:  # noqa: B027
+        """Whether an update is being received while `start` still runs (False: it was dropped).
+
+        An engine may wait for it at its load step rather than boot without it (vllm_loader.py does).
+        """
+
     async def offer_at_boot(self, staging: torch.Tensor, manifest: Manifest, version: int) -> None:  # noqa: B027
         """A verified version committed while `start` still runs; `load` follows once it has returned.
 

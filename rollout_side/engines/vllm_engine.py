@@ -165,6 +165,14 @@ class VllmEngine(Engine):
             args.update(load_format=vllm_loader.LOAD_FORMAT, model_loader_extra_config=extra)
         return async_llm.from_engine_args(async_engine_args(**args, **self._args)), args["load_format"]
 
+    def expect_at_boot(self, coming: bool) -> None:
+        if self._handoff is None:
+            return
+        if coming:
+            self._handoff.expect()
+        else:
+            self._handoff.withdraw()
+
     async def offer_at_boot(self, staging: torch.Tensor, manifest: Manifest, version: int) -> None:
         """Offers a verified version to the boot-time loader (vllm_loader.py): if vLLM has not reached its
         load step yet, it boots with these weights and `load` finds them there instead of swapping."""

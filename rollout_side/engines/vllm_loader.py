@@ -38,6 +38,11 @@ PLUGIN_GROUP = "vllm.general_plugins"
 PLUGIN_NAME = "weightsync"
 RANDOM_DUMMY_ENV = "WEIGHTSYNC_VLLM_RANDOM_DUMMY"
 
+PENDING = "pending"
+# How long the loader waits for an update being received: the receiver drops one no trainer feeds
+# within seconds (and withdraws PENDING), so this only bounds a trainer that trickles for minutes.
+PENDING_WAIT = 300.0
+
 _booted_with: tuple[int, str] | None = None  # (version, staging path) this process's loader loaded
 _registered = False
 
@@ -55,29 +60,44 @@ class Offer:
 class Handoff:
     """The file through which the rollout offers a version to a loader in another process.
 
-    Written whole and renamed into place, so the loader reads a complete offer or none.
+    It holds an offer, or PENDING while an update is being received (the loader waits for it), or is
+    absent. Written whole and renamed into place, so the loader reads one of those, never a part.
     """
 
     def __init__(self, directory: Path = SHM_DIR) -> None:
         self.path = directory / f"weightsync-{os.getpid()}-{uuid.uuid4().hex[:12]}-handoff.json"
 
     def offer(self, offer: Offer) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([offer.version, offer.path, offer.nbytes, offer.layout]))
-        tmp.replace(self.path)
+        self._write([offer.version, offer.path, offer.nbytes, offer.layout])
+
+    def expect(self) -> None:
+        self._write(PENDING)
 
     def withdraw(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
+    def _write(self, value: object) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value))
+        tmp.replace(self.path)
+
 
 def read_offer(path: str) -> Offer | None:
-    """The offer at `path`, or None if the rollout has not made one (yet)."""
-    try:
-        version, staged, nbytes, layout = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None
-    return Offer(int(version), str(staged), int(nbytes), [tuple(entry) for entry in layout])
+    """The offer at `path` once there is one; None if there is none. Waits while one is PENDING (an
+    update arriving), up to PENDING_WAIT: the engine has nothing better to load meanwhile."""
+    deadline = time.monotonic() + PENDING_WAIT
+    while True:
+        try:
+            value = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            return None
+        if value != PENDING:
+            version, staged, nbytes, layout = value
+            return Offer(int(version), str(staged), int(nbytes), [tuple(entry) for entry in layout])
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
 
 
 def booted_with() -> tuple[int, str] | None:
@@ -110,7 +130,7 @@ def register() -> None:
     from vllm.model_executor.model_loader import register_model_loader
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-    log = init_logger(__name__)  # vLLM's handlers: its processes do not run the rollout's logging setup
+    log = init_logger("vllm.weightsync")  # under "vllm": its processes print only what reaches vLLM's handlers
 
     class WeightsyncLoader(BaseModelLoader):  # type: ignore[misc]
         """Allocates without initialising; loads the rollout's offered version if there is one."""
@@ -126,6 +146,7 @@ def register() -> None:
             global _booted_with
             started = time.perf_counter()
             offer = read_offer(self.handoff) if self.handoff else None
+            waited, started = time.perf_counter() - started, time.perf_counter()
             if offer is None:
                 # Zeros, not random values (nothing reads them) and not garbage: vLLM's warm-up writes the
                 # model's activations into KV-cache blocks, and a NaN left there poisons later requests'
@@ -140,7 +161,13 @@ def register() -> None:
             flat = torch.from_file(offer.path, shared=True, size=offer.nbytes, dtype=torch.uint8)
             model.load_weights(weights=layout_views(flat, offer.layout))
             _booted_with = (offer.version, offer.path)
-            log.info("weightsync: loaded version %d at boot in %.2f s", offer.version, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            log.info(
+                "weightsync: loaded version %d at boot in %.2f s (after %.2f s waiting for it)",
+                offer.version,
+                seconds,
+                waited,
+            )
 
     register_model_loader(LOAD_FORMAT)(WeightsyncLoader)
     _registered = True

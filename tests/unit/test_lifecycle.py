@@ -336,7 +336,7 @@ async def test_a_push_during_boot_commits_only_once_the_engine_is_up() -> None:
     send(receiver, update, 1)
     commit = asyncio.ensure_future(receiver.commit(update.id))
     await asyncio.sleep(0.05)
-    assert not commit.done() and engine.offered == [1] and engine.loads == []
+    assert not commit.done() and engine.expected == [True] and engine.offered == [1] and engine.loads == []
     assert receiver.status().phase is Phase.RECEIVING  # committing
     await refused(Reason.NO_WEIGHTS, lambda: generation(receiver).generate(GenerationRequest(prompt="a")))
     up.set()
@@ -347,12 +347,15 @@ async def test_a_push_during_boot_commits_only_once_the_engine_is_up() -> None:
 @run
 async def test_an_update_dropped_during_boot_rests_in_booting_then_dummy() -> None:
     up = asyncio.Event()
-    receiver = Receiver(FakeEngine(boot_gate=up))
+    engine = FakeEngine(boot_gate=up)
+    receiver = Receiver(engine)
     receiver.boot()
     update = announce(receiver, 1)
     receiver.abort(update.id, "test")
     assert receiver.status().phase is Phase.BOOTING
     update = announce(receiver, 1)
+    await asyncio.sleep(0)
+    assert engine.expected == [True, False, True]  # the engine's load step waits only while one arrives
     up.set()
     await receiver.boot()
     assert receiver.status().phase is Phase.RECEIVING
