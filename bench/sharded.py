@@ -5,7 +5,8 @@ as `Shard(0)` DTensors, each rank only its rows, and push it collectively to R r
 (torch engine). Beside every push, in the same run, the same ranks send the same bytes over raw TCP
 (`sendall` from their own rows) to R sink processes each: the raw ceiling with the same number of
 senders. Reports the median wall time of each, GB/s of model bytes delivered to every rollout, and each
-rank's peak RSS growth during its pushes. Writes bench/results/sharded.json.
+rank's peak RSS growth during its pushes. Writes bench/results/sharded.json (or `--out FILE`);
+`--malloc-arena-max N` starts the ranks with MALLOC_ARENA_MAX=N (docs/sharded.md, memory per rank).
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def _rank_bytes(model: Path, ranks: int) -> list[int]:
     return out
 
 
-def run(model: Path, ranks: int, rollouts: list[Rollout], nbytes: int, runs: int, first_version: int) -> dict[str, Any]:
+def run(
+    model: Path, ranks: int, rollouts: list[Rollout], nbytes: int, runs: int, first_version: int, arenas: int = 0
+) -> dict[str, Any]:
     sinks, procs = [], []
     per_rank = _rank_bytes(model, ranks)
     ports: list[list[int]] = []
@@ -149,8 +152,15 @@ def run(model: Path, ranks: int, rollouts: list[Rollout], nbytes: int, runs: int
         "first_version": first_version,
     }
     procs = [_CTX.Process(target=_rank, args=(rank, ranks, job, out)) for rank in range(ranks)]
-    for p in procs:
-        p.start()
+    saved = dict(os.environ)
+    if arenas:  # read by glibc at the ranks' start (docs/sharded.md, memory per rank)
+        os.environ["MALLOC_ARENA_MAX"] = str(arenas)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     reports = [out.get(timeout=1800) for _ in procs]
     for p in [*procs, *sinks]:
         p.join(30)
@@ -177,6 +187,8 @@ def main() -> None:
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--rollouts", default="1,2")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--malloc-arena-max", type=int, default=0, help="MALLOC_ARENA_MAX for the ranks (0: unset)")
     args = parser.parse_args()
     model = make_model(args.size, Path(tempfile.gettempdir()) / "ws-bench-models")
     from bench.models import model_bytes, random_state
@@ -188,7 +200,7 @@ def main() -> None:
         rollouts = [Rollout(model) for _ in range(count)]
         try:
             for ranks in [int(x) for x in args.ranks.split(",")]:
-                row = run(model, ranks, rollouts, nbytes, args.runs, version)
+                row = run(model, ranks, rollouts, nbytes, args.runs, version, args.malloc_arena_max)
                 version += args.runs + 1
                 rows.append(row)
                 print(
@@ -201,9 +213,9 @@ def main() -> None:
         finally:
             for r in rollouts:
                 r.stop()
-    RESULTS.parent.mkdir(exist_ok=True)
+    args.out.parent.mkdir(exist_ok=True)
     report = {"size": args.size, "bytes": nbytes, "machine": machine(), "rows": rows}
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -31,15 +31,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_ranks(world: int, timeout: float = 150.0, **job: Any) -> list[dict[str, Any]]:
-    """Runs `world` ranks of the job described by `job` (see `rank_main`); returns each rank's report."""
+def run_ranks(
+    world: int, timeout: float = 150.0, env: Mapping[str, str] | None = None, **job: Any
+) -> list[dict[str, Any]]:
+    """Runs `world` ranks of the job described by `job` (see `rank_main`), with `env` added to their
+    environment from their start (as MALLOC_ARENA_MAX must be); returns each rank's report."""
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
     job["master_port"] = free_port()
     context = mp.get_context("spawn")
     procs = [context.Process(target=rank_main, args=(rank, world, job), daemon=True) for rank in range(world)]
-    for p in procs:
-        p.start()
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -81,10 +90,16 @@ def rank_main(rank: int, world: int, job: dict[str, Any]) -> None:
     """One rank: join the gloo job, build its state as `job["kind"]` says, push it, write a report.
 
     kinds: "fsdp" (models/tiny in bf16, fully_shard on every decoder layer and the root, weights from
-    job["weights"]), "shard1" (the same weights as DTensors placed Shard(1), 1-D ones replicated),
+    job["weights"]), "shard1" (the same weights as DTensors placed Shard(1), 1-D ones replicated, the
+    embedding on a 2-D mesh of (world, 1) ranks, placed Shard(0) and replicated),
     "big" (job["big"] tensors of that many bf16 elements each, Shard(0)).
     `job["die_after"]`: this rank exits abruptly after sending that many chunks (on rank job["dying_rank"]);
-    with `job["hang_for"]` it first stops for that many seconds.
+    with `job["hang_for"]` it first stops for that many seconds. `job["drop"]`: rank 1's state lacks that
+    tensor. `job["linger"]`: seconds every rank waits after its pushes, alive, as a rank that carries on
+    training would (a rank that exits makes its peers fail at once anyway). `job["delta"]`: the publisher
+    keeps a delta base. `job["steps"]`: pushes after the first, each
+    {"version", "weights": a file of full weights whose rows each rank copies into its shards first} or
+    {"version", "plain": a file rank 0 alone pushes as a plain publisher, the others waiting}.
     """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["master_port"]))
     torch.set_num_threads(1)
@@ -97,6 +112,8 @@ def rank_main(rank: int, world: int, job: dict[str, Any]) -> None:
 
         mesh = init_device_mesh("cpu", (world,))
         state = _state(job, mesh)
+        if job.get("drop") and rank == 1:
+            del state[job["drop"]]
         if job.get("die_after") is not None and rank == job.get("dying_rank", 1):
             _die_after(job["die_after"], job.get("hang_for", 0.0))
         publisher = Publisher(
@@ -105,6 +122,7 @@ def rank_main(rank: int, world: int, job: dict[str, Any]) -> None:
             timeout=job.get("push_timeout", 30.0),
             progress=False,
             rename=job.get("rename"),
+            delta=job.get("delta", False),
         )
         started = time.monotonic()
         with peak_rss() as rss:
@@ -114,14 +132,46 @@ def rank_main(rank: int, world: int, job: dict[str, Any]) -> None:
         report["results"] = _plain(results)
         if job.get("then_version") is not None:  # a second push of the same state
             report["then"] = _plain(publisher.push(state, version=job["then_version"]))
+        report["steps"] = [_step(publisher, state, step, rank, job) for step in job.get("steps", [])]
+        time.sleep(job.get("linger", 0.0))
         publisher.close()
     finally:
         Path(job["out"], f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
 
+def _step(publisher: Any, state: dict[str, torch.Tensor], step: Mapping[str, Any], rank: int, job: Any) -> Any:
+    """One more push (see `rank_main`); returns its results (rank 0's for a plain push, [] on the others)."""
+    from trainer_side.publisher import Publisher
+
+    if step.get("plain"):
+        results = []
+        if rank == 0:  # the rollout then holds a version the job's delta base is not
+            with Publisher(job["rollouts"], collective=False, progress=False) as plain:
+                results = _plain(plain.push(torch.load(step["plain"]), version=step["version"]))
+        dist.barrier()
+        return results
+    if step.get("weights"):
+        _load_rows(state, torch.load(step["weights"]), job.get("prefix", ""))
+    return _plain(publisher.push(state, version=step["version"]))
+
+
+def _load_rows(state: dict[str, torch.Tensor], full: Mapping[str, torch.Tensor], prefix: str) -> None:
+    """Copies each DTensor's rows of `full` into its local shard, in place, as an optimizer step would."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    with torch.no_grad():
+        for name, tensor in full.items():
+            held = state[prefix + name]
+            assert isinstance(held, DTensor)
+            local = held.to_local()
+            _, offset = compute_local_shape_and_global_offset(held.shape, held.device_mesh, held.placements)
+            local.copy_(tensor[offset[0] : offset[0] + local.shape[0]])
+
+
 def _plain(results: Any) -> list[dict[str, Any]]:
-    keys = ("address", "ok", "fingerprint", "error", "version", "reason")
+    keys = ("address", "ok", "fingerprint", "error", "version", "reason", "delta", "bytes_sent", "held_bytes")
     return [{k: str(v) if k == "reason" else v for k, v in asdict(r).items() if k in keys} for r in results]
 
 
@@ -134,8 +184,14 @@ def _state(job: Mapping[str, Any], mesh: Any) -> dict[str, torch.Tensor]:
         return {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
     weights = torch.load(job["weights"])
     if job["kind"] == "shard1":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        grid = init_device_mesh("cpu", (mesh.size(), 1))
         return {
-            k: distribute_tensor(v, mesh, [Shard(1)] if v.dim() == 2 else [Replicate()]) for k, v in weights.items()
+            k: distribute_tensor(v, grid, [Shard(0), Replicate()])
+            if "embed_tokens" in k
+            else distribute_tensor(v, mesh, [Shard(1)] if v.dim() == 2 else [Replicate()])
+            for k, v in weights.items()
         }
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -154,15 +210,15 @@ def _state(job: Mapping[str, Any], mesh: Any) -> dict[str, torch.Tensor]:
 def _die_after(chunks: int, hang_for: float = 0.0) -> None:
     """Makes this rank exit abruptly after its first `chunks` chunks, as a killed process does; `hang_for`:
     it stops for that long first, as a stuck rank does (and exits 18 rather than 17)."""
-    from trainer_side import collective
+    from trainer_side import shard_chunks
 
-    original = collective.Collective._chunks
+    original = shard_chunks.PieceMover.chunks
 
-    def dying(self: Any, *args: Any) -> Iterator[bytes]:
-        for i, message in enumerate(original(self, *args)):
+    def dying(self: Any, *args: Any, **kwargs: Any) -> Iterator[bytes]:
+        for i, message in enumerate(original(self, *args, **kwargs)):
             if i == chunks:
                 time.sleep(hang_for or 0.2)
                 os._exit(18 if hang_for else 17)
             yield message
 
-    collective.Collective._chunks = dying  # type: ignore[method-assign]
+    shard_chunks.PieceMover.chunks = dying  # type: ignore[method-assign]

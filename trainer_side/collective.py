@@ -9,16 +9,24 @@ at a time, never the whole model on one rank.
 
 Chunks are cut from the full layout as in a plain push, and each is sent by the rank that owns its first
 byte; the bytes of it that other ranks own (only chunks across a rank boundary have any) are exchanged
-over gloo as the chunks go out, `window` chunks at a time (that plan is trainer_side/shard_plan.py).
+over gloo as the chunks go out, `window` chunks at a time (that plan is trainer_side/shard_plan.py, the
+moving of bytes trainer_side/shard_chunks.py).
 Rank 0 runs BeginUpdate and Commit; every rank streams its chunks straight to every rollout under the
 update id rank 0 broadcasts. Checksums are of
 the combinable kind (`Manifest.piece_bytes` = chunk size, weightsync/manifest.py): each chunk's sender
 hashes its pieces, rank 0 combines them, so the manifest and fingerprint equal the unsharded state's
 (`manifest_of_state(full_state, piece_bytes=chunk_bytes)`).
 
+Delta sync (`base`, trainer_side/rank_base.py): each rank keeps its own rows of the last version and diffs
+them; the ranks' parts of each tensor's patch make one patch (trainer_side/shard_delta.py), sent like any
+chunks. The new version's checksums are hashed first (a delta announces them at BeginUpdate). Rollouts
+that hold no base, or refuse the delta, get the full version in the same push; every rank decides that
+alike, from rank 0's results.
+
 Failure is whole: every collective runs in a gloo group with the publisher's timeout. A rank that fails
 or dies makes every other rank's push fail within that timeout, and rank 0 aborts the update, so no
-rollout commits it and each keeps serving the version it had.
+rollout commits it and each keeps serving the version it had. A rank whose own step fails (a missing
+tensor, a failed diff) says so at the next agreement point (`_agree`), so every rank fails at once.
 
 Memory per rank: its own shards, the bf16 cast of one local tensor at a time (none for bf16 shards),
 `window` encoded chunks, and the boundary bytes of the `window` chunks being encoded (what it
@@ -31,28 +39,30 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import torch
 import torch.distributed as dist
-import xxhash
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from tqdm import tqdm
 
 from trainer_side.chunk_window import ChunkWindow
 from trainer_side.outgoing import Outgoing, WirePayloads, commit_request
-from trainer_side.push_result import PushResult, describe, failure
+from trainer_side.push_result import PushResult, describe, failure, wants_full
+from trainer_side.rank_base import RankBase
+from trainer_side.resume import chunk_size, held_indices, held_mask
 from trainer_side.rollout_client import RolloutClient
-from trainer_side.shard_plan import Piece, chunk_owners, combine, local_view, spans_of
-from weightsync import wire
+from trainer_side.shard_chunks import Digest, PieceMover
+from trainer_side.shard_delta import DeltaPayloads, DeltaPlan, LocalDiff, Summary, diff_rows, plan_delta
+from trainer_side.shard_plan import Piece, Span, chunk_owners, combine, spans_of
 from weightsync.errors import Reason
-from weightsync.manifest import Manifest, tensor_bytes, wire_layout
+from weightsync.manifest import Manifest, to_wire, wire_layout
 
 __all__ = ["Collective", "in_collective_job"]
 
@@ -72,6 +82,7 @@ class Collective:
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        self.mover = PieceMover(self.group, self.rank, timeout)
 
     def push(
         self,
@@ -82,43 +93,110 @@ class Collective:
         chunk_bytes: int,
         window: int,
         streams: int,
+        base: RankBase | None = None,
     ) -> list[PushResult]:
-        """Pushes this rank's part of `state`; every rank returns the same results (rank 0's)."""
+        """Pushes this rank's part of `state`; every rank returns the same results (rank 0's).
+
+        With `base` (delta sync), rollouts that confirmed the last version get a delta, diffed and sent by
+        each rank from its own rows; the others, and any that refuse the delta, get the full version."""
         started = time.perf_counter()
         addresses = list(clients)
-        update_id = ""
         try:
-            layout, local = self._layout(state)
-            spans = spans_of(layout, self._all_gather([(i, first, count) for i, (first, count, _) in local.items()]))
-            chunks = chunk_owners(spans, layout.total_bytes, chunk_bytes)
-            payloads = WirePayloads([local[i][2] if i in local else _EMPTY for i in range(len(layout))])
-            announced = layout.with_piece_bytes(chunk_bytes)
-            outgoing = Outgoing(version, announced, ())
-            if self.rank == 0:
-                update_id = f"v{version}-{uuid.uuid4().hex[:12]}"
-                failed = self._begin(clients, outgoing, update_id, chunk_bytes)
-            else:
-                failed = {}
-            [update_id, failed] = self._broadcast([update_id, failed])
+            shards = self._shards(state, chunk_bytes)
+            delta, diffs = self._plan_delta(shards, base, addresses, version, window) if base else (None, {})
+        except Exception as error:  # noqa: BLE001 - every rank raised alike (see _agree), or a collective failed
+            if base is not None:
+                base.reset()
+            return self._failed(addresses, version, error)
+        results: dict[str, PushResult] = {}
+        if delta is not None:
+            outgoing, plan, holders = delta
+            chunks = chunk_owners(plan.spans, plan.wire_bytes, chunk_bytes)
+            payloads = DeltaPayloads(shards.payloads, plan.patches)
+            sent = self._send(
+                {a: clients[a] for a in holders}, outgoing, chunks, payloads, chunk_bytes, window, streams, started
+            )
+            results = {r.address: replace(r, delta=True) for r in sent}
+        rest = [a for a in addresses if a not in results or wants_full(results[a])]
+        for address in rest:
+            if address in results:
+                logger.warning("%s refused the delta (%s); sending the full version", address, results[address].error)
+        for attempt in range(2):  # every rank decides alike: the results are rank 0's
+            if not rest:
+                break
+            full = Outgoing(version, shards.layout.with_piece_bytes(chunk_bytes), ())
+            sent = self._send(
+                {a: clients[a] for a in rest},
+                full,
+                shards.chunks,
+                shards.payloads,
+                chunk_bytes,
+                window,
+                streams,
+                started,
+            )
+            results |= {r.address: r for r in sent}
+            # A resumed update whose held chunks were another run's bytes is refused at commit and dropped there:
+            # the rollout takes the version afresh, once.
+            rest = [r.address for r in sent if r.reason is Reason.CHECKSUM_MISMATCH and r.held_bytes and not attempt]
+        ordered = [results[a] for a in addresses]
+        if base is not None:
+            try:
+                base.keep(shards.key, {i: rows for i, (_, _, rows) in shards.local.items()}, diffs)
+                base.record(ordered)
+            except Exception as error:  # noqa: BLE001 - the next push agrees on a full version (the base fits no more)
+                logger.error("rank %d could not keep its delta base: %r", self.rank, error)
+                base.reset()
+        return ordered
+
+    def _send(
+        self,
+        clients: Mapping[str, RolloutClient],
+        outgoing: Outgoing,
+        chunks: Sequence[Sequence[Piece]],
+        payloads: Sequence[memoryview],
+        chunk_bytes: int,
+        window: int,
+        streams: int,
+        started: float,
+    ) -> list[PushResult]:
+        """One update of `outgoing` to `clients`, each rank sending its `chunks`; the same results on every rank."""
+        addresses, version = list(clients), outgoing.version
+        update_id = f"v{version}-{uuid.uuid4().hex[:12]}" if self.rank == 0 else ""
+        try:
+            update_id, (failed, held) = self._from_rank0(
+                lambda: (update_id, self._begin(clients, outgoing, update_id, chunk_bytes, len(chunks)))
+            )
             accepted = [a for a in addresses if a not in failed]
-            digests: list[tuple[int, int, int, int]] = []  # (flat start, size, tensor, xxh3_64) of each piece sent
-            messages = self._chunks(update_id.encode(), chunks, payloads, digests, window)
-            sent, errors = self._stream(clients, accepted, messages, window, streams)
-            if accepted:
-                for _ in messages:  # this rank's streams ended early: still hand other ranks their pieces
-                    pass
-            gathered = self._all_gather((errors, digests, sent))
+            digests: list[Digest] = []  # (flat start, size, tensor, xxh3_64) of each piece sent
+            hashing = outgoing.pending  # a delta's checksums are known: its chunks are not pieces of them
+            messages = self.mover.chunks(update_id.encode(), chunks, payloads, digests, window, hashing=hashing)
+
+            def stream() -> tuple[dict[str, str], list[Digest], int]:
+                own = [i for i, pieces in enumerate(chunks) if pieces[0].span.rank == self.rank]
+                skips = {a: bytearray(mask[i] for i in own) for a, mask in held.items()}  # by this rank's chunks
+                sent, errors = self._stream(clients, accepted, messages, window, streams, skips)
+                if accepted:
+                    for _ in messages:  # this rank's streams ended early: still hand other ranks their pieces
+                        pass
+                return errors, digests, sent
+
+            gathered = self._agree(stream)
         except Exception as error:  # noqa: BLE001 - any failure (a rank died, a timeout, a bad state) fails all ranks
-            logger.error("collective push of version %d failed on rank %d: %s", version, self.rank, error)
-            if self.rank == 0 and update_id:
+            if self.rank == 0:
                 for client in clients.values():
                     client.abort(update_id)
-            why = f"collective push failed on rank {self.rank}: {type(error).__name__}: {error}"
-            return [PushResult(address=a, version=version, ok=False, error=why) for a in addresses]
+            return self._failed(addresses, version, error)
         results: list[PushResult] | None = None
         if self.rank == 0:
             try:
                 results = self._commit(clients, outgoing, update_id, failed, gathered, started)
+                results = [
+                    replace(r, held_bytes=_held_bytes(held[r.address], outgoing.wire_bytes, chunk_bytes))
+                    if r.address in held
+                    else r
+                    for r in results
+                ]
             except Exception as error:  # noqa: BLE001 - e.g. the ranks' pieces do not cover the layout: commit nothing
                 logger.error("collective push of version %d: not committed: %s", version, error)
                 for client in clients.values():
@@ -133,11 +211,63 @@ class Collective:
         assert results is not None
         return results
 
-    def _layout(self, state: Mapping[str, torch.Tensor]) -> tuple[Manifest, dict[int, tuple[int, int, torch.Tensor]]]:
-        """The full layout (rank 0's choice of tensors) and this rank's (first row, rows, local tensor) of each."""
+    def _failed(self, addresses: Sequence[str], version: int, error: Exception) -> list[PushResult]:
+        logger.error("collective push of version %d failed on rank %d: %s", version, self.rank, error)
+        if isinstance(error, CollectiveFailure):  # agreed: every rank says the same
+            why = f"collective push failed: {error}"
+        else:
+            why = f"collective push failed on rank {self.rank}: {type(error).__name__}: {error}"
+        return [PushResult(address=a, version=version, ok=False, error=why) for a in addresses]
+
+    def _shards(self, state: Mapping[str, torch.Tensor], chunk_bytes: int) -> _Shards:
+        """The full layout, this rank's rows of it, and which rank sends which chunk (agreed by every rank)."""
         names = [name for name, _ in _sources(state)] if self.rank == 0 else None
         [names] = self._broadcast([names])
         assert names is not None
+        self._agree(lambda: _check_names(state, names))  # before any DTensor collective that would wait on us
+        layout, local = self._layout(state, names)
+        rows = self._agree(lambda: [(i, first, count) for i, (first, count, _) in local.items()])
+        spans = spans_of(layout, rows)
+        chunks = chunk_owners(spans, layout.total_bytes, chunk_bytes)
+        payloads = WirePayloads([local[i][2] if i in local else _EMPTY for i in range(len(layout))])
+        key = (tuple((e.name, e.shape) for e in layout), tuple(s for s in spans if s.rank == self.rank))
+        return _Shards(layout, local, spans, chunks, payloads, key, chunk_bytes)
+
+    def _plan_delta(
+        self, shards: _Shards, base: RankBase, addresses: Sequence[str], version: int, window: int
+    ) -> tuple[tuple[Outgoing, DeltaPlan, list[str]] | None, dict[int, LocalDiff]]:
+        """Agrees on a delta for the rollouts that hold the base, if every rank has a base of this layout:
+        each rank diffs its rows; the patch layout and the new version's checksums come from every rank's."""
+        agreed = self._agree(lambda: (base.fits(shards.key), base.holders(addresses), base.fingerprint))
+        holders, fingerprint = agreed[0][1], agreed[0][2]
+        if not holders or not all(fits for fits, _, _ in agreed):
+            return None, {}
+        mine = {s.tensor: s for s in shards.spans if s.rank == self.rank}
+
+        def diff() -> dict[int, Summary]:
+            summaries = {}
+            for i, (_, _, rows) in shards.local.items():
+                offset = (mine[i].start - shards.layout.entries[i].offset) // 2  # bf16 elements
+                summaries[i], found = diff_rows(to_wire(rows), base.rows[i], offset)
+                if found is not None:
+                    diffs[i] = found
+            return summaries
+
+        diffs: dict[int, LocalDiff] = {}
+        summaries = self._agree(diff)
+        plan = plan_delta(shards.layout, shards.spans, summaries, diffs, self.rank)
+        if plan is None:
+            return None, diffs  # no tensor is smaller as a patch: a full version, hashed as it goes
+        announced = shards.layout.with_piece_bytes(shards.chunk_bytes)
+        pieces = self._agree(lambda: self.mover.digests(shards.chunks, shards.payloads, window))
+        manifest = announced.with_checksums(combine(announced, [d for ds in pieces for d in ds]))
+        outgoing = Outgoing(version, manifest, (), plan=plan.plan, base_fingerprint=fingerprint)
+        return (outgoing, plan, holders), diffs
+
+    def _layout(
+        self, state: Mapping[str, torch.Tensor], names: Sequence[str]
+    ) -> tuple[Manifest, dict[int, tuple[int, int, torch.Tensor]]]:
+        """The full layout (rank 0's choice of tensors) and this rank's (first row, rows, local tensor) of each."""
         local: dict[int, tuple[int, int, torch.Tensor]] = {}
         shapes = []
         for i, name in enumerate(names):
@@ -166,107 +296,41 @@ class Collective:
         _, offset = compute_local_shape_and_global_offset(tensor.shape, mesh, tensor.placements)
         return (offset[0], rows.shape[0], rows) if rows.shape[0] else None
 
-    def _exchange(self, chunks: Sequence[Sequence[Piece]], payloads: WirePayloads, tag: int) -> dict[int, memoryview]:
-        """Sends the pieces this rank holds of `chunks` that another rank sends, and receives the pieces of
-        its own `chunks` that other ranks hold; returns the received pieces by their start in the layout."""
-        outgoing: dict[int, list[Piece]] = defaultdict(list)
-        incoming: dict[int, list[Piece]] = defaultdict(list)
-        for pieces in chunks:
-            owner = pieces[0].span.rank
-            for piece in pieces:
-                if piece.span.rank == self.rank and owner != self.rank:
-                    outgoing[owner].append(piece)
-                elif owner == self.rank and piece.span.rank != self.rank:
-                    incoming[piece.span.rank].append(piece)
-        if not outgoing and not incoming:
-            return {}
-        works = []
-        buffers: dict[int, tuple[torch.Tensor, list[Piece]]] = {}
-        for peer, pieces in sorted(incoming.items()):
-            buffer = torch.empty(sum(p.end - p.start for p in pieces), dtype=torch.uint8)
-            buffers[peer] = (buffer, pieces)
-            works.append(dist.irecv(buffer, src=peer, group=self.group, tag=tag))
-        sends = []  # kept alive until the sends complete
-        for peer, pieces in sorted(outgoing.items()):
-            data = torch.empty(sum(p.end - p.start for p in pieces), dtype=torch.uint8)
-            view, at = tensor_bytes(data), 0
-            for piece in pieces:
-                size = piece.end - piece.start
-                view[at : at + size] = local_view(piece, payloads)
-                at += size
-            sends.append(data)
-            works.append(dist.isend(data, dst=peer, group=self.group, tag=tag))
-        for work in works:
-            assert work is not None
-            work.wait(timedelta(seconds=self.timeout))
-        received: dict[int, memoryview] = {}
-        for buffer, pieces in buffers.values():
-            view, at = tensor_bytes(buffer), 0
-            for piece in pieces:
-                received[piece.start] = view[at : at + piece.end - piece.start]
-                at += piece.end - piece.start
-        return received
-
-    def _chunks(
-        self,
-        key: bytes,
-        chunks: Sequence[Sequence[Piece]],
-        payloads: WirePayloads,
-        digests: list[tuple[int, int, int, int]],
-        bucket: int,
-    ) -> Iterator[bytes]:
-        """Encodes the chunks this rank sends, noting each piece's digest for the checksums rank 0 combines.
-
-        Goes `bucket` chunks at a time: the pieces of them other ranks hold are exchanged first (every rank
-        walks the same buckets), so a rank holds at most a bucket's worth of other ranks' bytes."""
-        for first in range(0, len(chunks), bucket):
-            received = self._exchange(chunks[first : first + bucket], payloads, tag=first // bucket)
-            for index in range(first, min(first + bucket, len(chunks))):
-                pieces = chunks[index]
-                if pieces[0].span.rank == self.rank:
-                    yield self._encode(key, index, pieces, payloads, received, digests)
-
-    def _encode(
-        self,
-        key: bytes,
-        index: int,
-        pieces: Sequence[Piece],
-        payloads: WirePayloads,
-        received: Mapping[int, memoryview],
-        digests: list[tuple[int, int, int, int]],
-    ) -> bytes:
-        views = [local_view(p, payloads) if p.span.rank == self.rank else received[p.start] for p in pieces]
-        # A chunk is one piece of the combinable checksum per tensor it meets (the piece size is the
-        # chunk size): a chunk inside one tensor is hashed once, for both.
-        by_tensor: dict[int, list[memoryview]] = defaultdict(list)
-        starts: dict[int, int] = {}
-        for piece, view in zip(pieces, views, strict=True):
-            by_tensor[piece.span.tensor].append(view)
-            starts.setdefault(piece.span.tensor, piece.start)
-        checksum = None
-        for tensor, parts in by_tensor.items():
-            digest = wire.chunk_checksum(parts[0]) if len(parts) == 1 else _xxh3_64(parts)
-            digests.append((starts[tensor], sum(v.nbytes for v in parts), tensor, digest))
-            if len(by_tensor) == 1:
-                checksum = digest
-        return wire.encode_chunk(key, index, views, checksum)
-
     def _begin(
-        self, clients: Mapping[str, RolloutClient], outgoing: Outgoing, update_id: str, chunk_bytes: int
-    ) -> dict[str, PushResult]:
-        """BeginUpdate on every rollout (rank 0); returns the refusals."""
+        self, clients: Mapping[str, RolloutClient], outgoing: Outgoing, update_id: str, chunk_bytes: int, chunks: int
+    ) -> tuple[dict[str, PushResult], dict[str, bytearray]]:
+        """BeginUpdate on every rollout (rank 0); returns the refusals, and the chunks each rollout holds of an
+        interrupted run of this update (a mask: 1 where held), which it resumes: those are not sent again."""
         request = outgoing.request(chunk_bytes, update_id)
+        held: dict[str, bytearray] = {}
 
         def begin(client: RolloutClient) -> PushResult | None:
             try:
-                client.begin(request, timeout=self.timeout)
-                return None
+                began = client.begin(request, timeout=self.timeout)
             except grpc.RpcError as error:
                 return failure(client.address, outgoing.version, describe(error), error)
+            if began.held_chunks:
+                held[client.address] = held_mask(began.held_chunks, chunks)
+                logger.info(
+                    "%s: resuming update %s, %d chunks held there", client.address, update_id, sum(held[client.address])
+                )
+            if outgoing.is_delta and began.chunk_count != chunks:  # a rollout from before delta sync: full chunks
+                client.abort(update_id)
+                why = f"the rollout expects {began.chunk_count} chunks: it does not take deltas"
+                return PushResult(
+                    address=client.address,
+                    version=outgoing.version,
+                    ok=False,
+                    error=why,
+                    reason=Reason.FULL_VERSION_NEEDED,
+                )
+            return None
 
         with ThreadPoolExecutor(max_workers=len(clients)) as pool:
             answers = dict(zip(clients, pool.map(begin, clients.values()), strict=True))
-        return {a: r for a, r in answers.items() if r is not None}
+        return {a: r for a, r in answers.items() if r is not None}, {
+            a: m for a, m in held.items() if answers[a] is None
+        }
 
     def _stream(
         self,
@@ -275,11 +339,16 @@ class Collective:
         messages: Iterator[bytes],
         window: int,
         streams: int,
+        held: Mapping[str, bytearray],
     ) -> tuple[int, dict[str, str]]:
-        """This rank's chunks to every accepted rollout at once; returns bytes per rollout and each failure."""
+        """This rank's chunks to every accepted rollout at once, but those it `held` (a mask over this rank's
+        chunks); returns bytes per rollout and each failure."""
         if not accepted:
             return 0, {}
         shared = ChunkWindow(messages, consumers=len(accepted), window=window)
+        for slot, address in enumerate(accepted):
+            if address in held:
+                shared.skip(slot, held[address])
 
         def send(slot: int, address: str) -> tuple[int, str]:
             bar = tqdm(disable=True)
@@ -300,7 +369,7 @@ class Collective:
         outgoing: Outgoing,
         update_id: str,
         failed: Mapping[str, PushResult],
-        gathered: Sequence[tuple[dict[str, str], list[tuple[int, int, int, int]], int]],
+        gathered: Sequence[tuple[dict[str, str], list[Digest], int]],
         started: float,
     ) -> list[PushResult]:
         """Rank 0: the checksums from every rank's pieces, then Commit where every rank's streams went through."""
@@ -310,7 +379,11 @@ class Collective:
             address: [f"rank {r}: {e[address]}" for r, (e, _, _) in enumerate(gathered) if address in e]
             for address in clients
         }
-        if all(address in failed or errors[address] for address in clients):
+        pending = outgoing.pending
+        if not pending:
+            assert outgoing.manifest is not None
+            manifest = outgoing.manifest
+        elif all(address in failed or errors[address] for address in clients):
             manifest = outgoing.announced  # nothing to commit: the pieces need not be complete
         else:
             manifest = outgoing.complete(combine(outgoing.announced, [d for _, ds, _ in gathered for d in ds]))
@@ -323,7 +396,7 @@ class Collective:
                 client.abort(update_id)
                 return PushResult(address=address, version=version, ok=False, error="; ".join(errors[address]))
             try:
-                answer = client.commit(commit_request(update_id, manifest, pending=True), timeout=self.timeout)
+                answer = client.commit(commit_request(update_id, manifest, pending=pending), timeout=self.timeout)
             except grpc.RpcError as error:
                 client.abort(update_id)
                 return failure(address, version, describe(error), error)
@@ -349,6 +422,34 @@ class Collective:
         with ThreadPoolExecutor(max_workers=len(clients)) as pool:
             return list(pool.map(commit, clients))
 
+    def _agree(self, local: Callable[[], T]) -> list[T]:
+        """Runs this rank's `local` step and gathers every rank's result; raises on every rank if any rank's
+        step failed, so that a rank failing alone never leaves the others waiting at the next collective."""
+        try:
+            value, error = local(), ""
+        except Exception as failed:  # noqa: BLE001 - told to every rank, raised on every rank below
+            value, error = None, f"{type(failed).__name__}: {failed}"
+        gathered = self._all_gather((error, value))
+        errors = [f"rank {r}: {e}" for r, (e, _) in enumerate(gathered) if e]
+        if errors:
+            raise CollectiveFailure("; ".join(errors))
+        return [v for _, v in gathered]
+
+    def _from_rank0(self, local: Callable[[], T]) -> T:
+        """Runs `local` on rank 0 and hands its result (or its failure, raised on every rank) to every rank."""
+        value: T | None = None
+        error = ""
+        if self.rank == 0:
+            try:
+                value = local()
+            except Exception as failed:  # noqa: BLE001 - raised on every rank below
+                error = f"rank 0: {type(failed).__name__}: {failed}"
+        [error, value] = self._broadcast([error, value])
+        if error:
+            raise CollectiveFailure(error)
+        assert value is not None
+        return value
+
     def _all_gather(self, value: object) -> list[Any]:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, value, group=self.group)
@@ -360,6 +461,34 @@ class Collective:
 
 
 _EMPTY = torch.empty(0, dtype=torch.bfloat16)
+T = TypeVar("T")
+
+
+class CollectiveFailure(RuntimeError):
+    """A step failed on some rank: every rank raises this, naming the ranks and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Shards:
+    """What every rank knows of a state dict's layout, and this rank's part of it."""
+
+    layout: Manifest
+    local: dict[int, tuple[int, int, torch.Tensor]]  # tensor -> (first row, rows, this rank's rows)
+    spans: list[Span]
+    chunks: list[list[Piece]]
+    payloads: WirePayloads
+    key: Hashable  # what a delta base must have been kept for
+    chunk_bytes: int
+
+
+def _held_bytes(mask: bytearray, total: int, chunk_bytes: int) -> int:
+    return sum(chunk_size(i, total, chunk_bytes) for i in held_indices(mask))
+
+
+def _check_names(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise KeyError(f"this rank's state dict lacks {len(missing)} tensor(s) rank 0 has, e.g. {missing[0]!r}")
 
 
 def _sources(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
@@ -382,10 +511,3 @@ def _sources(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]
         seen.add(key)
         out.append((name, tensor))
     return out
-
-
-def _xxh3_64(parts: Sequence[memoryview]) -> int:
-    digest = xxhash.xxh3_64()
-    for part in parts:
-        digest.update(part)
-    return int(digest.intdigest())

@@ -33,6 +33,7 @@ from trainer_side.collective import Collective, in_collective_job
 from trainer_side.names import renamed
 from trainer_side.outgoing import Outgoing
 from trainer_side.push_result import PushResult, wants_full
+from trainer_side.rank_base import RankBase
 from trainer_side.rollout_client import RolloutClient
 from trainer_side.version_file import VersionFileWriter
 from weightsync import metrics, wire
@@ -85,7 +86,8 @@ class Publisher:
 
         In a torch.distributed job of several ranks, every rank constructs its Publisher alike and calls
         `push` together: each sends its own shards (trainer_side/collective.py); `timeout` bounds every
-        collective step, so a rank that dies makes the others fail rather than hang. `collective=False`
+        collective step, so a rank that dies makes the others fail rather than hang. With `delta`, each rank
+        keeps and diffs only its own rows (trainer_side/rank_base.py). `collective=False`
         keeps a publisher that only one rank constructs (after gathering the weights itself) a plain one.
 
         `piece_checksums` announces the combinable checksum kind, as collective pushes do (the fingerprint
@@ -119,8 +121,11 @@ class Publisher:
         if self._pieces and (delta or shared_memory):
             raise ValueError("piece_checksums is for full versions sent as chunks: not with delta or shared memory")
         self._collective = Collective(timeout) if (in_collective_job() if collective is None else collective) else None
-        if self._collective is not None and (delta or shared_memory or relay_fanout or reconcile_every):
-            raise ValueError("a collective (multi-rank) publisher supports neither delta, shared memory nor relays yet")
+        self._rank_base: RankBase | None = None  # a collective publisher's delta base: this rank's rows
+        if self._collective is not None:
+            if shared_memory or relay_fanout or reconcile_every:
+                raise ValueError("a collective (multi-rank) publisher takes no shared memory, relays or reconcile")
+            self._base, self._rank_base = None, RankBase() if delta else None
         if reconcile_every:
             self._reconciler = threading.Thread(
                 target=self._reconcile_forever, args=(reconcile_every,), name="weightsync-reconcile", daemon=True
@@ -139,6 +144,8 @@ class Publisher:
                     self._clients.pop(address).close()
                     if self._base is not None:
                         self._base.forget(address)
+                    if self._rank_base is not None:
+                        self._rank_base.forget(address)
             for address in joined:
                 if address not in self._clients:
                     self.rollouts.append(address)
@@ -160,6 +167,7 @@ class Publisher:
                     chunk_bytes=self.chunk_bytes,
                     window=self.window,
                     streams=self.streams,
+                    base=self._rank_base,
                 )
                 self._record(results)
                 return results
@@ -350,6 +358,8 @@ class Publisher:
     def delta_holders(self) -> list[str]:
         """The rollouts the next push may send a delta: they confirmed the base this publisher keeps."""
         with self._lock:
+            if self._rank_base is not None:
+                return self._rank_base.holders(self.rollouts)
             return self._base.holders(self.rollouts) if self._base is not None else []
 
     def status(self) -> dict[str, pb.GetStatusResponse | str]:

@@ -11,7 +11,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from trainer_side.outgoing import WirePayloads
 from weightsync import wire
 from weightsync.manifest import Manifest, piece_checksum
 
@@ -20,12 +19,14 @@ __all__ = ["Piece", "Span", "chunk_owners", "combine", "local_view", "spans_of"]
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """Bytes [start, end) of the full layout, held by `rank` as its local part of tensor `tensor`."""
+    """Bytes [start, end) of the layout, held by `rank` as its local part of tensor `tensor`, from byte `at`
+    of that rank's payload of the tensor (not 0 only for the later parts of a delta's patch)."""
 
     start: int
     end: int
     rank: int
     tensor: int
+    at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +77,10 @@ def chunk_owners(spans: Sequence[Span], total: int, chunk_bytes: int) -> list[li
     return chunks
 
 
-def local_view(piece: Piece, payloads: WirePayloads) -> memoryview:
+def local_view(piece: Piece, payloads: Sequence[memoryview]) -> memoryview:
     """The bytes of `piece` from this rank's own part of its tensor."""
     span = piece.span
-    return payloads[span.tensor][piece.start - span.start : piece.end - span.start]
+    return payloads[span.tensor][piece.start - span.start + span.at : piece.end - span.start + span.at]
 
 
 def combine(layout: Manifest, digests: Sequence[tuple[int, int, int, int]]) -> list[str]:

@@ -99,7 +99,8 @@ def test_fsdp2_2_ranks_push_to_torch_and_vllm(  # type: ignore[no-untyped-def]
 def test_shard1_dtensors_push_equals_the_unsharded_model(  # type: ignore[no-untyped-def]
     rollout, model_dir, trained_state, weights, tmp_path
 ) -> None:
-    """Tensor-parallel style Shard(1) (redistributed to rows, a tensor at a time) and replicated values."""
+    """Tensor-parallel style Shard(1) (redistributed to rows, a tensor at a time), replicated values, and a
+    DTensor on a 2-D mesh (gathered, a tensor at a time)."""
     reports = run_ranks(
         2,
         kind="shard1",
@@ -155,6 +156,21 @@ def test_a_rank_killed_mid_push_fails_the_others_and_commits_nothing(  # type: i
     assert status.weight_version == 0
     if dying:  # rank 0 survived and aborted the update; else the rollout drops it once idle
         assert status.state != pb.ROLLOUT_STATE_RECEIVING
+    elif not hang_for:  # the rollout holds the update, interrupted: the job, restarted, resumes it
+        again = run_ranks(
+            2,
+            kind="fsdp",
+            model_dir=str(model_dir),
+            weights=str(weights),
+            rollouts=[rollout.address],
+            chunk_bytes=CHUNK,
+            version=9,
+            out=str(tmp_path / "again"),
+        )
+        [resumed] = _same_results(again)
+        assert resumed["ok"] and resumed["held_bytes"] > 0, resumed
+        assert resumed["bytes_sent"] + resumed["held_bytes"] == manifest_of_state(torch.load(weights)).total_bytes
+        assert _status(rollout).weight_version == 9
 
 
 class _BigEngine(FakeEngine):
@@ -168,10 +184,13 @@ class _BigEngine(FakeEngine):
         return self._specs
 
 
-def test_memory_per_rank_stays_per_shard(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("rollouts", [1, 2])
+def test_memory_per_rank_stays_per_shard(rollouts, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """2 ranks push 96 MiB: each holds 48 MiB of shards; its resident memory may grow by the window of
     encoded chunks (16 x 1 MiB) and a bucket's boundary bytes, not by the model. The 24 tensors are not
-    chunk-aligned, so most of them have a chunk across the rank boundary that needs bytes of both ranks."""
+    chunk-aligned, so most of them have a chunk across the rank boundary that needs bytes of both ranks.
+    To 2 rollouts the ranks run with MALLOC_ARENA_MAX=1, as docs/sharded.md says: without it each gRPC
+    thread's malloc arena keeps its own freed chunk buffers warm (see there)."""
     from rollout_side.receiver import Receiver
     from rollout_side.server import create_server
 
@@ -183,16 +202,157 @@ def test_memory_per_rank_stays_per_shard(tmp_path) -> None:  # type: ignore[no-u
         await receiver.start(None, 1)
         return await create_server(receiver, address="127.0.0.1:0", model="fake")
 
-    server = loop.run(boot())
+    servers = [loop.run(boot()) for _ in range(rollouts)]
     try:
         reports = run_ranks(
-            2, kind="big", big=sizes, rollouts=[f"127.0.0.1:{server.port}"], chunk_bytes=1 << 20, out=str(tmp_path)
+            2,
+            kind="big",
+            big=sizes,
+            rollouts=[f"127.0.0.1:{server.port}" for server in servers],
+            chunk_bytes=1 << 20,
+            env={"MALLOC_ARENA_MAX": "1"} if rollouts > 1 else None,
+            out=str(tmp_path),
         )
-        [result] = _same_results(reports)
-        assert result["ok"], result["error"]
+        for result in _same_results(reports):
+            assert result["ok"], result["error"]
         bound = 3 * 16 * (1 << 20) + (24 << 20)  # window + a bucket's boundary bytes each way + gRPC buffers
         for report in reports:
+            print(f"rss growth {report['rss_growth'] / 2**20:.0f} MiB")
             assert report["rss_growth"] < bound, (report["rss_growth"] / 2**20, "MiB")
     finally:
-        loop.run(server.stop(grace=0))
+        for server in servers:
+            loop.run(server.stop(grace=0))
         loop.close()
+
+
+def _bumped(state: dict[str, torch.Tensor], seed: int, dense: str = "") -> dict[str, torch.Tensor]:
+    """A copy with about 1% of each tensor's elements moved by one bf16 ulp (every element of `dense`)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, tensor in state.items():
+        bits = tensor.clone().view(torch.int16).view(-1)
+        picked = torch.randperm(bits.numel(), generator=generator)[: max(1, bits.numel() // 100)]
+        bits[slice(None) if name == dense else picked] += 1
+        out[name] = bits.view(torch.bfloat16).view(tensor.shape)
+    return out
+
+
+def test_delta_push_from_a_sharded_job(  # type: ignore[no-untyped-def]
+    rollout, model_dir, tokenizer, weights, tmp_path
+) -> None:
+    """2 FSDP2 ranks with delta sync: each rank diffs its own rows against its own base, the ranks' parts make
+    one patch per tensor; a rollout that holds another version refuses the delta and every rank falls back to
+    the full version in the same push; the next delta then lands, equal to the unsharded state."""
+    first = torch.load(weights)
+    second = _bumped(first, 1, dense="model.layers.0.mlp.up_proj.weight")  # that one goes in full
+    third = _bumped(second, 2)
+    paths = {}
+    for name, state in {"second": second, "third": third}.items():
+        paths[name] = tmp_path / f"{name}.pt"
+        torch.save(state, paths[name])
+    reports = run_ranks(
+        2,
+        kind="fsdp",
+        model_dir=str(model_dir),
+        weights=str(weights),
+        rollouts=[rollout.address],
+        chunk_bytes=CHUNK,
+        delta=True,
+        version=1,
+        steps=[
+            {"version": 2, "plain": str(weights)},  # the rollout now holds what the job's base is not
+            {"version": 3, "weights": str(paths["second"])},  # delta refused: sent in full, same push
+            {"version": 4, "weights": str(paths["third"])},  # a delta
+        ],
+        out=str(tmp_path),
+    )
+    _same_results(reports)
+    for report in reports:
+        assert report["steps"][1:] == reports[0]["steps"][1:], "every rank returns the same results"
+    [plain], [fallback], [patched] = reports[0]["steps"]
+    assert plain["ok"], plain["error"]
+    assert fallback["ok"] and not fallback["delta"], fallback
+    assert fallback["fingerprint"] == manifest_of_state(second, piece_bytes=CHUNK).fingerprint
+    assert patched["ok"] and patched["delta"], patched
+    expected = manifest_of_state(third, piece_bytes=CHUNK).fingerprint
+    assert patched["fingerprint"] == expected
+    full_bytes = manifest_of_state(third).total_bytes
+    assert patched["bytes_sent"] < full_bytes / 10, (patched["bytes_sent"], full_bytes)
+    status = _status(rollout)
+    assert (status.weight_version, status.fingerprint) == (4, expected)
+    reference = reference_model(model_dir, {**third, "lm_head.weight": third["model.embed_tokens.weight"]})
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer = rollout.generate.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=12), timeout=60)
+        assert list(answer.token_ids) == greedy(reference, ids, 12), prompt
+
+
+def test_a_rank_failing_alone_fails_every_rank_at_once(rollout, model_dir, weights, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Rank 1's state dict lacks a tensor: every rank's push fails promptly, not after the 60 s timeout."""
+    reports = run_ranks(
+        2,
+        kind="fsdp",
+        model_dir=str(model_dir),
+        weights=str(weights),
+        rollouts=[rollout.address],
+        chunk_bytes=CHUNK,
+        drop="model.norm.weight",
+        push_timeout=60.0,
+        linger=6.0,  # alive, so its peer cannot learn from a closed connection that it left
+        out=str(tmp_path),
+    )
+    [result] = _same_results(reports)
+    assert not result["ok"] and "rank 1: KeyError" in result["error"], result
+    for report in reports:
+        assert report["seconds"] < 4.0, report["seconds"]
+    assert _status(rollout).weight_version == 0
+
+
+@pytest.mark.parametrize(
+    ("fraction", "cuts"),
+    [(0.03, (0, 200, 200, 640)), (0.005, (0, 1, 320, 640)), (2e-6, (0, 600, 639, 640))],
+    ids=["escapes", "gaps16", "sparse"],
+)
+def test_ranks_patch_parts_make_one_patch(fraction: float, cuts: tuple[int, ...]) -> None:
+    """Three ranks' parts of a tensor's patch (one rank with no rows, uneven rows) assemble into one patch of
+    weightsync/delta.py's format that turns the base into the new tensor exactly, gap escapes included."""
+    from trainer_side.outgoing import WirePayloads
+    from trainer_side.shard_delta import DeltaPayloads, LocalDiff, Summary, diff_rows, plan_delta
+    from trainer_side.shard_plan import Piece, local_view, spans_of
+    from weightsync.delta import Encoding, apply_patch, element_view
+    from weightsync.manifest import wire_layout
+
+    generator = torch.Generator().manual_seed(int(fraction * 1e6))
+    base = torch.randn(640, 1000, generator=generator).to(BF16)
+    new = base.clone()
+    flat = new.view(torch.int16).view(-1)
+    flat[torch.randperm(flat.numel(), generator=generator)[: max(2, int(flat.numel() * fraction))]] += 1
+    for at in (5000, 200 * 1000 - 100):  # gaps of exactly 255 (saturated at width 1), one across ranks
+        flat[at + 1 : at + 256] = base.view(torch.int16).view(-1)[at + 1 : at + 256]
+        flat[at] = flat[at + 256] = base.view(torch.int16).view(-1)[at] + 1
+    layout = wire_layout([("w", new)])
+    rows = [(cuts[r], cuts[r + 1] - cuts[r]) for r in range(len(cuts) - 1)]
+    spans = spans_of(layout, [[(0, first, n)] if n else [] for first, n in rows])
+    summaries: list[dict[int, Summary]] = []
+    diffs: list[dict[int, LocalDiff]] = []
+    for first, n in rows:
+        summary, diff = diff_rows(new[first : first + n], base[first : first + n], first * 1000)
+        summaries.append({0: summary} if n else {})
+        diffs.append({0: diff} if n and diff is not None else {})
+    plans = [plan_delta(layout, spans, summaries, diffs[r], r) for r in range(len(rows))]
+    assert plans[0] is not None and all(p is not None and p.spans == plans[0].spans for p in plans)
+    [transfer] = plans[0].plan.transfers
+    assert transfer.encoding == Encoding.PATCH
+    patch = bytearray(plans[0].wire_bytes)
+    covered = 0
+    for rank, (plan, (first, n)) in enumerate(zip(plans, rows, strict=True)):
+        assert plan is not None
+        payloads = DeltaPayloads(WirePayloads([new[first : first + n]]), plan.patches)
+        for span in plan.spans:
+            if span.rank == rank:  # each span whole, as one piece of a chunk
+                patch[span.start : span.end] = local_view(Piece(0, span.start, span.end, span), payloads)
+                covered += span.end - span.start
+    assert covered == len(patch)
+    patched = base.clone()
+    apply_patch(element_view(patched), bytes(patch))
+    assert torch.equal(patched.view(torch.int16), new.view(torch.int16))
