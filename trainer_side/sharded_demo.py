@@ -28,6 +28,9 @@ def run_sharded_demo(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     context = mp.get_context("spawn")
+    # One malloc arena per rank, not one per gRPC thread: keeps each rank within its stated memory bound
+    # (docs/sharded.md). glibc reads it at process start, so it is set for the spawned ranks.
+    os.environ.setdefault("MALLOC_ARENA_MAX", "1")
     ok = context.Queue()
     procs = [
         context.Process(target=_rank, args=(rank, ranks, port, model_dir, rollouts, steps, iterations_per_step, ok))
