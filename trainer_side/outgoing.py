@@ -8,6 +8,7 @@ bf16 (and copied off the GPU) one at a time as their chunks go out (`Outgoing.st
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import overload
 
@@ -18,7 +19,7 @@ from weightsync.delta import TransferPlan
 from weightsync.manifest import Manifest, StreamingChecksums, tensor_bytes, to_wire, wire_layout
 from weightsync.v1 import weightsync_pb2 as pb
 
-__all__ = ["Outgoing", "WirePayloads"]
+__all__ = ["Outgoing", "Payloads", "WirePayloads"]
 
 
 class Outgoing:
@@ -138,7 +139,23 @@ def commit_request(update_id: str, manifest: Manifest, *, pending: bool) -> pb.C
     )
 
 
-class WirePayloads(Sequence[memoryview]):
+class Payloads(Sequence[memoryview]):
+    """Each tensor's wire bytes by index, made on demand (`payload`); slices give lists of them."""
+
+    @abstractmethod
+    def payload(self, i: int) -> memoryview: ...
+
+    @overload
+    def __getitem__(self, i: int) -> memoryview: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[memoryview]: ...
+    def __getitem__(self, i: int | slice) -> memoryview | Sequence[memoryview]:
+        if isinstance(i, slice):
+            return [self.payload(j) for j in range(*i.indices(len(self)))]
+        return self.payload(i)
+
+
+class WirePayloads(Payloads):
     """Each source tensor's bf16 bytes on the CPU, made when first asked for and kept until another is.
 
     The chunk encoder and the shared-memory writer walk tensors in order, so a push of fp32 or GPU
@@ -159,13 +176,7 @@ class WirePayloads(Sequence[memoryview]):
     def __len__(self) -> int:
         return len(self._sources)
 
-    @overload
-    def __getitem__(self, i: int) -> memoryview: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[memoryview]: ...
-    def __getitem__(self, i: int | slice) -> memoryview | Sequence[memoryview]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def payload(self, i: int) -> memoryview:
         if i != self._index:
             self._index, self._view = i, tensor_bytes(to_wire(self._sources[i]))
         return self._view

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import overload
 
 import numpy as np
 import torch
 
-from trainer_side.outgoing import WirePayloads
+from trainer_side.outgoing import Payloads, WirePayloads
 from trainer_side.shard_plan import Span
 from weightsync.delta import HEADER, MAGIC, Encoding, TransferPlan, changed_indices, element_view, likely_dense
 from weightsync.manifest import Manifest
@@ -207,7 +206,7 @@ def _limit(width: int) -> int:
     return (1 << (8 * width)) - 1
 
 
-class DeltaPayloads(Sequence[memoryview]):
+class DeltaPayloads(Payloads):
     """This rank's payload of each tensor in a delta: its patch bytes, or its rows for a tensor sent in full."""
 
     def __init__(self, full: WirePayloads, patches: Mapping[int, bytes]) -> None:
@@ -217,12 +216,6 @@ class DeltaPayloads(Sequence[memoryview]):
     def __len__(self) -> int:
         return len(self._full)
 
-    @overload
-    def __getitem__(self, i: int) -> memoryview: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[memoryview]: ...
-    def __getitem__(self, i: int | slice) -> memoryview | Sequence[memoryview]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def payload(self, i: int) -> memoryview:
         patch = self._patches.get(i)
         return memoryview(patch) if patch is not None else self._full[i]
