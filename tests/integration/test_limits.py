@@ -132,9 +132,9 @@ def test_wrong_token_begin_updates_with_large_manifests_cost_no_memory(model_dir
     assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
     assert len(codes) >= 6
     # Reading the six requests would cost >= 360 MiB (measured +543 MiB when auth ran after parsing). What
-    # remains is gRPC's transport buffering of in-flight bytes, kept by keep_freed_memory: 7-90 MiB seen
-    # here, so the 64 MiB is not a bound this test can hold reliably (see the session note).
-    assert peak - before < 160 * MIB, f"RSS grew {(peak - before) / MIB:.0f} MiB"
+    # is left is each stream's flow-control window of unread bytes, pinned at 4 MiB (rollout_side/server.py
+    # STREAM_WINDOW_BYTES): 19-38 MiB in all measured here; left to gRPC's BDP probing, 27-61 MiB.
+    assert peak - before < 64 * MIB, f"RSS grew {(peak - before) / MIB:.0f} MiB"
     assert len(answers) >= 3 and set(answers) == {1}, answers
 
 
