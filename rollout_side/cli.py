@@ -224,6 +224,7 @@ async def serve(args: argparse.Namespace) -> None:
     if security.token is None:
         logger.warning("the weight path is open: anyone who reaches this port can push weights (--auth-token-file)")
     engine = make_engine(args)
+    await engine.prepare()
     receiver = Receiver(
         engine,
         idle_timeout=args.idle_timeout,

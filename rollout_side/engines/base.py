@@ -94,6 +94,10 @@ class Engine(ABC):
         """Token ids a prompt may hold are below this: the model's vocab_size (its embedding rows)."""
         return int(_model_config(self.model_dir).get("vocab_size") or UNBOUNDED)
 
+    async def prepare(self) -> None:  # noqa: B027
+        """The part of booting that a push arriving meanwhile would slow down, done before the rollout
+        listens (vLLM: its imports, which hold this process's GIL for seconds)."""
+
     @abstractmethod
     async def start(self, weights: Path | None = None, version: int = 0) -> None:
         """Boots the engine with dummy weights (never served), or in standalone mode with the real

@@ -136,6 +136,11 @@ class VllmEngine(Engine):
         self._handoff: vllm_loader.Handoff | None = None  # open from boot until the first load
         self.load_format = ""  # what vLLM booted with: "weightsync" (vllm_loader.py), "dummy" or "safetensors"
 
+    async def prepare(self) -> None:
+        started = time.perf_counter()
+        await asyncio.to_thread(_import_async_llm)
+        logger.info("vLLM imported in %.1f s; starting its engine", time.perf_counter() - started)
+
     async def start(self, weights: Path | None = None, version: int = 0) -> None:
         if self._llm is not None:
             raise RuntimeError("engine already started")
@@ -151,11 +156,9 @@ class VllmEngine(Engine):
 
     def _boot(self, weights: Path | None) -> tuple[AsyncLLM, str]:
         """Builds the AsyncLLM (blocking); returns it and the load format it booted with."""
-        started = time.perf_counter()
-        async_engine_args, async_llm = _import_async_llm()
+        async_engine_args, async_llm = _import_async_llm()  # at once after prepare()
         if self._prewarm:
             vllm_prewarm.install()
-        logger.info("vLLM imported in %.1f s; starting its engine", time.perf_counter() - started)
         args: dict[str, Any] = {"model": str(self.model_dir), "tokenizer": str(self.model_dir), "load_format": "dummy"}
         if weights is not None:
             args.update(model=str(self._standalone_dir(Path(weights))), load_format="safetensors")
