@@ -6,6 +6,7 @@ boots with the uninitialised "weightsync" load format (rollout_side/engines/vllm
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -17,7 +18,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rollout_side.process import free_port, serve_command, wait_until_up
+from rollout_side.process import free_port, serve_command
 from trainer_side.publisher import Publisher
 from trainer_side.push_result import PushResult
 from trainer_side.train import greedy
@@ -47,10 +48,9 @@ def test_a_push_during_boot_commits_once_the_engine_is_up_and_is_gated_until_the
         )
     channel = grpc.insecure_channel(address)
     try:
-        wait_until_up(address, timeout=120, process=proc)
+        _wait_for_port(port, proc)  # then push at once, as a trainer does to a rollout that joins
         weight_sync, generate = pb_grpc.WeightSyncStub(channel), pb_grpc.GenerateStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
-        assert weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5).state == pb.ROLLOUT_STATE_BOOTING
 
         results: list[PushResult] = []
 
@@ -84,7 +84,8 @@ def test_a_push_during_boot_commits_once_the_engine_is_up_and_is_gated_until_the
             assert (list(reply.token_ids), reply.weight_version) == (greedy(model, ids, 12), 1)
 
         text = log.read_text()
-        # Received while booting, committed after the engine was up, loaded by the boot-time loader itself.
+        # Begun while booting, committed after the engine was up, loaded by the boot-time loader itself.
+        assert text.index("receiving version 1") < text.index("vLLM up in")
         assert text.index("verified; loading version 1 once the engine is up") < text.index("vLLM up in")
         assert text.index("vLLM up in") < text.index("committed version 1")
         assert "(weightsync weights)" in text and "it booted with it" in text
@@ -101,6 +102,19 @@ def test_a_push_during_boot_commits_once_the_engine_is_up_and_is_gated_until_the
         channel.close()
         proc.kill()
         proc.wait(60)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Until the rollout accepts connections (a plain socket: a gRPC channel would back off between tries)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the rollout exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "the rollout did not listen"
+            time.sleep(0.02)
 
 
 def _alive(process: psutil.Process) -> bool:
