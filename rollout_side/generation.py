@@ -8,20 +8,57 @@ for a version and request validation are decided once. Knows nothing of protobuf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from rollout_side.engines.base import Completion, Engine, Sampling
 from rollout_side.lifecycle import Lifecycle, Phase
 from weightsync import metrics
 from weightsync.errors import BadRequest, NoWeights, VersionNotReached
 
-__all__ = ["DEFAULT_MAX_TOKENS", "Generation", "GenerationRequest", "VersionGate"]
+__all__ = ["DEFAULT_MAX_TOKENS", "Generation", "GenerationRequest", "VersionGate", "interleave"]
+
+T = TypeVar("T")
+
+
+async def interleave(streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T]]:
+    """(index of its stream, item) from every stream as items come; the first error is raised.
+
+    Each stream is drained by its own task, so a slow one does not hold the others. Closing this early
+    (use contextlib.aclosing) cancels those tasks: engines abort the requests behind them.
+    """
+    queue: asyncio.Queue[tuple[int, T] | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((index, item))
+        except Exception as error:  # noqa: BLE001 - re-raised by the reader
+            queue.put_nowait(error)
+        else:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            got = await queue.get()
+            if got is None:
+                running -= 1
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                yield got
+    finally:
+        for task in tasks:
+            task.cancel()
+
 
 DEFAULT_MAX_TOKENS = 16
 # A prompt text longer than this many characters per token of the model's length cannot fit: refused
@@ -143,33 +180,12 @@ class Generation:
         """(index, piece) of all `request.n` completions as they are produced, interleaved."""
         started = time.perf_counter()
         prompt_ids, sampling = await self.admit(request, timeout)
-        queue: asyncio.Queue[tuple[int, Completion] | BaseException | None] = asyncio.Queue()
-
-        async def pump(index: int, each: Sampling) -> None:
-            try:
-                async for out in self.engine.generate_stream(prompt_ids, each):
-                    queue.put_nowait((index, out))
-            except Exception as error:  # noqa: BLE001 - re-raised by the reader
-                queue.put_nowait(error)
-            else:
-                queue.put_nowait(None)
-
-        tasks = [asyncio.create_task(pump(i, each)) for i, each in enumerate(_each(sampling, request.n))]
-        try:
-            running = len(tasks)
-            while running:
-                item = await queue.get()
-                if item is None:
-                    running -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                if item[1].finish_reason:
-                    metrics.Rollout.observe_generate(item[1].weight_version, time.perf_counter() - started)
-                yield item
-        finally:
-            for task in tasks:
-                task.cancel()  # a reader gone early: the engines abort their requests
+        streams = [self.engine.generate_stream(prompt_ids, each) for each in _each(sampling, request.n)]
+        async with contextlib.aclosing(interleave(streams)) as pieces:
+            async for index, out in pieces:
+                if out.finish_reason:
+                    metrics.Rollout.observe_generate(out.weight_version, time.perf_counter() - started)
+                yield index, out
 
     async def admit(self, request: GenerationRequest, timeout: float | None) -> tuple[list[int], Sampling]:
         """Refuses a request no committed version can answer, or a malformed one; returns prompt ids and sampling."""

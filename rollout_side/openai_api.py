@@ -22,6 +22,7 @@ and the response shapes live in rollout_side/openai_schema.py; the routes, the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import socket
@@ -37,7 +38,7 @@ from starlette.routing import Route
 
 from rollout_side.auth import ServerSecurity
 from rollout_side.engines.base import Completion
-from rollout_side.generation import Generation, GenerationRequest
+from rollout_side.generation import Generation, GenerationRequest, interleave
 from rollout_side.openai_schema import (
     RETRY_AFTER_SECONDS,
     HttpError,
@@ -393,28 +394,6 @@ async def _merge(
         finally:
             await streams[0].aclose()
         return
-    queue: asyncio.Queue[tuple[int, Completion] | BaseException | None] = asyncio.Queue()
-
-    async def pump(p: int, stream: AsyncGenerator[tuple[int, Completion]]) -> None:
-        try:
-            async for i, piece in stream:
-                queue.put_nowait((p * n + i, piece))
-        except Exception as error:  # noqa: BLE001 - re-raised by the reader
-            queue.put_nowait(error)
-        else:
-            queue.put_nowait(None)
-
-    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
-    try:
-        running = len(tasks)
-        while running:
-            got = await queue.get()
-            if got is None:
-                running -= 1
-            elif isinstance(got, BaseException):
-                raise got
-            else:
-                yield got
-    finally:
-        for task in tasks:
-            task.cancel()
+    async with contextlib.aclosing(interleave(streams)) as pieces:
+        async for p, (i, piece) in pieces:
+            yield p * n + i, piece
