@@ -317,13 +317,7 @@ class Collective:
             if outgoing.is_delta and began.chunk_count != chunks:  # a rollout from before delta sync: full chunks
                 client.abort(update_id)
                 why = f"the rollout expects {began.chunk_count} chunks: it does not take deltas"
-                return PushResult(
-                    address=client.address,
-                    version=outgoing.version,
-                    ok=False,
-                    error=why,
-                    reason=Reason.FULL_VERSION_NEEDED,
-                )
+                return client.failed(outgoing, why, reason=Reason.FULL_VERSION_NEEDED)
             return None
 
         with ThreadPoolExecutor(max_workers=len(clients)) as pool:

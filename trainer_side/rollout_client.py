@@ -153,7 +153,7 @@ class RolloutClient:
                         continue
                     if (failed.accepted or not first) and not transport:
                         self.abort(update_id)  # refused midway: stop it holding the rollout; cut: keep it for a resume
-                    return self._failed(outgoing, describe(error), code=_code(error), reason=reason)
+                    return self.failed(outgoing, describe(error), code=_code(error), reason=reason)
         finally:
             if window is not None:
                 window.leave(slot)
@@ -162,7 +162,7 @@ class RolloutClient:
         manifest = outgoing.manifest
         assert manifest is not None  # _attempt committed: the checksums are known
         if answer.weight_version != outgoing.version or answer.fingerprint != manifest.fingerprint:
-            return self._failed(
+            return self.failed(
                 outgoing,
                 f"rollout committed version {answer.weight_version} with fingerprint {answer.fingerprint}, "
                 f"expected {outgoing.version} with {manifest.fingerprint}",
@@ -256,7 +256,7 @@ class RolloutClient:
                 delta=outgoing.is_delta,
                 already=True,
             )
-        return self._failed(
+        return self.failed(
             outgoing,
             f"version {outgoing.version} is committed there with fingerprint {theirs or '(unknown)'}, "
             f"not ours ({manifest.fingerprint}); push a newer version",
@@ -265,7 +265,7 @@ class RolloutClient:
             seconds=seconds,
         )
 
-    def _failed(
+    def failed(
         self,
         outgoing: Outgoing,
         error: str,
@@ -274,6 +274,7 @@ class RolloutClient:
         reason: Reason | None = None,
         seconds: float = 0.0,
     ) -> PushResult:
+        """A failed push of `outgoing` to this rollout (the collective publisher reports its refusals so too)."""
         return PushResult(
             address=self.address,
             version=outgoing.version,
