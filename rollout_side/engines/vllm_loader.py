@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from rollout_side.engines.vllm_prewarm import running
 from rollout_side.engines.vllm_worker import SHM_DIR, LayoutEntry, layout_views
 
 __all__ = ["LOAD_FORMAT", "Handoff", "Offer", "booted_with", "register", "wanted"]
@@ -71,7 +72,7 @@ class Handoff:
         self._write([offer.version, offer.path, offer.nbytes, offer.layout])
 
     def expect(self) -> None:
-        self._write(PENDING)
+        self._write([PENDING, os.getpid()])  # the owner: a loader stops waiting for a rollout that died
 
     def withdraw(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -85,17 +86,19 @@ class Handoff:
 
 def read_offer(path: str) -> Offer | None:
     """The offer at `path` once there is one; None if there is none. Waits while one is PENDING (an
-    update arriving), up to PENDING_WAIT: the engine has nothing better to load meanwhile."""
+    update arriving), up to PENDING_WAIT: the engine has nothing better to load meanwhile. Stops waiting
+    if the rollout that wrote PENDING is gone (killed mid-boot): vLLM defers SIGTERM until its engine is
+    built, so a loader waiting on would keep this process, and its memory, alive for PENDING_WAIT."""
     deadline = time.monotonic() + PENDING_WAIT
     while True:
         try:
             value = json.loads(Path(path).read_text())
         except FileNotFoundError:
             return None
-        if value != PENDING:
+        if value[0] != PENDING:
             version, staged, nbytes, layout = value
             return Offer(int(version), str(staged), int(nbytes), [tuple(entry) for entry in layout])
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or not running(int(value[1])):
             return None
         time.sleep(0.02)
 

@@ -22,7 +22,7 @@ import time
 from multiprocessing import context, forkserver
 from typing import Any
 
-__all__ = ["OFF_ENV", "install", "start"]
+__all__ = ["OFF_ENV", "install", "running", "start"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +51,12 @@ class _Process(context.ForkServerProcess):
 
 def _exit_without(owner: int) -> None:
     """Ends this process (as SIGTERM would) once `owner` has exited."""
-    while _running(owner):
+    while running(owner):
         time.sleep(1.0)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Whether `pid` runs: exists and is not a zombie (exited, not yet reaped by its parent)."""
     try:
         os.kill(pid, 0)

