@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import re
 import time
 import uuid
 import weakref
@@ -35,24 +37,35 @@ class ShmStaging:
     """Staging buffers backed by /dev/shm files, so vLLM's worker process can map the same pages.
 
     A file lives as long as its buffer (a finalizer unlinks it when the tensor is collected), and
-    `close()` unlinks whatever is left.
+    `close()` unlinks whatever is left. Its owner holds a shared flock on it, so a file nobody holds was
+    left by a rollout that could not clean up (SIGKILL: the OOM killer): each new ShmStaging removes
+    those. On Kubernetes /dev/shm is the pod's memory-backed emptyDir, which outlives a crashed
+    container: without this, every restart would leak one model's worth of memory.
     """
 
-    def __init__(self) -> None:
-        # By storage address: (file path, file size, finalizer that unlinks the file).
-        self._files: dict[int, tuple[str, int, weakref.finalize[[int, str], torch.Tensor]]] = {}
+    def __init__(self, directory: Path = SHM_DIR) -> None:
+        self._dir = directory
+        # By storage address: (file path, file size, finalizer that unlinks the file and drops the lock).
+        self._files: dict[int, tuple[str, int, weakref.finalize[[int, str, int], torch.Tensor]]] = {}
+        self.removed = remove_abandoned(directory)
 
     def allocate(self, nbytes: int) -> torch.Tensor:
-        path = str(SHM_DIR / f"weightsync-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        path = str(self._dir / f"weightsync-{os.getpid()}-{uuid.uuid4().hex[:12]}")
         size = max(nbytes, 1)  # mmap refuses empty files
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # Created and locked under another name, so that no sweep sees it unlocked.
+        fd = os.open(path + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
             os.ftruncate(fd, size)
-        finally:
+            os.rename(path + ".new", path)
+            flat = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)[:nbytes]
+        except BaseException:
             os.close(fd)
-        flat = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)[:nbytes]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + ".new")
+            raise
         address = flat.untyped_storage().data_ptr()
-        self._files[address] = (path, size, weakref.finalize(flat, self._drop, address, path))
+        self._files[address] = (path, size, weakref.finalize(flat, self._drop, address, path, fd))
         return flat
 
     def locate(self, buffer: torch.Tensor) -> tuple[str, int, int] | None:
@@ -67,10 +80,38 @@ class ShmStaging:
         for _, _, finalizer in list(self._files.values()):
             finalizer()
 
-    def _drop(self, address: int, path: str) -> None:
+    def _drop(self, address: int, path: str, fd: int) -> None:
         self._files.pop(address, None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        os.close(fd)
+
+
+STAGING_NAME = re.compile(r"weightsync-\d+-[0-9a-f]{12}")
+
+
+def remove_abandoned(directory: Path = SHM_DIR) -> int:
+    """Unlinks staging files in `directory` that no process holds (see ShmStaging); returns how many."""
+    removed = 0
+    for path in directory.glob("weightsync-*"):
+        if not STAGING_NAME.fullmatch(path.name):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its owner is alive
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            size = path.stat().st_size
+            path.unlink()
+            removed += 1
+            logger.warning("removed %s (%.1f MB), left by a rollout that was killed", path, size / 1e6)
+    return removed
 
 
 class WeightsyncWorkerExtension:
