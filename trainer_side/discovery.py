@@ -2,7 +2,8 @@
 
 `resolve("dns:weightsync-rollout.weightsync.svc:50051")` returns one HOST:PORT per address the name
 has now. A headless Service with publishNotReadyAddresses lists rollouts before they are ready,
-which is what a trainer needs: they only become ready once it has pushed to them.
+which is what a trainer needs: they only become ready once it has pushed to them. It lists them even
+before they listen; `follow` keeps trying those until they do, so each is pushed to the moment it can be.
 """
 
 from __future__ import annotations
@@ -10,17 +11,22 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from trainer_side.publisher import Publisher
 
-__all__ = ["Watcher", "follow", "resolve"]
+__all__ = ["Follower", "Watcher", "follow", "listening", "resolve"]
 
 logger = logging.getLogger(__name__)
 
 DNS_PREFIX = "dns:"
+# A newcomer is listed in DNS once its pod has an IP, seconds before its rollout listens (it imports
+# vLLM first) and accepts a push while its engine boots: look again this often, a TCP connect per look.
+RETRY_EVERY = 0.5
+GIVE_UP_AFTER = 600.0  # seconds a newcomer may take to listen: a GPU pod's image pull and boot, generously
 
 
 def resolve(target: str) -> list[str]:
@@ -97,22 +103,117 @@ class Watcher:
             self._thread.join(self.interval + 5)
 
 
+def listening(address: str, timeout: float = RETRY_EVERY) -> bool:
+    """Whether HOST:PORT accepts a TCP connection now (True for what is not HOST:PORT: gRPC will tell).
+
+    Asked before gRPC is: a gRPC channel whose connection failed waits before it tries again (shared by
+    every channel to that address; CHANNEL_OPTIONS caps it at 1 s), so calling a rollout before it
+    listens would delay its push once it does, and a status call per look would cost more.
+    """
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return True
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+class Follower(Watcher):
+    """A Watcher that keeps a publisher's rollouts equal to what `target` resolves to (see `follow`).
+
+    Newcomers wait in `waiting` until one reconcile round has read their status; a thread of their own
+    looks at them every RETRY_EVERY seconds, so a slow one delays neither the poll nor the others.
+    """
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        target: str,
+        *,
+        interval: float = 10.0,
+        resolver: Callable[[str], list[str]] = resolve,
+    ) -> None:
+        super().__init__(target, self._changed, interval=interval, resolver=resolver, known=publisher.rollouts)
+        self._publisher = publisher
+        self._since: dict[str, float] = {}  # newcomer -> when it joined (monotonic)
+        self._since_lock = threading.Lock()  # the watcher's thread adds and drops, the newcomers' thread looks
+        self._wake = threading.Event()  # set by a join (look now) and by stop()
+        self._newcomers = threading.Thread(target=self._retry, name="rollout-newcomers", daemon=True)
+
+    @property
+    def waiting(self) -> list[str]:
+        """Newcomers whose status no reconcile round has read yet."""
+        with self._since_lock:
+            return list(self._since)
+
+    def start(self) -> Follower:
+        self._newcomers.start()
+        super().start()
+        return self
+
+    def _changed(self, joined: list[str], left: list[str]) -> None:
+        self._publisher.set_rollouts(joined, left)
+        now = time.monotonic()
+        with self._since_lock:
+            for address in left:
+                self._since.pop(address, None)
+            self._since |= {address: now for address in joined}
+        if joined:
+            self._wake.set()
+
+    def _retry(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(RETRY_EVERY)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._look()
+            except Exception:
+                logger.exception("syncing newcomers failed; retrying in %.1f s", RETRY_EVERY)
+
+    def _look(self) -> None:
+        """Reconciles once if a waiting newcomer listens; stops waiting for those it reached or gave up on."""
+        with self._since_lock:
+            since = dict(self._since)
+        now = time.monotonic()
+        expired = [a for a, joined in since.items() if now - joined > GIVE_UP_AFTER]
+        for address in expired:
+            logger.warning(
+                "%s never answered in %.0f s; the next push or reconcile round tries it again", address, GIVE_UP_AFTER
+            )
+        ready = [a for a in since if a not in expired and listening(a)]
+        missed: list[str] = []
+        if ready:
+            for result in self._publisher.reconcile(unreachable=missed):
+                (logger.info if result.ok else logger.warning)("newcomer: %s", result.line())
+        with self._since_lock:
+            for address in [*expired, *(a for a in ready if a not in missed)]:
+                if self._since.get(address) == since[address]:  # not one that left and joined again meanwhile
+                    del self._since[address]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        super().stop()
+        if self._newcomers.is_alive():
+            self._newcomers.join(RETRY_EVERY + 5)
+
+
 def follow(
     publisher: Publisher,
     target: str,
     *,
     interval: float = 10.0,
     resolver: Callable[[str], list[str]] = resolve,
-) -> Watcher:
+) -> Follower:
     """Keeps `publisher`'s rollouts equal to what `target` resolves to, syncing newcomers at once.
 
     Newcomers get the latest version through `Publisher.reconcile` (needs `delta=True`, which keeps
-    it); rollouts that are gone are dropped. Returns the started watcher; `stop()` it when done.
+    it) as soon as they listen: one that joined before it listened is looked at every RETRY_EVERY
+    seconds until it answers, leaves, or GIVE_UP_AFTER passes. Rollouts that are gone are dropped.
+    Returns the started follower; `stop()` it when done.
     """
-
-    def changed(joined: list[str], left: list[str]) -> None:
-        publisher.set_rollouts(joined, left)
-        if joined:
-            publisher.reconcile()
-
-    return Watcher(target, changed, interval=interval, resolver=resolver, known=publisher.rollouts).start()
+    return Follower(publisher, target, interval=interval, resolver=resolver).start()

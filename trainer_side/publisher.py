@@ -205,11 +205,13 @@ class Publisher:
             by_address |= {r.address: r for r in self._push_to(refused, full)}
         return [by_address[a] for a in self.rollouts]
 
-    def reconcile(self) -> list[PushResult]:
+    def reconcile(self, *, unreachable: list[str] | None = None) -> list[PushResult]:
         """Pushes the latest version, in full, to every reachable rollout that serves an older one or none.
 
         A rollout that restarted, started late or missed versions returns to serving the latest version
         without waiting for the next training step. Needs `delta=True` (the publisher keeps that version).
+        `unreachable`, if given, gets the addresses whose status could not be read: discovery retries
+        those of its newcomers soon rather than at the next round (trainer_side/discovery.py).
         """
         with self._lock:
             base = self._base
@@ -217,6 +219,8 @@ class Publisher:
                 return []
             stale = []
             for address, status in self._statuses(timeout=min(self.timeout, 5.0)).items():
+                if isinstance(status, str) and unreachable is not None:
+                    unreachable.append(address)
                 if isinstance(status, str) or status.state == pb.ROLLOUT_STATE_RECEIVING:
                     continue  # unreachable or busy now: the next round looks again
                 if status.weight_version >= base.version:
