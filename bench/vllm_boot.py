@@ -2,17 +2,21 @@
 
 Every clock starts when the rollout process is launched and stops when it serves the trained weights
 (the push is confirmed, or GetStatus reports the standalone version); then one Generate times the
-first token. The trainer's weights are in its memory already, as in RL, and it pushes as soon as the
-rollout's port answers, as a trainer does to a rollout that joins (the rollout receives while its
-engine boots). Paths, interleaved run by run:
+first token. The rollout joins a running job, the case the dummy boot is for (autoscaling, restarts):
+the trainer already pushed the version to its fleet (a torch-engine rollout, before any clock), so it
+holds the version with its checksums, and as soon as the newcomer's port answers it adds it and
+reconciles, as discovery does (trainer_side/discovery.py); the rollout receives while its engine boots.
+Paths, interleaved run by run:
 
-- push: `serve` (uninitialised weights, load format "weightsync") + a push;
+- push: `serve` (uninitialised weights, load format "weightsync") + the reconcile push;
 - push_random_dummy: the same with vLLM's random dummy fill (what skipping it saves);
 - push_spawn: the same with EngineCore spawned by vLLM, not forked from the pre-warmed server;
 - disk_cold / disk_warm: `serve --weights checkpoint` with the checkpoint evicted from the page cache
   (posix_fadvise) / left cached, the most favourable case for loading from disk.
 
-Each phase is timed from the rollout's log lines as they arrive (seconds since launch).
+Each phase is timed from the rollout's log lines as they arrive (seconds since launch). CPU seconds
+to serving are counted too, for the rollout's processes and for the trainer (this process): the
+machine has 2 cores and both paths keep them busy, so every CPU second a push adds is wall time.
 """
 
 from __future__ import annotations
@@ -23,16 +27,20 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import grpc
+import psutil
+import torch
 from safetensors.torch import save_file
 
 from bench.models import make_model, model_bytes, random_state
-from rollout_side.process import free_port, serve_command
+from rollout_side.process import free_port, serve_command, wait_until_up
+from trainer_side.discovery import listening
 from trainer_side.publisher import Publisher
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -91,6 +99,18 @@ class Launched:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the rollout's processes so far (serve, fork server, EngineCore)."""
+        total = 0.0
+        root = psutil.Process(self.proc.pid)
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -112,12 +132,13 @@ class Launched:
         return found
 
 
-def _status(address: str) -> pb.GetStatusResponse | None:
+def _serves_version_1(address: str) -> bool:
     with grpc.insecure_channel(address) as channel:
         try:
-            return pb_grpc.WeightSyncStub(channel).GetStatus(pb.GetStatusRequest(), timeout=1)
+            status = pb_grpc.WeightSyncStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
         except grpc.RpcError:
-            return None
+            return False
+    return bool(status.weight_version == 1)
 
 
 def _wait(predicate, timeout: float = 600) -> None:  # type: ignore[no-untyped-def]
@@ -142,28 +163,83 @@ def _evict(path: Path) -> None:
         os.close(fd)
 
 
-def _one(path: str, model: Path, checkpoint: Path, state: dict[str, object], log: Path) -> dict[str, float]:
+def _one(path: str, model: Path, checkpoint: Path, publisher: Publisher, log: Path) -> dict[str, float]:
     """One launch to serving (and first token) on `path`; returns its phases and totals."""
     if path == "disk_cold":
         _evict(checkpoint)
     disk = path.startswith("disk")
+    trainer_cpu = _own_cpu_seconds()
     rollout = Launched(model, log, weights=checkpoint if disk else None, env=ENV.get(path))
     try:
-        if disk:
-            _wait(lambda: (s := _status(rollout.address)) is not None and s.weight_version == 1)
+        _wait(lambda: listening(rollout.address))  # a TCP connect: waiting costs the booting rollout no CPU
+        if disk:  # it listens once vLLM is up and the checkpoint loaded
+            _wait(lambda: _serves_version_1(rollout.address))
         else:
-            _wait(lambda: _status(rollout.address) is not None)
-            with Publisher([rollout.address], progress=False) as publisher:
-                [result] = publisher.push(state, 1)  # type: ignore[arg-type]
+            publisher.set_rollouts([rollout.address], [])  # what discovery does when a rollout joins
+            try:
+                [result] = publisher.reconcile()
+            finally:
+                publisher.set_rollouts([], [rollout.address])
             if not result.ok:
                 raise RuntimeError(result.error)
         serving = rollout.elapsed()
+        cpu = {"rollout_cpu_s": rollout.cpu_seconds(), "trainer_cpu_s": _own_cpu_seconds() - trainer_cpu}
         _first_token(rollout.address)
         first_token = rollout.elapsed()
         time.sleep(0.2)  # the last log lines
-        return {**rollout.phases(), "serving": serving, "first_token": first_token}
+        return {**rollout.phases(), "serving": serving, "first_token": first_token, **cpu}
     finally:
         rollout.stop()
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+FRESH_MEMORY_PROBE = """
+import sys, time, torch
+steps = []
+for _ in range(int(sys.argv[1])):
+    block = torch.empty(1 << 30, dtype=torch.uint8)
+    started = time.perf_counter()
+    block.fill_(1)
+    steps.append(time.perf_counter() - started)
+    kept = globals().setdefault("kept", []); kept.append(block)
+print(" ".join(f"{s:.3f}" for s in steps))
+"""
+
+
+def fresh_memory_seconds(gib: int = 10) -> list[float]:
+    """Seconds to first touch each successive GiB of fresh memory, in a new process.
+
+    A boot writes several GiB into memory no process had (staging, weights, packed weights, KV cache);
+    on this VM that costs far more per GiB after the first few (the host backs guest memory lazily),
+    which weighs on whichever path touches more of it.
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", FRESH_MEMORY_PROBE, str(gib)], capture_output=True, text=True, check=True
+    )
+    return [float(x) for x in out.stdout.split()]
+
+
+def _trainer_with_version(model: Path, state: dict[str, torch.Tensor], log: Path) -> Publisher:
+    """A publisher that has pushed `state` as version 1 to its fleet (one torch-engine rollout, then gone)."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    with log.open("a") as sink:
+        fleet = subprocess.Popen(serve_command(model, engine="torch", port=port), stdout=sink, stderr=subprocess.STDOUT)
+    publisher = Publisher([address], progress=False, delta=True)
+    try:
+        wait_until_up(address, timeout=300, process=fleet)
+        [result] = publisher.push(state, 1)
+        if not result.ok:
+            raise RuntimeError(result.error)
+    finally:
+        fleet.terminate()
+        fleet.wait(60)
+    publisher.set_rollouts([], [address])
+    return publisher
 
 
 def run(size: str = "1GiB", runs: int = 3, workdir: Path | None = None) -> dict[str, object]:
@@ -175,9 +251,10 @@ def run(size: str = "1GiB", runs: int = 3, workdir: Path | None = None) -> dict[
     save_file(state, checkpoint)
     log = root / "rollouts.log"
     measured: dict[str, list[dict[str, float]]] = {path: [] for path in PATHS}
-    for _ in range(runs):
-        for path in PATHS:
-            measured[path].append(_one(path, model, checkpoint, state, log))  # type: ignore[arg-type]
+    with _trainer_with_version(model, state, log) as publisher:
+        for _ in range(runs):
+            for path in PATHS:
+                measured[path].append(_one(path, model, checkpoint, publisher, log))
     checkpoint.unlink()
     result: dict[str, object] = {"model": size, "model_bytes": model_bytes(state), "runs": runs}
     for path, samples in measured.items():
@@ -218,6 +295,8 @@ REPORTED = [
     ("(the loader waited for the push) (s)", "waited_for_push_at_boot_s"),
     ("profile + KV cache + warm-up (s)", "profile_kv_cache_warmup_s"),
     ("swap after boot (s)", "swap_after_boot_s"),
+    ("CPU seconds to serving: the rollout's processes", "rollout_cpu_s"),
+    ("CPU seconds to serving: the trainer", "trainer_cpu_s"),
 ]
 
 
@@ -245,7 +324,41 @@ def readme_table(results: list[dict[str, object]]) -> str:
             f"random fill saved {result['random_fill_saved_s']:.1f} s and the pre-warmed EngineCore "
             f"{result['prewarm_saved_s']:.1f} s.\n"
         )
+        if "fresh_memory_s_per_gib" in result:
+            steps = ", ".join(f"{x:.2f}" for x in result["fresh_memory_s_per_gib"])  # type: ignore[attr-defined]
+            out.append(f"First touch of fresh memory here, seconds for each successive GiB: {steps}.\n")
     return "\n".join(out)
+
+
+def plot(results: list[dict[str, object]], out: Path) -> None:
+    """One bar per path and model: seconds from launch to serving, split at each phase's end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    marks = ["vllm_imported", "engine_process_up", "model_constructed", "engine_ready", "serving"]
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.2 + 0.6 * len(PATHS) * len(results)), squeeze=False)
+    for ax, result in zip(axes[:, 0], results, strict=True):
+        for row, path in enumerate(PATHS):
+            median = result[path]["median"]  # type: ignore[index]
+            start = 0.0
+            for mark in sorted((m for m in marks if m in median), key=lambda m: median[m]):
+                ax.barh(
+                    row,
+                    median[mark] - start,
+                    left=start,
+                    color=f"C{marks.index(mark)}",
+                    label=mark if row == 0 else None,
+                )
+                start = median[mark]
+        ax.set_yticks(range(len(PATHS)), PATHS)
+        ax.invert_yaxis()
+        ax.set_title(f"{result['model']} model: seconds from launch (median of {result['runs']})")
+        ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def update_readme(results: list[dict[str, object]], readme: Path = Path("docs/benchmarks.md")) -> None:
@@ -264,8 +377,12 @@ def main() -> None:
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
     args = parser.parse_args()
     results = [run(size, args.runs) for size in args.sizes]
+    fresh = fresh_memory_seconds()
+    for result in results:
+        result["fresh_memory_s_per_gib"] = fresh
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
+    plot(results, args.out.with_suffix(".png"))
     if not args.no_readme:
         update_readme(results)
     print(readme_table(results))
