@@ -157,6 +157,7 @@ class VllmEngine(Engine):
     def _boot(self, weights: Path | None) -> tuple[AsyncLLM, str]:
         """Builds the AsyncLLM (blocking); returns it and the load format it booted with."""
         async_engine_args, async_llm = _import_async_llm()  # at once after prepare()
+        vllm_prewarm.own_engine_processes()  # EngineCore exits when this process is gone
         if self._prewarm:
             vllm_prewarm.install()
         args: dict[str, Any] = {"model": str(self.model_dir), "tokenizer": str(self.model_dir), "load_format": "dummy"}

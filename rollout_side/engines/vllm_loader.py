@@ -8,8 +8,8 @@ shared-memory staging file, as a disk load would: the engine comes up serving it
 afterwards. The worker reports what it loaded (`booted_with`), so the rollout knows whether a swap is
 still needed.
 
-vLLM finds the format through its `vllm.general_plugins` entry point (pyproject.toml), which runs in every
-vLLM process, the EngineCore that loads the model included.
+vLLM finds the format through weightsync's plugin (vllm_plugin.py, a `vllm.general_plugins` entry point),
+which runs in every vLLM process, the EngineCore that loads the model included.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def wanted() -> bool:
 
 
 def register() -> None:
-    """Registers the load format with vLLM; the `vllm.general_plugins` entry point, idempotent."""
+    """Registers the load format with vLLM (from the plugin, in every vLLM process); idempotent."""
     global _registered
     if _registered:
         return

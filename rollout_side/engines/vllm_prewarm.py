@@ -10,6 +10,10 @@ makes forking it safe where forking the rollout (gRPC threads, OpenMP) would not
 vLLM sets environment variables for its child just before starting it; a fork server's children would
 otherwise see the server's environment from when it started, so each child takes its parent's at start().
 GPU builds fork EngineCore already (vLLM's default there) and are left alone.
+
+However it was started, EngineCore exits when its rollout is gone (`watch_owner`): vLLM's own does not
+notice (a spawned one was still running 48 s after a SIGKILL of its rollout), and on a GPU an orphan
+holds the memory the restarted rollout needs.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import time
 from multiprocessing import context, forkserver
 from typing import Any
 
-__all__ = ["OFF_ENV", "install", "running", "start"]
+__all__ = ["OFF_ENV", "OWNER_ENV", "install", "own_engine_processes", "running", "start", "watch_owner"]
 
 logger = logging.getLogger(__name__)
 
 # What EngineCore imports before it can build the model: done in the fork server, once.
 OFF_ENV = "WEIGHTSYNC_VLLM_PREWARM"  # "0": vLLM's own spawn (bench.vllm_boot measures the difference)
+OWNER_ENV = "WEIGHTSYNC_ENGINE_OWNER"  # the rollout's pid, set before vLLM starts EngineCore
 PRELOAD = ["vllm.v1.engine.core", "vllm.v1.executor.uniproc_executor", "vllm.v1.worker.cpu_worker"]
 
 
@@ -45,8 +50,40 @@ class _Process(context.ForkServerProcess):
     def run(self) -> None:
         os.environ.clear()
         os.environ.update(self._environ)
-        threading.Thread(target=_exit_without, args=(self._owner,), name="owner-watch", daemon=True).start()
+        _watch(self._owner)
         super().run()
+
+
+def own_engine_processes() -> None:
+    """Called in the rollout before vLLM starts EngineCore: names this process its owner, for all three
+    ways it may start (forked by vLLM, as on GPUs; spawned; from the fork server)."""
+    global _hooked
+    os.environ[OWNER_ENV] = str(os.getpid())
+    if not _hooked:
+        os.register_at_fork(after_in_child=watch_owner)  # a forked child loads no plugin: vLLM did already
+        _hooked = True
+
+
+def watch_owner() -> None:
+    """In a process vLLM started for the rollout named by OWNER_ENV, exits once that rollout is gone.
+
+    Runs in a child the rollout forked, and from weightsync's vLLM plugin (vllm_plugin.py), which vLLM
+    loads in every process it spawns; in the rollout itself it does nothing.
+    """
+    owner = os.environ.get(OWNER_ENV, "")
+    if owner.isdigit():
+        _watch(int(owner))
+
+
+_hooked = False
+_watched: int | None = None
+
+
+def _watch(owner: int) -> None:
+    global _watched
+    if _watched is None and owner != os.getpid():
+        _watched = owner
+        threading.Thread(target=_exit_without, args=(owner,), name="owner-watch", daemon=True).start()
 
 
 def _exit_without(owner: int) -> None:

@@ -8,6 +8,7 @@ step waits while an update is being received and must stop waiting when that upd
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import threading
@@ -23,6 +24,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rollout_side.engines import vllm_prewarm
 from rollout_side.engines.vllm_loader import PENDING_WAIT
 from rollout_side.process import free_port, serve_command
 from trainer_side.publisher import Publisher
@@ -229,6 +231,45 @@ def test_a_rollout_killed_while_its_loader_waits_for_an_update_takes_its_engine_
         while any(_alive(p) for p in engine_processes):
             assert time.monotonic() < deadline, f"left behind: {[p.pid for p in engine_processes if _alive(p)]}"
             time.sleep(0.5)
+
+
+# `python -m rollout_side` with vLLM made to fork EngineCore, as it does on GPU builds (it spawns on CPU).
+FORKING_ROLLOUT = """
+import multiprocessing, runpy, sys
+from vllm.v1.engine import utils
+utils.get_mp_context = lambda: multiprocessing.get_context("fork")
+sys.argv[0] = "rollout_side"
+runpy.run_module("rollout_side", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("start", ["spawn", "fork"])
+def test_an_engine_core_started_by_vllm_itself_exits_when_its_rollout_is_killed(
+    start: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """Without the fork server vLLM starts EngineCore itself, and never notices its parent's death; on a
+    GPU such an orphan holds the memory the restarted rollout needs. It must exit with its rollout (the
+    OOM killer's SIGKILL), whether spawned (CPU builds) or forked (GPU builds)."""
+    log = tmp_path / "rollout.log"
+    command = serve_command(model_dir, engine="vllm", port=free_port(), args=["--kv-cache-gib", "0.25"])
+    if start == "fork":
+        command[1:3] = ["-c", FORKING_ROLLOUT]
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, vllm_prewarm.OFF_ENV: "0"}
+        )
+    try:
+        _wait_for_log(log, "vLLM up in", proc, 180)
+        engine_processes = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.ppid() == proc.pid]
+        assert engine_processes, "vLLM started no process of its own"
+        proc.kill()
+        proc.wait(30)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in engine_processes):
+            assert time.monotonic() < deadline, f"left behind: {[p.pid for p in engine_processes if _alive(p)]}"
+            time.sleep(0.5)
+    finally:
+        _stop(proc)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
