@@ -40,8 +40,8 @@ from safetensors.torch import save_file
 
 from bench.models import make_model, model_bytes, random_state
 from rollout_side.process import free_port, serve_command, wait_until_up
-from trainer_side.discovery import listening
 from trainer_side.publisher import Publisher
+from weightsync.channel import listening
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 

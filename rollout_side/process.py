@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 
+from weightsync.channel import listening, open_channel
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -38,22 +39,27 @@ def serve_command(
 
 
 def wait_until_up(address: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Blocks until the rollout at `address` answers GetStatus (even with an auth refusal)."""
+    """Blocks until the rollout at `address` answers GetStatus (even with an auth refusal).
+
+    Its port is probed with plain connects first (`listening`): a gRPC channel that failed to connect
+    backs off, and would notice a rollout that starts to listen up to a second late.
+    """
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address) as channel:
         stub = pb_grpc.WeightSyncStub(channel)
         while True:
-            try:
-                stub.GetStatus(pb.GetStatusRequest(), timeout=2)
-                return
-            except grpc.RpcError as error:
-                if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            if listening(address):
+                try:
+                    stub.GetStatus(pb.GetStatusRequest(), timeout=2)
                     return
+                except grpc.RpcError as error:
+                    if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                        return
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"rollout {address} exited with {process.returncode} while starting")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rollout {address} did not come up within {timeout:.0f} s")
-            time.sleep(0.2)
+            time.sleep(0.02)
 
 
 class RolloutProcess:

@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from weightsync.channel import listening
+
 if TYPE_CHECKING:
     from trainer_side.publisher import Publisher
 
-__all__ = ["Follower", "Watcher", "follow", "listening", "resolve"]
+__all__ = ["Follower", "Watcher", "follow", "resolve"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,23 +105,6 @@ class Watcher:
             self._thread.join(self.interval + 5)
 
 
-def listening(address: str, timeout: float = RETRY_EVERY) -> bool:
-    """Whether HOST:PORT accepts a TCP connection now (True for what is not HOST:PORT: gRPC will tell).
-
-    Asked before gRPC is: a gRPC channel whose connection failed waits before it tries again (shared by
-    every channel to that address; CHANNEL_OPTIONS caps it at 1 s), so calling a rollout before it
-    listens would delay its push once it does, and a status call per look would cost more.
-    """
-    host, _, port = address.rpartition(":")
-    if not port.isdigit():
-        return True
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
 class Follower(Watcher):
     """A Watcher that keeps a publisher's rollouts equal to what `target` resolves to (see `follow`).
 
@@ -184,7 +169,7 @@ class Follower(Watcher):
             logger.warning(
                 "%s never answered in %.0f s; the next push or reconcile round tries it again", address, GIVE_UP_AFTER
             )
-        ready = [a for a in since if a not in expired and listening(a)]
+        ready = [a for a in since if a not in expired and listening(a, timeout=RETRY_EVERY)]
         missed: list[str] = []
         if ready:
             for result in self._publisher.reconcile(unreachable=missed):

@@ -7,6 +7,7 @@ called through a raw stream that sends bytes as they are, not through the genera
 
 from __future__ import annotations
 
+import socket
 from typing import overload
 
 import grpc
@@ -14,7 +15,7 @@ import grpc.aio
 
 from weightsync.v1 import weightsync_pb2 as pb
 
-__all__ = ["CHANNEL_OPTIONS", "PUSH_CHUNKS", "open_aio_channel", "open_channel", "raw_push_chunks"]
+__all__ = ["CHANNEL_OPTIONS", "PUSH_CHUNKS", "listening", "open_aio_channel", "open_channel", "raw_push_chunks"]
 
 # A chunk message is up to 64 MiB of payload plus its header. After a failed connect gRPC waits before
 # trying again, by default growing to 2 min (and shared by every channel to that address): a rollout
@@ -26,6 +27,31 @@ CHANNEL_OPTIONS = [
 ]
 
 PUSH_CHUNKS = "/weightsync.v1.WeightSync/PushChunks"
+
+
+def listening(address: str, timeout: float = 1.0) -> bool:
+    """Whether a rollout's address accepts a connection now: a plain connect, no gRPC.
+
+    Asked before gRPC is when waiting for a rollout to listen: a gRPC channel whose connection failed
+    waits before it tries again (shared by every channel to that address; capped above), so calling a
+    rollout before it listens would notice it late, and a status call per look would cost more.
+    HOST:PORT and unix:PATH; True for any other target (gRPC will tell).
+    """
+    target: str | tuple[str, int]
+    if address.startswith("unix:"):
+        family, target = socket.AF_UNIX, address[len("unix:") :]
+    else:
+        host, _, port = address.rpartition(":")
+        if not port.isdigit():
+            return True
+        family, target = socket.AF_INET6 if ":" in host else socket.AF_INET, (host.strip("[]"), int(port))
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(timeout)
+        try:
+            probe.connect(target)
+        except OSError:
+            return False
+    return True
 
 
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
