@@ -111,7 +111,12 @@ def test_rollout_killed_mid_commit_and_restarted(model_dir: Path, trained_state)
     finally:
         rollout.kill()
     with RolloutProcess(model_dir, port=rollout.port):
-        # Nothing survives a crash: the restarted rollout holds dummy weights and refuses Generate.
+        # Nothing survives a crash: the restarted rollout, its engine up, holds dummy weights and refuses
+        # Generate. (It listens while the engine boots: wait for the boot, so that is what is checked.)
+        deadline = time.monotonic() + 60
+        while status(address).state == pb.ROLLOUT_STATE_BOOTING:
+            assert time.monotonic() < deadline, "the restarted rollout's engine did not come up"
+            time.sleep(0.05)
         assert (status(address).weight_version, status(address).state) == (0, pb.ROLLOUT_STATE_DUMMY)
         with pytest.raises(grpc.RpcError) as info:
             generate(address)
