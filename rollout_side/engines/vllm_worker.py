@@ -61,8 +61,9 @@ class ShmStaging:
             flat = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)[:nbytes]
         except BaseException:
             os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path + ".new")
+            for leftover in (path + ".new", path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
             raise
         address = flat.untyped_storage().data_ptr()
         self._files[address] = (path, size, weakref.finalize(flat, self._drop, address, path, fd))
