@@ -29,15 +29,11 @@ from bench.baselines import _sink_main
 from bench.measure import machine, peak_rss, reset_peak_rss, rss
 from bench.models import SIZES, make_model
 from bench.sync import Rollout
+from rollout_side.process import free_port
+from weightsync.memory import start_with_environ
 
 RESULTS = Path(__file__).parent / "results" / "sharded.json"
 _CTX = mp.get_context("spawn")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rank(rank: int, world: int, job: dict[str, Any], out: Any) -> None:
@@ -144,7 +140,7 @@ def run(
             ports[rank].append(ready.get(timeout=120))
     out: Any = _CTX.Queue()
     job = {
-        "master_port": _free_port(),
+        "master_port": free_port(),
         "model": str(model),
         "rollouts": [r.address for r in rollouts],
         "sinks": ports,
@@ -152,15 +148,7 @@ def run(
         "first_version": first_version,
     }
     procs = [_CTX.Process(target=_rank, args=(rank, ranks, job, out)) for rank in range(ranks)]
-    saved = dict(os.environ)
-    if arenas:  # read by glibc at the ranks' start (docs/sharded.md, memory per rank)
-        os.environ["MALLOC_ARENA_MAX"] = str(arenas)
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    start_with_environ(procs, {"MALLOC_ARENA_MAX": str(arenas)} if arenas else None)
     reports = [out.get(timeout=1800) for _ in procs]
     for p in [*procs, *sinks]:
         p.join(30)

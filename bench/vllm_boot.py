@@ -199,13 +199,13 @@ def _own_cpu_seconds() -> float:
 
 FRESH_MEMORY_PROBE = """
 import sys, time, torch
-steps = []
+steps, kept = [], []
 for _ in range(int(sys.argv[1])):
     block = torch.empty(1 << 30, dtype=torch.uint8)
     started = time.perf_counter()
     block.fill_(1)
     steps.append(time.perf_counter() - started)
-    kept = globals().setdefault("kept", []); kept.append(block)
+    kept.append(block)  # held, so the next GiB is fresh memory too
 print(" ".join(f"{s:.3f}" for s in steps))
 """
 

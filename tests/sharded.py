@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -22,13 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rollout_side.process import free_port
+from weightsync.memory import start_with_environ
+
 BF16 = torch.bfloat16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_ranks(
@@ -41,14 +37,7 @@ def run_ranks(
     job["master_port"] = free_port()
     context = mp.get_context("spawn")
     procs = [context.Process(target=rank_main, args=(rank, world, job), daemon=True) for rank in range(world)]
-    saved = dict(os.environ)
-    os.environ.update(env or {})
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    start_with_environ(procs, env)
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))

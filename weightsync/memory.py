@@ -13,10 +13,13 @@ import ctypes
 import ctypes.util
 import logging
 import mmap
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["keep_freed_memory", "prefaulted_buffer"]
+__all__ = ["keep_freed_memory", "prefaulted_buffer", "start_with_environ"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,3 +75,19 @@ def prefaulted_buffer(nbytes: int) -> torch.Tensor:
     tensor = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` (the mapping) alive
     tensor[:: mmap.PAGESIZE].zero_()  # one write per page maps them all now, not mid-transfer
     return tensor
+
+
+def start_with_environ(processes: Iterable[Any], extra: Mapping[str, str] | None) -> None:
+    """Starts multiprocessing `processes` with `extra` in their environment from their first instruction.
+
+    glibc reads MALLOC_ARENA_MAX once, at a process's start (docs/sharded.md, memory per rank): setting
+    it later, from the process's own code, does nothing. This process's environment is left as it was.
+    """
+    saved = dict(os.environ)
+    os.environ.update(extra or {})
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -42,17 +42,24 @@ def _same_results(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return results
 
 
+def _fsdp_job(model_dir: Path, weights: Path, rollouts: list[str], out: str) -> dict[str, Any]:
+    """What every FSDP2 job here shares: the tiny model's weights, sharded, pushed in CHUNK-sized pieces."""
+    return {
+        "kind": "fsdp",
+        "model_dir": str(model_dir),
+        "weights": str(weights),
+        "rollouts": rollouts,
+        "chunk_bytes": CHUNK,
+        "out": out,
+    }
+
+
 def _fsdp2_push(world: int, rollouts: list[Any], model_dir, tokenizer, trained_state, weights, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reports = run_ranks(
         world,
-        kind="fsdp",
-        model_dir=str(model_dir),
-        weights=str(weights),
-        rollouts=[r.address for r in rollouts],
-        chunk_bytes=CHUNK,
+        **_fsdp_job(model_dir, weights, [r.address for r in rollouts], str(tmp_path)),
         version=5,
         prefix="_orig_mod." if world == 2 else "",  # as torch.compile names them: stripped
-        out=str(tmp_path),
     )
     expected = manifest_of_state(trained_state, piece_bytes=CHUNK).fingerprint
     reference = reference_model(model_dir, trained_state)
@@ -134,17 +141,12 @@ def test_a_rank_killed_mid_push_fails_the_others_and_commits_nothing(  # type: i
     deadline = 6.0 if hang_for else 20.0
     reports = run_ranks(
         2,
-        kind="fsdp",
-        model_dir=str(model_dir),
-        weights=str(weights),
-        rollouts=[rollout.address],
-        chunk_bytes=CHUNK,
+        **_fsdp_job(model_dir, weights, [rollout.address], str(tmp_path)),
         version=9,
         die_after=3,
         dying_rank=dying,
         hang_for=hang_for,
         push_timeout=deadline,
-        out=str(tmp_path),
     )
     assert reports[dying]["exitcode"] == (18 if hang_for else 17)
     survivor = reports[1 - dying]
@@ -159,13 +161,8 @@ def test_a_rank_killed_mid_push_fails_the_others_and_commits_nothing(  # type: i
     elif not hang_for:  # the rollout holds the update, interrupted: the job, restarted, resumes it
         again = run_ranks(
             2,
-            kind="fsdp",
-            model_dir=str(model_dir),
-            weights=str(weights),
-            rollouts=[rollout.address],
-            chunk_bytes=CHUNK,
+            **_fsdp_job(model_dir, weights, [rollout.address], str(tmp_path / "again")),
             version=9,
-            out=str(tmp_path / "again"),
         )
         [resumed] = _same_results(again)
         assert resumed["ok"] and resumed["held_bytes"] > 0, resumed
@@ -252,11 +249,7 @@ def test_delta_push_from_a_sharded_job(  # type: ignore[no-untyped-def]
         torch.save(state, paths[name])
     reports = run_ranks(
         2,
-        kind="fsdp",
-        model_dir=str(model_dir),
-        weights=str(weights),
-        rollouts=[rollout.address],
-        chunk_bytes=CHUNK,
+        **_fsdp_job(model_dir, weights, [rollout.address], str(tmp_path)),
         delta=True,
         version=1,
         steps=[
@@ -264,7 +257,6 @@ def test_delta_push_from_a_sharded_job(  # type: ignore[no-untyped-def]
             {"version": 3, "weights": str(paths["second"])},  # delta refused: sent in full, same push
             {"version": 4, "weights": str(paths["third"])},  # a delta
         ],
-        out=str(tmp_path),
     )
     _same_results(reports)
     for report in reports:
@@ -291,15 +283,10 @@ def test_a_rank_failing_alone_fails_every_rank_at_once(rollout, model_dir, weigh
     """Rank 1's state dict lacks a tensor: every rank's push fails promptly, not after the 60 s timeout."""
     reports = run_ranks(
         2,
-        kind="fsdp",
-        model_dir=str(model_dir),
-        weights=str(weights),
-        rollouts=[rollout.address],
-        chunk_bytes=CHUNK,
+        **_fsdp_job(model_dir, weights, [rollout.address], str(tmp_path)),
         drop="model.norm.weight",
         push_timeout=60.0,
         linger=6.0,  # alive, so its peer cannot learn from a closed connection that it left
-        out=str(tmp_path),
     )
     [result] = _same_results(reports)
     assert not result["ok"] and "rank 1: KeyError" in result["error"], result

@@ -325,12 +325,18 @@ async def test_refusals_at_begin_leave_the_phase_alone() -> None:
     assert receiver.lifecycle.phase is Phase.RECEIVING
 
 
-@run
-async def test_a_push_during_boot_commits_only_once_the_engine_is_up() -> None:
+def booting() -> tuple[asyncio.Event, FakeEngine, Receiver]:
+    """A receiver whose engine is booting until the returned event is set."""
     up = asyncio.Event()
     engine = FakeEngine(boot_gate=up)
     receiver = Receiver(engine)
     receiver.boot()
+    return up, engine, receiver
+
+
+@run
+async def test_a_push_during_boot_commits_only_once_the_engine_is_up() -> None:
+    up, engine, receiver = booting()
     assert receiver.status().phase is Phase.BOOTING
     update = announce(receiver, 1)
     send(receiver, update, 1)
@@ -346,10 +352,7 @@ async def test_a_push_during_boot_commits_only_once_the_engine_is_up() -> None:
 
 @run
 async def test_an_update_dropped_during_boot_rests_in_booting_then_dummy() -> None:
-    up = asyncio.Event()
-    engine = FakeEngine(boot_gate=up)
-    receiver = Receiver(engine)
-    receiver.boot()
+    up, engine, receiver = booting()
     update = announce(receiver, 1)
     receiver.abort(update.id, "test")
     assert receiver.status().phase is Phase.BOOTING
