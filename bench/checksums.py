@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rollout_side.staging import Verifier
+from rollout_side.update.staging import Verifier
 from trainer_side.outgoing import Outgoing
 from weightsync import wire
 from weightsync.manifest import tensor_bytes

@@ -9,8 +9,8 @@ import logging
 import signal
 from pathlib import Path
 
-from rollout_side.auth import ServerSecurity
 from rollout_side.engines.base import SWAP_POLICIES, Engine
+from rollout_side.transport.auth import ServerSecurity
 from weightsync.checkpoint import checkpoint_files
 from weightsync.cli import ArgumentParser, bind_problem, fail, port, port_problem, version
 from weightsync.errors import WeightSyncError
@@ -179,7 +179,7 @@ def check_args(args: argparse.Namespace) -> ServerSecurity:
     if args.enable_auto_tool_choice or args.tool_call_parser or args.reasoning_parser:
         if args.engine != "vllm" or args.http_port is None:
             fail("--enable-auto-tool-choice, --tool-call-parser and --reasoning-parser need --engine vllm, --http-port")
-        from rollout_side.vllm_openai import ChatParsers, parser_problem
+        from rollout_side.serving.vllm_openai import ChatParsers, parser_problem
 
         parsers = ChatParsers(
             tool_call_parser=args.tool_call_parser,
@@ -212,8 +212,8 @@ def make_engine(args: argparse.Namespace) -> Engine:
 async def serve(args: argparse.Namespace) -> None:
     security = check_args(args)  # before the heavy imports: a mistake is reported in a second
 
-    from rollout_side.receiver import Receiver
     from rollout_side.server import BindError, create_server
+    from rollout_side.update.receiver import Receiver
 
     if args.metrics_port is not None:
         metrics_host = "127.0.0.1" if args.host.startswith("unix:") else args.host
@@ -251,7 +251,7 @@ async def serve(args: argparse.Namespace) -> None:
         fail(error)
     http = None
     if args.http_port is not None:
-        from rollout_side.openai_api import start_http
+        from rollout_side.serving.openai_api import start_http
 
         http_host = _http_host(args.host)
         try:

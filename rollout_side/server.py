@@ -8,14 +8,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rollout_side.auth import ServerSecurity
-from rollout_side.generation import Generation, VersionGate
-from rollout_side.lifecycle import Phase
-from rollout_side.receiver import Receiver
-from rollout_side.servicers.generate import GenerateServicer
-from rollout_side.servicers.registry import add_service
-from rollout_side.servicers.weight_sync import WeightSyncServicer, add_weight_sync
-from rollout_side.updates import Updates
+from rollout_side.serving.generation import Generation, VersionGate
+from rollout_side.transport.auth import ServerSecurity
+from rollout_side.transport.generate import GenerateServicer
+from rollout_side.transport.registry import add_service
+from rollout_side.transport.weight_sync import WeightSyncServicer, add_weight_sync
+from rollout_side.update.core import Updates
+from rollout_side.update.lifecycle import Phase
+from rollout_side.update.receiver import Receiver
 from weightsync.cli import port_problem
 from weightsync.limits import GENERATE_REQUEST_BYTES
 from weightsync.memory import keep_freed_memory
@@ -66,7 +66,7 @@ class RolloutServer:
         self.port = port
         self.receiver = receiver
         self.health = health
-        # The Generate core, for other front ends over the same gate (rollout_side/openai_api.py).
+        # The Generate core, for other front ends over the same gate (rollout_side/serving/openai_api.py).
         self.generation = generation or Generation(receiver.engine, VersionGate(receiver.engine, receiver.lifecycle))
 
     async def stop(self, grace: float = 5.0) -> None:

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from rollout_side.engines.torch_engine import TorchEngine  # noqa: E402
-from rollout_side.receiver import Receiver  # noqa: E402
 from rollout_side.server import RolloutServer, create_server  # noqa: E402
+from rollout_side.update.receiver import Receiver  # noqa: E402
 from trainer_side.train import new_model, train_iterations  # noqa: E402
 from weightsync.v1 import weightsync_pb2 as pb  # noqa: E402
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc  # noqa: E402

@@ -199,7 +199,7 @@ def _state(job: Mapping[str, Any], mesh: Any) -> dict[str, torch.Tensor]:
 def _die_after(chunks: int, hang_for: float = 0.0) -> None:
     """Makes this rank exit abruptly after its first `chunks` chunks, as a killed process does; `hang_for`:
     it stops for that long first, as a stuck rank does (and exits 18 rather than 17)."""
-    from trainer_side import shard_chunks
+    from trainer_side.sharded import chunks as shard_chunks
 
     original = shard_chunks.PieceMover.chunks
 

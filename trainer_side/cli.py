@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "abort":
         return _abort(args)
     if args.command == "train" and args.ranks > 1:
-        from trainer_side.sharded_demo import run_sharded_demo
+        from trainer_side.sharded.demo import run_sharded_demo
 
         return 0 if run_sharded_demo(args.model, args.rollouts, args.steps, args.ranks) else 1
     if args.command == "train":

@@ -29,12 +29,12 @@ import torch
 
 from trainer_side.base_store import BaseStore
 from trainer_side.chunk_window import ChunkWindow
-from trainer_side.collective import Collective, in_collective_job
 from trainer_side.names import renamed
 from trainer_side.outgoing import Outgoing
 from trainer_side.push_result import PushResult, wants_full
-from trainer_side.rank_base import RankBase
 from trainer_side.rollout_client import RolloutClient
+from trainer_side.sharded.collective import Collective, in_collective_job
+from trainer_side.sharded.rank_base import RankBase
 from trainer_side.version_file import VersionFileWriter
 from weightsync import metrics, wire
 from weightsync.manifest import manifest_of_state, wire_sources, wire_tensors
@@ -85,9 +85,9 @@ class Publisher:
         ...); `rename` then maps each name to the rollout model's (e.g. Megatron to Hugging Face names).
 
         In a torch.distributed job of several ranks, every rank constructs its Publisher alike and calls
-        `push` together: each sends its own shards (trainer_side/collective.py); `timeout` bounds every
+        `push` together: each sends its own shards (trainer_side/sharded/collective.py); `timeout` bounds every
         collective step, so a rank that dies makes the others fail rather than hang. With `delta`, each rank
-        keeps and diffs only its own rows (trainer_side/rank_base.py). `collective=False`
+        keeps and diffs only its own rows (trainer_side/sharded/rank_base.py). `collective=False`
         keeps a publisher that only one rank constructs (after gathering the weights itself) a plain one.
 
         `piece_checksums` announces the combinable checksum kind, as collective pushes do (the fingerprint

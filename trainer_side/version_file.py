@@ -1,5 +1,5 @@
 """Writes each version once into the version file, so rollouts on the trainer's host read it from shared
-memory instead of receiving it over sockets (rollout_side/version_file.py is the reading half).
+memory instead of receiving it over sockets (rollout_side/update/version_file.py is the reading half).
 
 A trainer and rollouts on one host (containers of a pod sharing a memory-backed emptyDir, or processes
 sharing /dev/shm) need not push bytes through sockets at all: the publisher writes a version once into a

@@ -298,7 +298,7 @@ def manifest_of_state(state: Mapping[str, torch.Tensor], *, piece_bytes: int = 0
     """Manifest of a state dict as it would be sent: bf16, contiguous, tied tensors once.
 
     `piece_bytes` picks the combinable checksum kind: what a sharded push of this state announces
-    with chunks of that size (trainer_side/collective.py)."""
+    with chunks of that size (trainer_side/sharded/collective.py)."""
     return build_manifest(wire_tensors(state), piece_bytes=piece_bytes)
 
 

@@ -19,8 +19,8 @@ from typing import TypeVar
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from rollout_side.compat import meta_param_specs, model_param_specs
 from rollout_side.engines.base import SWAP_POLICIES, Completion, Engine, ParamSpec, Sampling, join_pieces
+from rollout_side.update.compat import meta_param_specs, model_param_specs
 from weightsync.checkpoint import load_checkpoint
 from weightsync.manifest import Manifest
 from weightsync.memory import prefaulted_buffer

@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rollout_side.compat import check_manifest, meta_param_specs
 from rollout_side.engines import vllm_loader, vllm_prewarm
 from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling, join_pieces
-from rollout_side.engines.vllm_worker import ShmStaging
+from rollout_side.engines.shm_staging import ShmStaging
+from rollout_side.update.compat import check_manifest, meta_param_specs
 from weightsync.errors import BadManifest, BadRequest, EngineUnavailable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from rollout_side.engines.vllm_worker import LayoutEntry
+    from rollout_side.engines.shm_staging import LayoutEntry
     from weightsync.manifest import Manifest
 
 __all__ = ["VllmEngine"]
@@ -474,7 +474,7 @@ class VllmEngine(Engine):
     @contextlib.asynccontextmanager
     async def admission(self, request_id: str) -> AsyncIterator[int]:
         """Holds the admission gate around one vLLM request made outside `generate_stream` (vLLM's own
-        OpenAI serving layer, rollout_side/vllm_openai.py); yields the version it runs on."""
+        OpenAI serving layer, rollout_side/serving/vllm_openai.py); yields the version it runs on."""
         version = await self._admit()
         self._request_ids.add(request_id)
         try:

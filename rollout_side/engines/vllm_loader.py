@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from rollout_side.engines.shm_staging import SHM_DIR, LayoutEntry, layout_views
 from rollout_side.engines.vllm_prewarm import running
-from rollout_side.engines.vllm_worker import SHM_DIR, LayoutEntry, layout_views
 
 __all__ = ["LOAD_FORMAT", "Handoff", "Offer", "booted_with", "register", "wanted"]
 

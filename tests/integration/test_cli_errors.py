@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from rollout_side.engines.torch_engine import TorchEngine
 from rollout_side.process import free_port, wait_until_up
-from rollout_side.receiver import Receiver
 from rollout_side.server import BindError, create_server
+from rollout_side.update.receiver import Receiver
 from weightsync.security import load_token
 
 from conftest import ROOT, LoopThread, Rollout

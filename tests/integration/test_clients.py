@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from rollout_side.auth import ServerSecurity
 from rollout_side.engines.torch_engine import TorchEngine
-from rollout_side.receiver import Receiver
 from rollout_side.server import create_server
+from rollout_side.transport.auth import ServerSecurity
+from rollout_side.update.receiver import Receiver
 from trainer_side.publisher import Publisher
 from weightsync.v1 import weightsync_pb2 as pb
 

@@ -454,8 +454,8 @@ def test_vllm_engine_takes_deltas(loop_thread: LoopThread, model_dir: Path, toke
     """vLLM copies out of the staging buffer it is handed: the spare is the committed version, for free."""
     pytest.importorskip("vllm", reason="vLLM is not installed")
     from rollout_side.engines.vllm_engine import VllmEngine
-    from rollout_side.receiver import Receiver
     from rollout_side.server import create_server
+    from rollout_side.update.receiver import Receiver
 
     async def start() -> object:
         receiver = Receiver(VllmEngine(model_dir, kv_cache_space_gib=0.25))

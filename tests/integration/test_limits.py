@@ -313,8 +313,8 @@ def test_an_abandoned_generate_frees_the_torch_engine(rollout: Rollout, model_di
 def vllm_served(loop_thread: LoopThread, model_dir: Path, trained_state) -> Iterator[Rollout]:  # type: ignore[no-untyped-def]
     pytest.importorskip("vllm", reason="vLLM is not installed")
     from rollout_side.engines.vllm_engine import VllmEngine
-    from rollout_side.receiver import Receiver
     from rollout_side.server import create_server
+    from rollout_side.update.receiver import Receiver
 
     async def start() -> object:
         receiver = Receiver(VllmEngine(model_dir, kv_cache_space_gib=0.25))

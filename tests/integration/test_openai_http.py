@@ -18,9 +18,9 @@ import torch
 from test_rl_generate import boot, hf_greedy, hf_model, perturbed, stop
 from transformers import PreTrainedModel
 
-from rollout_side.auth import ServerSecurity
-from rollout_side.openai_api import HttpServer, start_http
 from rollout_side.process import RolloutProcess, free_port
+from rollout_side.serving.openai_api import HttpServer, start_http
+from rollout_side.transport.auth import ServerSecurity
 from trainer_side.publisher import Publisher
 
 from conftest import LoopThread, Rollout

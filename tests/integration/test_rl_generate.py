@@ -14,8 +14,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from rollout_side.engines.torch_engine import TorchEngine
-from rollout_side.receiver import Receiver
 from rollout_side.server import create_server
+from rollout_side.update.receiver import Receiver
 from trainer_side.publisher import Publisher
 from weightsync.v1 import weightsync_pb2 as pb
 

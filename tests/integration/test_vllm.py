@@ -25,8 +25,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed: `make venv` installs 
 
 from rollout_side.engines.base import Sampling
 from rollout_side.engines.vllm_engine import VllmEngine
-from rollout_side.receiver import Receiver
 from rollout_side.server import create_server
+from rollout_side.update.receiver import Receiver
 
 pytestmark = pytest.mark.vllm
 PROMPTS = ["the cat sat", "monday tuesday", "one two three", "january february", "red orange"]

@@ -26,10 +26,10 @@ openai = pytest.importorskip("openai")
 from test_rl_generate import hf_greedy, hf_model, perturbed  # noqa: E402
 
 from rollout_side.engines.vllm_engine import VllmEngine  # noqa: E402
-from rollout_side.openai_api import HttpServer, start_http  # noqa: E402
-from rollout_side.receiver import Receiver  # noqa: E402
 from rollout_side.server import create_server  # noqa: E402
-from rollout_side.vllm_openai import Versions  # noqa: E402
+from rollout_side.serving.openai_api import HttpServer, start_http  # noqa: E402
+from rollout_side.serving.vllm_openai import Versions  # noqa: E402
+from rollout_side.update.receiver import Receiver  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

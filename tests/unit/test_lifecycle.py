@@ -13,11 +13,11 @@ import pytest
 from fake_engine import FakeEngine, fake_state
 from safetensors.torch import save_file
 
-from rollout_side import receiver as receiver_module
-from rollout_side.generation import Generation, GenerationRequest, VersionGate
-from rollout_side.incoming import Incoming
-from rollout_side.lifecycle import RESTING, TRANSITIONS, Lifecycle, Phase
-from rollout_side.receiver import Receiver
+from rollout_side.serving.generation import Generation, GenerationRequest, VersionGate
+from rollout_side.update import receiver as receiver_module
+from rollout_side.update.incoming import Incoming
+from rollout_side.update.lifecycle import RESTING, TRANSITIONS, Lifecycle, Phase
+from rollout_side.update.receiver import Receiver
 from weightsync.errors import Reason, WeightSyncError
 from weightsync.manifest import Manifest, manifest_of_state, tensor_bytes, wire_tensors
 from weightsync.wire import chunk_checksum, chunk_span

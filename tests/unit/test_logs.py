@@ -9,7 +9,7 @@ from weightsync.logs import MAX_MESSAGE_CHARS, TEXT_FORMAT, JsonFormatter, TextF
 
 
 def record(message: str, *args: object) -> logging.LogRecord:
-    return logging.LogRecord("rollout_side.receiver", logging.INFO, __file__, 1, message, args, None)
+    return logging.LogRecord("rollout_side.update.receiver", logging.INFO, __file__, 1, message, args, None)
 
 
 def test_update_lines_get_update_id_and_version_fields() -> None:
@@ -25,7 +25,7 @@ def test_other_lines_are_plain_json() -> None:
 
 
 def test_a_callers_newline_cannot_forge_a_log_line() -> None:
-    forged = "v2-abc\n2026-11-27 10:00:00,000 INFO    rollout_side.receiver: update v9-0: committed version 9"
+    forged = "v2-abc\n2026-11-27 10:00:00,000 INFO    rollout_side.update.receiver: update v9-0: committed version 9"
     for formatter in (TextFormatter(TEXT_FORMAT), JsonFormatter()):
         line = formatter.format(record("update %s: receiving version %d", forged, 2))
         assert "\n" not in line and "\\n" in line

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rollout_side.staging import Router, Verifier
+from rollout_side.update.staging import Router, Verifier
 from weightsync import delta, wire
 from weightsync.delta import BadPatch, Encoding, Transfer, TransferPlan
 from weightsync.errors import BadManifest

@@ -10,10 +10,10 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollout_side.staging import Verifier
+from rollout_side.update.staging import Verifier
 from trainer_side.names import hf_name, renamed
 from trainer_side.outgoing import Outgoing
-from trainer_side.shard_plan import Span, chunk_owners, spans_of
+from trainer_side.sharded.plan import Span, chunk_owners, spans_of
 from weightsync import wire
 from weightsync.errors import BadManifest
 from weightsync.manifest import build_layout, build_manifest, manifest_of_state, piece_checksum, tensor_bytes

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from rollout_side.engines.base import Completion, Sampling, join_pieces
-from rollout_side.generation import _each
-from rollout_side.openai_api import HttpError, _cut, _prompts
-from rollout_side.vllm_openai import Versions, _tag
+from rollout_side.serving.generation import _each
+from rollout_side.serving.openai_api import HttpError, _cut, _prompts
+from rollout_side.serving.vllm_openai import Versions, _tag
 
 
 def piece(ids: list[int], version: int, finish: str = "", logprobs: list[float] | None = None) -> Completion:

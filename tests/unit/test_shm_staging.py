@@ -12,12 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rollout_side.engines.vllm_worker import ShmStaging
+from rollout_side.engines.shm_staging import ShmStaging
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from rollout_side.engines.vllm_worker import ShmStaging
+from rollout_side.engines.shm_staging import ShmStaging
 staging = ShmStaging(Path(sys.argv[1]))
 flat = staging.allocate(1 << 20)
 flat.fill_(7)

@@ -9,7 +9,7 @@ import weakref
 import pytest
 import torch
 
-from rollout_side.staging import Verifier
+from rollout_side.update.staging import Verifier
 from trainer_side.chunk_window import ChunkWindow
 from weightsync.manifest import build_manifest, tensor_bytes, wire_sources, wire_tensors
 from weightsync.memory import keep_freed_memory, prefaulted_buffer

@@ -1,4 +1,4 @@
-"""weightsync.v1.WeightSync over gRPC: proto in, one call into rollout_side/updates.py, proto out."""
+"""weightsync.v1.WeightSync over gRPC: proto in, one call into rollout_side/update/core.py, proto out."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from rollout_side.servicers.errors import grpc_errors
-from rollout_side.servicers.registry import add_service
-from rollout_side.updates import Announcement, Forward, Updates
+from rollout_side.transport.errors import grpc_errors
+from rollout_side.transport.registry import add_service
+from rollout_side.update.core import Announcement, Forward, Updates
 from weightsync import wire
 from weightsync.limits import check_update_id, weight_sync_request_limits
 from weightsync.v1 import weightsync_pb2 as pb

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from trainer_side.outgoing import Payloads, WirePayloads
-from trainer_side.shard_plan import Span
+from trainer_side.sharded.plan import Span
 from weightsync.delta import HEADER, MAGIC, Encoding, TransferPlan, changed_indices, element_view, likely_dense
 from weightsync.manifest import Manifest
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from rollout_side.servicers.registry import handler_factory
+from rollout_side.transport.registry import handler_factory
 from weightsync.errors import Reason, to_status
 
 __all__ = ["ServerSecurity", "TokenAuthInterceptor"]

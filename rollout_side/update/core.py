@@ -1,8 +1,8 @@
 """The WeightSync calls as one core: an update's bytes from chunks or a shared-memory file, relayed onwards if asked.
 
-servicers/weight_sync.py converts protobuf and calls one method here per RPC. This module decides
+transport/weight_sync.py converts protobuf and calls one method here per RPC. This module decides
 what combines with what (a shared-memory file is read here, so it cannot also be relayed), keeps
-the downstream relay of each update (rollout_side/relay.py) and drops both halves together when the
+the downstream relay of each update (rollout_side/transport/relay.py) and drops both halves together when the
 chunk stream breaks. The requests a relay passes on travel through here unopened.
 """
 
@@ -14,9 +14,9 @@ from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rollout_side.incoming import Incoming
-from rollout_side.receiver import Receiver
-from rollout_side.relay import Relay
+from rollout_side.transport.relay import Relay
+from rollout_side.update.incoming import Incoming
+from rollout_side.update.receiver import Receiver
 from weightsync import wire
 from weightsync.delta import TransferPlan
 from weightsync.errors import ChunkCorrupt, SharedMemoryRefused

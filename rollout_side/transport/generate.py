@@ -1,4 +1,4 @@
-"""weightsync.v1.Generate over gRPC: proto in, one call into rollout_side/generation.py, proto out."""
+"""weightsync.v1.Generate over gRPC: proto in, one call into rollout_side/serving/generation.py, proto out."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import grpc
 
 from rollout_side.engines.base import Completion
-from rollout_side.generation import Generation, GenerationRequest
-from rollout_side.servicers.errors import grpc_errors, grpc_stream_errors
+from rollout_side.serving.generation import Generation, GenerationRequest
+from rollout_side.transport.errors import grpc_errors, grpc_stream_errors
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 

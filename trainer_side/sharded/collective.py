@@ -9,16 +9,16 @@ at a time, never the whole model on one rank.
 
 Chunks are cut from the full layout as in a plain push, and each is sent by the rank that owns its first
 byte; the bytes of it that other ranks own (only chunks across a rank boundary have any) are exchanged
-over gloo as the chunks go out, `window` chunks at a time (that plan is trainer_side/shard_plan.py, the
-moving of bytes trainer_side/shard_chunks.py).
+over gloo as the chunks go out, `window` chunks at a time (that plan is trainer_side/sharded/plan.py, the
+moving of bytes trainer_side/sharded/chunks.py).
 Rank 0 runs BeginUpdate and Commit; every rank streams its chunks straight to every rollout under the
 update id rank 0 broadcasts. Checksums are of
 the combinable kind (`Manifest.piece_bytes` = chunk size, weightsync/manifest.py): each chunk's sender
 hashes its pieces, rank 0 combines them, so the manifest and fingerprint equal the unsharded state's
 (`manifest_of_state(full_state, piece_bytes=chunk_bytes)`).
 
-Delta sync (`base`, trainer_side/rank_base.py): each rank keeps its own rows of the last version and diffs
-them; the ranks' parts of each tensor's patch make one patch (trainer_side/shard_delta.py), sent like any
+Delta sync (`base`, trainer_side/sharded/rank_base.py): each rank keeps its own rows of the last version and diffs
+them; the ranks' parts of each tensor's patch make one patch (trainer_side/sharded/delta.py), sent like any
 chunks. The new version's checksums are hashed first (a delta announces them at BeginUpdate). Rollouts
 that hold no base, or refuse the delta, get the full version in the same push; every rank decides that
 alike, from rank 0's results.
@@ -55,12 +55,12 @@ from tqdm import tqdm
 from trainer_side.chunk_window import ChunkWindow
 from trainer_side.outgoing import Outgoing, WirePayloads, commit_request
 from trainer_side.push_result import PushResult, describe, failure, wants_full
-from trainer_side.rank_base import RankBase
 from trainer_side.resume import chunk_size, held_indices, held_mask
 from trainer_side.rollout_client import RolloutClient
-from trainer_side.shard_chunks import Digest, PieceMover
-from trainer_side.shard_delta import DeltaPayloads, DeltaPlan, LocalDiff, Summary, diff_rows, plan_delta
-from trainer_side.shard_plan import Piece, Span, chunk_owners, combine, spans_of
+from trainer_side.sharded.chunks import Digest, PieceMover
+from trainer_side.sharded.delta import DeltaPayloads, DeltaPlan, LocalDiff, Summary, diff_rows, plan_delta
+from trainer_side.sharded.plan import Piece, Span, chunk_owners, combine, spans_of
+from trainer_side.sharded.rank_base import RankBase
 from weightsync.errors import Reason
 from weightsync.manifest import Manifest, to_wire, wire_layout
 

@@ -2,7 +2,7 @@
 bucket of chunks at a time, and the chunks each rank sends, encoded (and hashed as pieces) as they go out.
 
 Every rank walks the same buckets, so the point-to-point sends and receives pair up, and a rank holds at
-most a bucket's worth of other ranks' bytes (trainer_side/shard_plan.py says which rank holds what).
+most a bucket's worth of other ranks' bytes (trainer_side/sharded/plan.py says which rank holds what).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from trainer_side.shard_plan import Piece, local_view
+from trainer_side.sharded.plan import Piece, local_view
 from weightsync import wire
 from weightsync.manifest import tensor_bytes
 

@@ -1,4 +1,4 @@
-"""The OpenAI wire shapes, kept apart from the routes (rollout_side/openai_api.py) so they read and test
+"""The OpenAI wire shapes, kept apart from the routes (rollout_side/serving/openai_api.py) so they read and test
 without a server: request bodies parsed and checked, responses and errors shaped.
 
 Parsing turns a /v1/completions or /v1/chat/completions body into GenerationRequests (prompt as text or
@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from rollout_side.engines.base import Completion
-from rollout_side.generation import GenerationRequest
+from rollout_side.serving.generation import GenerationRequest
 from weightsync.errors import WeightSyncError
 
 __all__ = ["ERROR_TYPE", "HTTP_STATUS", "RETRY_AFTER_SECONDS", "HttpError", "bad"]

@@ -16,7 +16,7 @@ When the rollout has a Generate token (--generate-token-file) every /v1 endpoint
 `Authorization: Bearer <token>`, which is how the `openai` client sends its api_key.
 
 Built on starlette and uvicorn (both come with vLLM); the same code serves both engines. Request parsing
-and the response shapes live in rollout_side/openai_schema.py; the routes, the server and streaming here.
+and the response shapes live in rollout_side/serving/openai_schema.py; the routes, the server and streaming here.
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from rollout_side.auth import ServerSecurity
 from rollout_side.engines.base import Completion
-from rollout_side.generation import Generation, GenerationRequest, interleave
-from rollout_side.openai_schema import (
+from rollout_side.serving.generation import Generation, GenerationRequest, interleave
+from rollout_side.serving.openai_schema import (
     RETRY_AFTER_SECONDS,
     HttpError,
     _body,
@@ -55,10 +54,11 @@ from rollout_side.openai_schema import (
     _with_prompt,
     bad,
 )
-from rollout_side.openai_schema import (
+from rollout_side.serving.openai_schema import (
     _cut as _cut,  # re-exported: tests/unit/test_rl_shapes.py imports it from here
 )
-from rollout_side.vllm_openai import ChatParsers
+from rollout_side.serving.vllm_openai import ChatParsers
+from rollout_side.transport.auth import ServerSecurity
 from weightsync.errors import WeightSyncError
 
 __all__ = ["HttpServer", "create_app", "start_http"]
@@ -95,7 +95,7 @@ class OpenAIFace:
             _int(body, "min_weight_version", 0) or 0, wait=bool(body.get("wait_for_version")), timeout=None
         )
         if self._vllm is None:
-            from rollout_side.vllm_openai import VllmOpenAI
+            from rollout_side.serving.vllm_openai import VllmOpenAI
 
             self._vllm = VllmOpenAI(self.engine, self.model, self.parsers)  # type: ignore[arg-type]
         serve = self._vllm.chat_completions if chat else self._vllm.completions

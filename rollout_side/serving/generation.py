@@ -1,6 +1,6 @@
 """Generation as any front end sees it: a request admitted only if a committed version can answer it.
 
-The gRPC servicer (servicers/generate.py) and any other front end (an OpenAI-compatible HTTP API)
+The gRPC servicer (transport/generate.py) and any other front end (an OpenAI-compatible HTTP API)
 convert their requests into a `GenerationRequest` and call `Generation`, so version gating, waiting
 for a version and request validation are decided once. Knows nothing of protobuf.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from rollout_side.engines.base import Completion, Engine, Sampling
-from rollout_side.lifecycle import Lifecycle, Phase
+from rollout_side.update.lifecycle import Lifecycle, Phase
 from weightsync import metrics
 from weightsync.errors import BadRequest, NoWeights, VersionNotReached
 

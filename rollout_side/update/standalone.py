@@ -6,8 +6,8 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from rollout_side.compat import check_manifest
 from rollout_side.engines.base import Engine, ParamSpec
+from rollout_side.update.compat import check_manifest
 from weightsync.checkpoint import load_checkpoint
 from weightsync.manifest import Manifest, manifest_of_state
 

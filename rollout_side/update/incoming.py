@@ -1,6 +1,6 @@
 """One update on its way in: where its bytes land, how many have arrived, and whether they are the version announced.
 
-The receiver (rollout_side/receiver.py) decides what may happen to an update and when; an `Incoming`
+The receiver (rollout_side/update/receiver.py) decides what may happen to an update and when; an `Incoming`
 keeps its bytes' books: chunk checks and placement, shared-memory file progress, and the verification
 at commit. The rollout's mirror of the trainer's outgoing update.
 """
@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rollout_side.compat import check_manifest
 from rollout_side.engines.base import ParamSpec
-from rollout_side.staging import Router, Verifier
-from rollout_side.version_file import VersionFileReader
+from rollout_side.update.compat import check_manifest
+from rollout_side.update.staging import Router, Verifier
+from rollout_side.update.version_file import VersionFileReader
 from weightsync.delta import TransferPlan
 from weightsync.errors import BadManifest, ChecksumMismatch, ChunkCorrupt, IncompleteUpdate, NonFiniteWeights, Reason
 from weightsync.manifest import Manifest

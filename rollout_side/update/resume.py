@@ -1,5 +1,5 @@
 """An update is owned by a live trainer, so what becomes of it when that trainer goes, and what its
-next begin meets, is one policy kept apart from the update session (rollout_side/receiver.py).
+next begin meets, is one policy kept apart from the update session (rollout_side/update/receiver.py).
 
 When an update's last chunk stream ends without every chunk (a killed trainer, a cut connection, a
 malformed message) it is interrupted at once, so the next begin need not wait for the idle timeout;
@@ -16,10 +16,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from rollout_side.delta_base import same_layout
-from rollout_side.incoming import Incoming
-from rollout_side.lifecycle import Lifecycle, Phase
-from rollout_side.reaper import overdue
+from rollout_side.update.delta_base import same_layout
+from rollout_side.update.incoming import Incoming
+from rollout_side.update.lifecycle import Lifecycle, Phase
+from rollout_side.update.reaper import overdue
 from weightsync import metrics
 from weightsync.delta import TransferPlan
 from weightsync.errors import AlreadyCommitted, BusyError

@@ -2,7 +2,7 @@
 
 What `python -m trainer_side train --ranks N` (and `make run-trainer RANKS=N`) runs: the tiny model with
 `fully_shard` on every decoder layer and the root, trained on the demo task, and after every step every
-rank calls `publisher.push(model.state_dict(), version)` (trainer_side/collective.py). Rank 0 then checks
+rank calls `publisher.push(model.state_dict(), version)` (trainer_side/sharded/collective.py). Rank 0 then checks
 each rollout's greedy answer against the trainer's own weights (gathered for that check alone: the
 tiny model fits anywhere; a real job would not gather).
 """

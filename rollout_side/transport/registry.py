@@ -4,7 +4,7 @@ gRPC is told to deserialize nothing. Each unary request is measured against its 
 first, then parsed here (off the event loop when large); a request over its limit, or whose bytes do
 not parse, reaches the servicer as an `Unparsed` that `grpc_errors` answers with its status
 (RESOURCE_EXHAUSTED or INVALID_ARGUMENT), without a byte of it parsed. Authentication
-(rollout_side/auth.py) runs before any of this and, when it refuses, reads no request at all.
+(rollout_side/transport/auth.py) runs before any of this and, when it refuses, reads no request at all.
 """
 
 from __future__ import annotations

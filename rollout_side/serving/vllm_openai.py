@@ -200,7 +200,7 @@ class VllmOpenAI:
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
         from vllm.exceptions import VLLMError
 
-        from rollout_side.openai_schema import HttpError
+        from rollout_side.serving.openai_schema import HttpError
 
         body = {k: v for k, v in body.items() if k not in ("min_weight_version", "wait_for_version")}
         body.setdefault("return_token_ids", True)  # as the rollout's own face does: choices carry token_ids

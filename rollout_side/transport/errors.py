@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from rollout_side.servicers.registry import Unparsed
+from rollout_side.transport.registry import Unparsed
 from weightsync import metrics
 from weightsync.errors import Reason, WeightSyncError, to_status
 

@@ -1,16 +1,16 @@
 """One update at a time, from announcement to swap: validate, stage, verify, then swap atomically.
 
 An update moves through begin -> chunks (or a shared-memory file) -> commit, or is aborted; its
-phases and the transitions allowed between them live in rollout_side/lifecycle.py. An update is
+phases and the transitions allowed between them live in rollout_side/update/lifecycle.py. An update is
 owned by a live trainer: when its streams end without every chunk it is interrupted and held for a
-resume (rollout_side/resume.py); commit checks every tensor against its checksum over the staged
+resume (rollout_side/update/resume.py); commit checks every tensor against its checksum over the staged
 bytes whichever run sent them, so a resume is never trusted. Any refusal
 raises a `WeightSyncError` and leaves the served version untouched, because bytes are only ever
 written into a staging buffer the engine does not read until `commit`. Nothing here knows about
 protobuf or gRPC.
 
 Delta updates (weightsync/delta.py) patch a staged copy of the committed version: the spare staging
-buffer that doubles as the delta base (rollout_side/delta_base.py). A delta whose base is not exactly
+buffer that doubles as the delta base (rollout_side/update/delta_base.py). A delta whose base is not exactly
 what it holds is refused with FULL_VERSION_NEEDED, and every patched tensor is checked against its
 manifest checksum before commit.
 """
@@ -29,16 +29,16 @@ from typing import TypeVar
 
 import torch
 
-from rollout_side import resume
-from rollout_side.compat import check_manifest, max_update_bytes
-from rollout_side.delta_base import DeltaBase
 from rollout_side.engines.base import Engine
-from rollout_side.incoming import Incoming, check_announcement, check_finite
-from rollout_side.lifecycle import RESTING, Lifecycle, Listener, Phase, resting_phase
-from rollout_side.reaper import Reaper
-from rollout_side.staging import Router, Verifier
-from rollout_side.standalone import boot_from_disk
-from rollout_side.version_file import VersionFileReader, open_reader
+from rollout_side.update import resume
+from rollout_side.update.compat import check_manifest, max_update_bytes
+from rollout_side.update.delta_base import DeltaBase
+from rollout_side.update.incoming import Incoming, check_announcement, check_finite
+from rollout_side.update.lifecycle import RESTING, Lifecycle, Listener, Phase, resting_phase
+from rollout_side.update.reaper import Reaper
+from rollout_side.update.staging import Router, Verifier
+from rollout_side.update.standalone import boot_from_disk
+from rollout_side.update.version_file import VersionFileReader, open_reader
 from weightsync import metrics
 from weightsync.delta import Encoding, TransferPlan
 from weightsync.errors import (
@@ -303,7 +303,7 @@ class Receiver:
         return data.nbytes
 
     def open_file(self, update_id: str, name: str) -> None:
-        """Takes the update's bytes from a co-located trainer's file (rollout_side/version_file.py), not chunks."""
+        """Takes the update's bytes from a co-located trainer's file (update/version_file.py), not chunks."""
         update = self.lifecycle.current(update_id)
 
         def opened() -> VersionFileReader:

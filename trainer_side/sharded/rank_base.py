@@ -12,7 +12,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import torch
 
 from trainer_side.push_result import PushResult
-from trainer_side.shard_delta import LocalDiff
+from trainer_side.sharded.delta import LocalDiff
 from weightsync.delta import copy_elements, element_view
 from weightsync.manifest import to_wire
 
