@@ -42,7 +42,9 @@ def _rank(rank: int, world: int, job: dict[str, Any], out: Any) -> None:
 
     from trainer_side.publisher import Publisher
     from weightsync.manifest import tensor_bytes
+    from weightsync.memory import keep_freed_memory
 
+    keep_freed_memory()  # as `train --ranks N` does: the figures in docs/sharded.md were measured with it
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["master_port"]))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)

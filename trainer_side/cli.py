@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rollouts(train)
     train.add_argument("--steps", type=int, default=3)
     train.add_argument(
-        "--ranks", type=int, default=1, help="run as an FSDP2 job of this many ranks over gloo (docs/sharded.md)"
+        "--ranks", type=ranks, default=1, help="run as an FSDP2 job of this many ranks over gloo (docs/sharded.md)"
     )
     train.add_argument("--model", type=Path, default=Path("models/tiny"))
     _add_shared_memory(train)
@@ -96,6 +96,17 @@ def chunk_mib(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not MIN_CHUNK_MIB <= value <= MAX_CHUNK_MIB:  # NaN fails this too
         raise argparse.ArgumentTypeError(f"chunks are 1/256 (4 KiB) to {MAX_CHUNK_MIB:g} MiB, got {text}")
+    return value
+
+
+def ranks(text: str) -> int:
+    """argparse type: how many ranks a job runs, from 1 (0 or fewer would silently run one)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a job runs at least 1 rank, got {text}")
     return value
 
 
@@ -149,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as error:
             fail(bind_problem("0.0.0.0", args.metrics_port, error, "--metrics-port"))
     setup_logging(args.log_level, args.log_format)
+    from weightsync.memory import keep_freed_memory  # imports torch: not before the mistakes above are caught
+
+    keep_freed_memory()  # this process is ours: keep grpc's freed chunk buffers warm (the publisher does not)
     if args.command == "push":
         return _push(args)
     if args.command == "abort":

@@ -38,7 +38,6 @@ from trainer_side.sharded.rank_base import RankBase
 from trainer_side.version_file import VersionFileWriter
 from weightsync import metrics, wire
 from weightsync.manifest import manifest_of_state, wire_sources, wire_tensors
-from weightsync.memory import keep_freed_memory
 from weightsync.relay_tree import relay_tree, subtree_addresses
 from weightsync.v1 import weightsync_pb2 as pb
 
@@ -97,7 +96,6 @@ class Publisher:
             raise ValueError("no rollouts given; pass at least one HOST:PORT")
         if streams < 1:
             raise ValueError(f"streams must be at least 1, got {streams}")
-        keep_freed_memory()  # every chunk message is a fresh buffer inside grpc: keep them warm
         self.rollouts = list(rollouts)
         self.chunk_bytes = chunk_bytes
         self.window = window

@@ -40,7 +40,7 @@ TOKEN = "s3cret-token"
 class Mistake:
     """`args` appended to a valid command line (later flags win); `expect` must appear in the error line."""
 
-    side: str  # "serve" or "push"
+    side: str  # "serve", "push" or "train"
     args: tuple[str, ...]
     expect: str
     env: dict[str, str] = field(default_factory=dict)
@@ -119,6 +119,10 @@ serve(
 )
 
 
+def train(name: str, expect: str, *args: str) -> None:
+    MISTAKES[name] = Mistake("train", args, expect)
+
+
 def _vllm_http() -> tuple[str, ...]:
     """--engine vllm with an HTTP port of its own: the mistakes run side by side, each test-binding its ports."""
     return ("--engine", "vllm", "--http-port", str(free_port()))
@@ -192,6 +196,10 @@ push(
     "--tls-key",
     "{dir}/b.key",
 )
+
+# -- trainer_side train --
+train("train-ranks-zero", "--ranks: a job runs at least 1 rank, got 0", "--ranks", "0")
+train("train-ranks-negative", "--ranks: a job runs at least 1 rank, got -2", "--ranks", "-2")
 
 
 def _self_signed(out: Path, name: str) -> None:
@@ -267,9 +275,12 @@ def _command(mistake: Mistake, model_dir: Path, files: Path, held: int) -> list[
     """
     if mistake.side == "serve":
         base = _serve(model_dir, free_port(), "--device", "no-such-device")
-    else:
+    elif mistake.side == "push":
         base = [sys.executable, "-m", "trainer_side", "push", "--rollouts", f"127.0.0.1:{free_port()}"]
         base += ["--checkpoint", str(files / "good.safetensors"), "--version", "1"]
+    else:  # train: one not caught before the job starts fails to reach its rollout (exit 1)
+        base = [sys.executable, "-m", "trainer_side", "train", "--rollouts", f"127.0.0.1:{free_port()}"]
+        base += ["--model", str(model_dir), "--steps", "1"]
     return base + [arg.format(dir=files, held=held) for arg in mistake.args]
 
 

@@ -60,9 +60,11 @@ def _rank(
 
     from trainer_side.publisher import Publisher
     from trainer_side.train import PROMPT, greedy, new_model, train_iterations
+    from weightsync.memory import keep_freed_memory
     from weightsync.v1 import weightsync_pb2 as pb
     from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
+    keep_freed_memory()  # a rank is a process of ours: the allocator setting the publisher leaves to its owner
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
