@@ -41,6 +41,7 @@ class FakeEngine(Engine):
     """Implements Engine; `tokens` records (request number, version) for every token produced."""
 
     name = "fake"
+    verify_installed = False  # it holds no weights to read back
 
     def __init__(
         self,

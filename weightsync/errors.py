@@ -26,6 +26,7 @@ __all__ = [
     "ChunkCorrupt",
     "EngineUnavailable",
     "IncompleteUpdate",
+    "InstalledMismatch",
     "NoWeights",
     "NonFiniteWeights",
     "Reason",
@@ -67,6 +68,8 @@ class Reason(str, enum.Enum):
     FINGERPRINT_MISMATCH = "FINGERPRINT_MISMATCH"  # found by the trainer: the rollout committed other bytes
     INTERNAL = "INTERNAL"
     ALREADY_COMMITTED = "ALREADY_COMMITTED"  # the announced version is the one served; metadata["fingerprint"] is its
+    # read back from the engine after a load, a tensor does not match its checksum; metadata["tensors"] names them
+    INSTALLED_MISMATCH = "INSTALLED_MISMATCH"
 
 
 class WeightSyncError(Exception):
@@ -181,6 +184,18 @@ class ChecksumMismatch(IncompleteUpdate):
     """Every byte arrived but a staged tensor fails its checksum (for a delta: FULL_VERSION_NEEDED)."""
 
     reason = Reason.CHECKSUM_MISMATCH
+
+
+class InstalledMismatch(WeightSyncError):
+    """What the engine holds after a load, read back, differs from the trainer's checksums (or lacks a tensor).
+
+    The staged bytes were right; the engine's load lost or changed some (a name that no longer maps, a
+    skipped tensor, a corrupted copy). The rollout serves nothing until a later version verifies.
+    ErrorInfo metadata: `tensors` (the first that differ, comma-separated) and `version`.
+    """
+
+    code = grpc.StatusCode.DATA_LOSS
+    reason = Reason.INSTALLED_MISMATCH
 
 
 class NonFiniteWeights(WeightSyncError):

@@ -20,6 +20,7 @@ __all__ = [
     "TensorEntry",
     "build_layout",
     "build_manifest",
+    "entry_checksum",
     "manifest_of_state",
     "piece_checksum",
     "piece_prefix",
@@ -65,6 +66,19 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 def tensor_checksum(data: bytes | memoryview) -> str:
     """xxh3_128 of a tensor's bytes: fast enough (~30 GB/s) to never bound a sync."""
     return CHECKSUM_PREFIX + xxhash.xxh3_128_hexdigest(data)
+
+
+def entry_checksum(data: memoryview, offset: int, piece_bytes: int = 0) -> str:
+    """The checksum of one tensor's bytes `data` lying at `offset` of a layout, of the kind `piece_bytes` names."""
+    if not piece_bytes:
+        return tensor_checksum(data)
+    digests = []
+    position, end = offset, offset + data.nbytes
+    while position < end:
+        stop = min(end, (position // piece_bytes + 1) * piece_bytes)
+        digests.append(xxhash.xxh3_64_intdigest(data[position - offset : stop - offset]))
+        position = stop
+    return piece_checksum(piece_bytes, digests)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from rollout_side.engines.installed import Verification
     from weightsync.manifest import Manifest
 
 __all__ = ["SWAP_POLICIES", "Completion", "Engine", "ParamSpec", "Sampling", "join_pieces"]
@@ -80,9 +81,23 @@ class Engine(ABC):
     # runs wholly on one version), "abort" ends them with finish_reason "abort" and the tokens so far,
     # "continue" lets them go on with the new version and tags each token with its version.
     swap_policy: str = "drain"
+    # Read the weights back after every load and hold them to the manifest's checksums before the version
+    # serves (installed.py); a mismatch fails the load with InstalledMismatch. Off: --no-verify-installed.
+    verify_installed: bool = True
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = model_dir
+        self.verification: Verification | None = None  # the last read-back of the installed weights
+
+    async def verify(self, manifest: Manifest, version: int) -> Verification:
+        """Reads back what the engine holds and holds it to `manifest` (on demand, or after a standalone boot).
+
+        A mismatch withdraws the version (the engine serves nothing until a later load) and raises
+        InstalledMismatch. Engines that cannot read their weights back raise EngineUnavailable.
+        """
+        from weightsync.errors import EngineUnavailable
+
+        raise EngineUnavailable(f"the {self.name} engine cannot read its weights back")
 
     @property
     def max_model_len(self) -> int:

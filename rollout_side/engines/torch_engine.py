@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import threading
+import time
 import typing
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,9 +20,11 @@ from typing import TypeVar
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from rollout_side.engines import installed
 from rollout_side.engines.base import SWAP_POLICIES, Completion, Engine, ParamSpec, Sampling, join_pieces
 from rollout_side.update.compat import meta_param_specs, model_param_specs
 from weightsync.checkpoint import load_checkpoint
+from weightsync.errors import InstalledMismatch
 from weightsync.manifest import Manifest
 from weightsync.memory import prefaulted_buffer
 
@@ -60,6 +63,7 @@ class TorchEngine(Engine):
         self.config = AutoConfig.from_pretrained(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model: PreTrainedModel | None = None
+        self._failpoints = installed.Failpoints.from_environ()  # tests only
 
     async def start(self, weights: Path | None = None, version: int = 0) -> None:
         await self._run(self._boot, weights, version)
@@ -116,17 +120,25 @@ class TorchEngine(Engine):
     def _swap(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
         assert self.model is not None
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        names = [e.name for e in manifest]
+        skipped = self._failpoints.skipped(names)
         try:
             with torch.no_grad():
                 if self.device.type == "cpu":
                     for name, view in manifest.views(staging):
-                        params[name].data = view
+                        if name != skipped:
+                            params[name].data = view
                     previous, self._live = self._live, staging
                 else:
                     for name, view in manifest.views(staging):
-                        params[name].data.copy_(view, non_blocking=True)
+                        if name != skipped:
+                            params[name].data.copy_(view, non_blocking=True)
                     torch.cuda.synchronize(self.device)
                     previous = staging
+                if (corrupted := self._failpoints.corrupted(names)) is not None:
+                    installed.flip_byte(params[corrupted])
+            if self.verify_installed:  # before the version is published: nothing unverified is served
+                self._check_installed(manifest, version)
         except BaseException:
             # Requests run on this thread, so none sees a half swap; after a failed one nothing
             # trustworthy is held. Until then the old version stays published: admission checks
@@ -135,6 +147,33 @@ class TorchEngine(Engine):
             raise
         self._version = version
         return previous
+
+    async def verify(self, manifest: Manifest, version: int) -> installed.Verification:
+        return await self._run(self._verify, manifest, version)
+
+    def _verify(self, manifest: Manifest, version: int) -> installed.Verification:
+        try:
+            return self._check_installed(manifest, version)
+        except InstalledMismatch:
+            self._version = 0
+            raise
+
+    def _check_installed(self, manifest: Manifest, version: int) -> installed.Verification:
+        """On the worker thread: hashes every parameter named in `manifest` as the model holds it."""
+        assert self.model is not None
+        started = time.perf_counter()
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        sums = []
+        for entry in manifest:
+            param = params.get(entry.name)
+            if param is None or tuple(param.shape) != entry.shape or param.dtype != entry.dtype:
+                sums.append("")  # not found as sent: a failure, never a skip
+            else:
+                sums.append(installed.sum_of(param, entry.offset, manifest.piece_bytes))
+        self.verification = installed.compare(manifest, version, [sums], started)
+        if not self.verification.ok:
+            raise self.verification.error()
+        return self.verification
 
     @property
     def weight_version(self) -> int:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from rollout_side.engines.installed import Verification
 from rollout_side.transport.errors import grpc_errors
 from rollout_side.transport.registry import add_service
 from rollout_side.update.core import Announcement, Forward, Updates
@@ -28,6 +29,8 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]  # g
 
     @grpc_errors
     async def GetStatus(self, request: pb.GetStatusRequest, context: Context) -> pb.GetStatusResponse:
+        if request.verify:
+            await self.receiver.verify_installed()
         s = self.receiver.status()
         return pb.GetStatusResponse(
             weight_version=s.weight_version,
@@ -39,6 +42,7 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]  # g
             receiving_version=s.receiving_version,
             received_bytes=s.received_bytes,
             detail=s.detail,
+            verification=_verification(s.verification) if s.verification else None,
         )
 
     @grpc_errors
@@ -95,3 +99,15 @@ def add_weight_sync(servicer: WeightSyncServicer, server: grpc.aio.Server) -> No
     limits = weight_sync_request_limits(len(servicer.receiver.engine.param_specs()))
     service = pb.DESCRIPTOR.services_by_name["WeightSync"]
     add_service(servicer, server, service, raw_requests=frozenset({"PushChunks"}), limits=limits)
+
+
+def _verification(v: Verification) -> pb.InstalledVerification:
+    return pb.InstalledVerification(
+        weight_version=v.version,
+        ok=v.ok,
+        tensors=v.tensors,
+        workers=v.workers,
+        verified_at=v.at,
+        seconds=v.seconds,
+        mismatched=[*v.missing, *v.mismatched],
+    )

@@ -51,7 +51,7 @@ TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
     # booted with dummy weights, or standalone; begin while booting
     Phase.BOOTING: frozenset({Phase.DUMMY, Phase.SERVING, Phase.RECEIVING}),
     Phase.DUMMY: frozenset({Phase.RECEIVING}),  # begin
-    Phase.SERVING: frozenset({Phase.RECEIVING}),  # begin
+    Phase.SERVING: frozenset({Phase.RECEIVING, Phase.FAILED}),  # begin; a re-check (status --verify) failed
     Phase.FAILED: frozenset({Phase.RECEIVING}),  # begin: the next commit may recover
     # commit; its last stream ended without Commit: interrupted; abort, reaped or a bad chunk: back to rest
     Phase.RECEIVING: frozenset({Phase.COMMITTING, Phase.INTERRUPTED}) | RESTING,

@@ -30,6 +30,7 @@ from typing import TypeVar
 import torch
 
 from rollout_side.engines.base import Engine
+from rollout_side.engines.installed import Verification
 from rollout_side.update import resume
 from rollout_side.update.compat import check_manifest, max_update_bytes
 from rollout_side.update.delta_base import DeltaBase
@@ -47,7 +48,9 @@ from weightsync.errors import (
     ChunkCorrupt,
     EngineUnavailable,
     IncompleteUpdate,
+    InstalledMismatch,
     NonFiniteWeights,
+    NoWeights,
     SharedMemoryRefused,
     StaleVersion,
     TooLarge,
@@ -78,6 +81,7 @@ class Status:
     receiving_version: int = 0
     received_bytes: int = 0
     detail: str = ""
+    verification: Verification | None = None  # the last read-back of the installed weights
 
 
 class Receiver:
@@ -176,6 +180,7 @@ class Receiver:
             receiving_version=update.version if update else 0,
             received_bytes=update.received_bytes if update else 0,
             detail=detail,
+            verification=self.engine.verification,
         )
 
     # -- the handshake ------------------------------------------------------------------------
@@ -438,14 +443,38 @@ class Receiver:
             return await self.engine.load(update.staging, update.manifest, update.version)
         except BadManifest:
             raise  # refused before the engine touched its weights
+        except InstalledMismatch as error:
+            self._failed(f"update {update.id}: {error}")
+            raise
         except Exception as error:
-            metrics.Rollout.updates.labels("failed").inc()
-            metrics.Rollout.weight_version.set(0)
-            self._detail = f"loading version {update.version} into the engine failed: {error}"
-            logger.exception("update %s: %s", update.id, self._detail)
-            self.delta_base.forget()
-            self.lifecycle.move(Phase.FAILED)
+            self._failed(f"loading version {update.version} into the engine failed: {error}", exc_info=True)
             raise EngineUnavailable(self._detail) from error
+
+    def _failed(self, detail: str, *, exc_info: bool = False) -> None:
+        """The engine holds no version it can vouch for: FAILED, serving nothing, until a later commit."""
+        metrics.Rollout.updates.labels("failed").inc()
+        metrics.Rollout.weight_version.set(0)
+        self._detail = detail
+        logger.error("%s", detail, exc_info=exc_info)
+        self.delta_base.forget()
+        self.lifecycle.move(Phase.FAILED)
+
+    async def verify_installed(self) -> Verification:
+        """Reads back what the engine serves and holds it to the committed manifest (`status --verify`).
+
+        Raises:
+            NoWeights: nothing is served.
+            InstalledMismatch: the engine no longer holds the committed version; it then serves nothing.
+        """
+        manifest, version = self.delta_base.manifest, self.engine.weight_version
+        if manifest is None or not version or self.lifecycle.phase is Phase.COMMITTING:
+            raise NoWeights("no committed version is served, so there is nothing to verify")
+        try:
+            return await self.engine.verify(manifest, version)
+        except InstalledMismatch as error:
+            if self.lifecycle.phase in RESTING:
+                self._failed(f"on-demand verification: {error}")
+            raise
 
     def _or_abort(self, update: Incoming, step: Callable[[], T]) -> T:
         """Runs `step`; a refusal from it aborts the whole update before it reaches the caller."""

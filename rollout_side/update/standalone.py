@@ -22,11 +22,16 @@ async def boot_from_disk(engine: Engine, specs: Mapping[str, ParamSpec], weights
     The manifest is what a trainer would have announced for these weights, so the fingerprint a
     rollout reports for them equals the one a push of the same checkpoint would produce.
 
+    The engine's weights are read back and held to that manifest before anything serves them.
+
     Raises:
         BadManifest: the checkpoint does not fit the model.
+        InstalledMismatch: the engine does not hold what the checkpoint says (it then serves nothing).
     """
     manifest = manifest_of_state(load_checkpoint(weights))
     check_manifest(specs, manifest)
     await engine.start(weights, version)
+    if engine.verify_installed:
+        await engine.verify(manifest, version)
     logger.info("standalone: serving %s as version %d (%s)", weights, version, manifest.fingerprint)
     return manifest

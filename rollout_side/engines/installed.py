@@ -1,0 +1,154 @@
+"""Installed-weight verification: what an engine holds after a load, read back and held to the trainer's checksums.
+
+Every byte of a version is checked twice on its way in: as it lands in staging (update/staging.py), and,
+after the engine has loaded it, as the engine holds it. The second check is this module's: each engine
+reads its tensors back under their Hugging Face names (vLLM undoes its own layout, worker by worker:
+vllm_readback.py) and hashes them as the trainer did; `compare` then names the tensors that differ or
+that the engine never received. Loads that lose weights silently (a name that no longer maps, a skipped
+tensor, a corrupted copy) are caught before the version serves.
+
+`Failpoints` are for tests only: read from WEIGHTSYNC_FAILPOINTS when an engine starts, they make a load
+skip one tensor or flip a byte of one installed tensor, so tests can prove the check sees both.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from weightsync.errors import InstalledMismatch
+from weightsync.manifest import Manifest, entry_checksum, tensor_bytes
+
+__all__ = [
+    "FAILPOINTS_ENV",
+    "Failpoints",
+    "ReadBackEntry",
+    "Verification",
+    "compare",
+    "flip_byte",
+    "read_back_entries",
+    "sum_of",
+]
+
+FAILPOINTS_ENV = "WEIGHTSYNC_FAILPOINTS"
+NAMED = 3  # tensors a failure names
+
+# (Hugging Face name, byte offset in the layout, byte size): what a worker needs to hash a tensor as the trainer did.
+ReadBackEntry = tuple[str, int, int]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Verification:
+    """One read-back of the installed weights: `mismatched` lists "name" (or "name@worker") that differ."""
+
+    version: int
+    tensors: int  # checked, per worker
+    workers: int
+    at: float  # wall-clock time (time.time()) it finished
+    seconds: float
+    mismatched: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()  # in the manifest, not found in the engine
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched and not self.missing
+
+    def error(self) -> InstalledMismatch:
+        """The refusal a failed verification becomes."""
+        named = [*self.missing, *self.mismatched][:NAMED]
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} never received")
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} differ from their checksums")
+        return InstalledMismatch(
+            f"version {self.version} as the engine holds it fails verification ({', '.join(parts)}): "
+            f"{', '.join(named)}{' ...' if len(self.missing) + len(self.mismatched) > NAMED else ''}; "
+            "the rollout serves nothing until a later version verifies",
+            metadata={"tensors": ",".join(named), "version": str(self.version)},
+        )
+
+
+def read_back_entries(manifest: Manifest) -> list[ReadBackEntry]:
+    """The manifest as plain values for a worker RPC."""
+    return [(e.name, e.offset, e.byte_size) for e in manifest]
+
+
+def sum_of(tensor: torch.Tensor, offset: int, piece_bytes: int) -> str:
+    """The checksum of a tensor read back from an engine (any device), as its manifest entry defines it."""
+    return entry_checksum(tensor_bytes(tensor.detach().to("cpu").contiguous()), offset, piece_bytes)
+
+
+def compare(manifest: Manifest, version: int, per_worker: Sequence[Sequence[str]], started: float) -> Verification:
+    """Holds each worker's read-back checksums ("" = not found) to the manifest's; `started`: perf_counter()."""
+    workers = len(per_worker)
+    mismatched: list[str] = []
+    missing: list[str] = []
+    for rank, sums in enumerate(per_worker):
+        where = f"@worker{rank}" if workers > 1 else ""
+        for entry, got in zip(manifest, sums, strict=True):
+            if not got:
+                missing.append(entry.name + where)
+            elif got != entry.checksum:
+                mismatched.append(entry.name + where)
+    return Verification(
+        version=version,
+        tensors=len(manifest),
+        workers=workers,
+        at=time.time(),
+        seconds=time.perf_counter() - started,
+        mismatched=tuple(mismatched),
+        missing=tuple(missing),
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Failpoints:
+    """Tests only: faults a load injects, from WEIGHTSYNC_FAILPOINTS (comma-separated).
+
+    `skip-load[=NAME]`: the load leaves tensor NAME (default: the manifest's first) as it was.
+    `corrupt-installed[=NAME]`: after the load, one byte of tensor NAME as installed is flipped (on the first
+    worker only, where there are several).
+    """
+
+    skip: str | None = None
+    corrupt: str | None = None
+    unknown: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def from_environ(cls) -> Failpoints:
+        skip = corrupt = None
+        unknown = []
+        for item in filter(None, (s.strip() for s in os.environ.get(FAILPOINTS_ENV, "").split(","))):
+            key, _, arg = item.partition("=")
+            if key == "skip-load":
+                skip = arg
+            elif key == "corrupt-installed":
+                corrupt = arg
+            else:
+                unknown.append(item)
+        return cls(skip=skip, corrupt=corrupt, unknown=tuple(unknown))
+
+    def skipped(self, names: Sequence[str]) -> str | None:
+        """The tensor a load of `names` leaves out, if any."""
+        return _target(self.skip, names)
+
+    def corrupted(self, names: Sequence[str]) -> str | None:
+        """The tensor whose installed copy a load of `names` corrupts, if any."""
+        return _target(self.corrupt, names)
+
+
+def _target(arg: str | None, names: Sequence[str]) -> str | None:
+    if arg is None or not names:
+        return None
+    return arg or names[0]
+
+
+def flip_byte(tensor: torch.Tensor) -> None:
+    """Flips the lowest bit of the tensor's first byte, in place (the corrupt-installed failpoint)."""
+    raw = tensor.data.reshape(-1).view(torch.uint8)
+    raw[0] = raw[0] ^ 1

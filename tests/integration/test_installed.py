@@ -1,0 +1,70 @@
+"""Installed-weight verification on the torch engine: every load is read back and held to the trainer's
+checksums before the version serves; the test-only failpoints prove the check sees a corrupted or a
+skipped tensor (the staging buffer held the right bytes both times)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from rollout_side.engines.installed import FAILPOINTS_ENV
+from trainer_side.publisher import Publisher
+
+from conftest import LoopThread, Rollout, start_rollout
+from installed import (
+    assert_refused_after_verify,
+    assert_refused_naming,
+    assert_verified,
+    seeded_state,
+    three_pushes_verified,
+    verification,
+)
+
+
+@pytest.fixture
+def failing_rollout(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, loop_thread: LoopThread, model_dir: Path
+) -> Iterator[Rollout]:
+    """A torch rollout started with WEIGHTSYNC_FAILPOINTS set to the test's parameter (read at start)."""
+    monkeypatch.setenv(FAILPOINTS_ENV, request.param)
+    r = start_rollout(loop_thread, model_dir)
+    monkeypatch.delenv(FAILPOINTS_ENV)
+    yield r
+    r.channel.close()
+    loop_thread.run(r.server.stop(grace=0))
+
+
+def test_full_delta_full_each_verified_as_installed(rollout: Rollout, model_dir: Path) -> None:
+    assert not verification(rollout).HasField("verification")  # dummy weights: nothing vouched for
+    three_pushes_verified(rollout, seeded_state(model_dir), 1)
+    again = verification(rollout, verify=True).verification  # status --verify: a fresh read-back
+    assert again.ok and again.weight_version == 3
+
+
+@pytest.mark.parametrize(
+    ("failing_rollout", "tensor"),
+    [
+        ("corrupt-installed=model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+        ("skip-load=model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.k_proj.weight"),
+        ("skip-load", "model.embed_tokens.weight"),  # the manifest's first tensor; tied to lm_head
+    ],
+    indirect=["failing_rollout"],
+)
+def test_failpoint_fails_the_commit_naming_the_tensor(failing_rollout: Rollout, model_dir: Path, tensor: str) -> None:
+    assert_refused_naming(failing_rollout, seeded_state(model_dir), 1, tensor)
+
+
+def test_a_tensor_changed_after_commit_fails_status_verify(rollout: Rollout, model_dir: Path) -> None:
+    """On demand, the check reads the engine as it is now: a weight changed behind its back withdraws the version."""
+    with Publisher([rollout.address], progress=False) as publisher:
+        (result,) = publisher.push(seeded_state(model_dir), 1)
+    assert result.ok, result.line()
+    assert_verified(rollout, 1)
+    engine = rollout.receiver.engine
+    param = dict(engine.model.named_parameters())["model.norm.weight"]  # type: ignore[attr-defined]
+    with torch.no_grad():
+        param.data[0] += 1
+    assert_refused_after_verify(rollout, "model.norm.weight")
