@@ -75,6 +75,7 @@ class VllmEngine(Engine):
     """
 
     name = "vllm"
+    verify_installed = False  # its read-back (per worker, undoing vLLM's layout) lands next
 
     def __init__(
         self,
