@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 RETRIES = 3  # reconnections per push after a cut connection
 BACKOFF = 0.5  # seconds before the first reconnection, doubling after each
 RECONNECT_TIMEOUT = 20.0  # seconds a reconnection may wait for the rollout to be reachable again
+# Seconds a push waits for a rollout's channel to connect before BeginUpdate: a restarted rollout's channel
+# may still be backing off from the failed connects of its downtime when the port listens again.
+CONNECT_TIMEOUT = 10.0
 # A failed call with one of these codes and no weightsync reason is the connection's, not a refusal.
 TRANSPORT_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -289,7 +292,12 @@ class RolloutClient:
     def begin(
         self, request: pb.BeginUpdateRequest, *, timeout: float | None = None, wait_for_ready: bool | None = None
     ) -> pb.BeginUpdateResponse:
-        """BeginUpdate (or a resume of it); `timeout` None is the client's. Raises grpc.RpcError if refused."""
+        """BeginUpdate (or a resume of it); `timeout` None is the client's. Raises grpc.RpcError if refused.
+
+        Waits (CONNECT_TIMEOUT at most) for the channel to connect first, so that a rollout that restarted
+        is pushed to, not failed at once; one still down then fails as it would have."""
+        if not wait_for_ready:
+            self.ready(min(self.timeout, CONNECT_TIMEOUT))
         began: pb.BeginUpdateResponse = self._stub.BeginUpdate(
             request,
             timeout=self.timeout if timeout is None else timeout,
@@ -297,6 +305,14 @@ class RolloutClient:
             wait_for_ready=wait_for_ready,
         )
         return began
+
+    def ready(self, timeout: float) -> bool:
+        """Whether the channel connects within `timeout` (at once if it is connected)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
 
     def commit(self, request: pb.CommitRequest, *, timeout: float | None = None) -> pb.CommitResponse:
         """Commit; `timeout` None is the client's. Raises grpc.RpcError if the rollout refuses it."""

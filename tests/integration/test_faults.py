@@ -126,6 +126,48 @@ def test_rollout_killed_mid_commit_and_restarted(model_dir: Path, trained_state)
         assert result.ok and generate(address).weight_version == 2
 
 
+def test_a_long_lived_publisher_pushes_to_a_rollout_restarted_on_the_same_port(model_dir: Path, trained_state) -> None:  # type: ignore[no-untyped-def]
+    """The publisher's channel saw its rollout die: its next push waits for the new process, bounded, and
+    goes through, rather than failing at once with UNAVAILABLE while the channel backs off."""
+    rollout = RolloutProcess(model_dir)
+    with Publisher([rollout.address], progress=False) as publisher:
+        try:
+            assert publisher.push(trained_state, 1)[0].ok
+        finally:
+            rollout.kill()
+        [down] = publisher.push(trained_state, 2)  # the training loop goes on: its channel now backs off
+        assert not down.ok and down.code == grpc.StatusCode.UNAVAILABLE, down
+        with RolloutProcess(model_dir, port=rollout.port):  # listening again when this returns
+            [result] = publisher.push(trained_state, 2)
+            assert result.ok, result.error
+            assert status(rollout.address).weight_version == 2
+
+
+def test_a_push_waits_for_a_rollout_that_comes_back(loop_thread: LoopThread, model_dir: Path, trained_state) -> None:  # type: ignore[no-untyped-def]
+    """A push begun while its rollout is down (restarting) waits for the channel, bounded, and goes through
+    once the rollout listens again on its port, 2 s later."""
+    first = start_rollout(loop_thread, model_dir)
+    port = first.server.port
+    with Publisher([first.address], progress=False) as publisher:
+        assert publisher.push(trained_state, 1)[0].ok
+        first.channel.close()
+        loop_thread.run(first.server.stop(grace=0))
+        restarted: list[Rollout] = []
+        timer = threading.Timer(2.0, lambda: restarted.append(start_rollout(loop_thread, model_dir, port=port)))
+        timer.start()
+        try:
+            [result] = publisher.push(trained_state, 2)
+        finally:
+            timer.join()
+        assert result.ok, result.error
+    second = restarted[0]
+    try:
+        assert status(second.address).weight_version == 2
+    finally:
+        second.channel.close()
+        loop_thread.run(second.server.stop(grace=0))
+
+
 def test_graceful_shutdown_finishes_in_flight_generate(model_dir: Path, trained_state) -> None:  # type: ignore[no-untyped-def]
     rollout = RolloutProcess(model_dir, args=["--shutdown-grace", "60"])
     try:
