@@ -15,6 +15,7 @@ __all__ = [
     "GENERATE_REQUEST_BYTES",
     "MAX_TENSOR_NAME_BYTES",
     "MAX_UPDATE_ID_BYTES",
+    "PARSE_INLINE_BYTES",
     "SMALL_REQUEST_BYTES",
     "check_update_id",
     "weight_sync_request_limits",
@@ -23,6 +24,8 @@ __all__ = [
 # A GenerateRequest: a prompt of a few hundred thousand tokens fits; a prompt beyond the model's
 # length is refused by the character count before tokenizing anyway.
 GENERATE_REQUEST_BYTES = 4 << 20
+# Requests up to this size are parsed on the event loop (microseconds); larger ones on a thread.
+PARSE_INLINE_BYTES = 64 << 10
 # GetStatus, AbortUpdate and any method without its own bound.
 SMALL_REQUEST_BYTES = 64 << 10
 MAX_UPDATE_ID_BYTES = 128

@@ -15,8 +15,10 @@ Before the first commit every generation endpoint answers 503 with an OpenAI-sty
 When the rollout has a Generate token (--generate-token-file) every /v1 endpoint wants it as
 `Authorization: Bearer <token>`, which is how the `openai` client sends its api_key.
 
-Built on starlette and uvicorn (both come with vLLM); the same code serves both engines. Request parsing
-and the response shapes live in rollout_side/serving/openai_schema.py; the routes, the server and streaming here.
+Built on starlette and uvicorn; the same code serves both engines. The limits every request passes
+before any work live in rollout_side/serving/openai_limits.py (and the connection's in the server here);
+request parsing and the response shapes in rollout_side/serving/openai_schema.py; the routes, the server
+and streaming here.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from starlette.applications import Starlette
@@ -38,10 +41,10 @@ from starlette.routing import Route
 
 from rollout_side.engines.base import Completion
 from rollout_side.serving.generation import Generation, GenerationRequest, interleave
+from rollout_side.serving.openai_limits import check_chat, check_completion, check_model, read_json
 from rollout_side.serving.openai_schema import (
     RETRY_AFTER_SECONDS,
     HttpError,
-    _body,
     _chat_logprobs,
     _completion_logprobs,
     _events,
@@ -60,6 +63,7 @@ from rollout_side.serving.openai_schema import (
 from rollout_side.serving.vllm_openai import ChatParsers
 from rollout_side.transport.auth import ServerSecurity
 from weightsync.errors import WeightSyncError
+from weightsync.logs import shown
 
 __all__ = ["HttpServer", "create_app", "start_http"]
 
@@ -67,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 
 class OpenAIFace:
-    """The endpoints, over one Generation core; `model` is the id /v1/models lists (any id is accepted)."""
+    """The endpoints, over one Generation core; `model` is the id /v1/models lists and requests may name."""
 
     def __init__(
         self,
@@ -84,6 +88,9 @@ class OpenAIFace:
         self.model = model
         self._token = generate_token.encode() if generate_token else None
         self._tokenizer: Any = None
+        # Loading the tokenizer, chat templates and counting prompt tokens run here, off the event loop
+        # (which gRPC shares); one thread, as a Hugging Face tokenizer is not safe to call from several.
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openai-tokenize")
         self._vllm: Any = None  # VllmOpenAI on the vLLM engine: vLLM's own serving layer answers
         self._vllm_serving = self.engine.name == "vllm" and vllm_serving
 
@@ -110,6 +117,21 @@ class OpenAIFace:
             self._tokenizer = AutoTokenizer.from_pretrained(self.engine.model_dir)
         return self._tokenizer
 
+    async def _off_loop(self, work: Callable[[], Any]) -> Any:
+        """`work` on the tokenizer's thread (which loads the tokenizer first, the first time)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, work)
+
+    async def _checked(self, request: Request, *, chat: bool) -> dict[str, Any]:
+        """The request's body once every limit before work passed (openai_limits.py), on both engines."""
+        self._authorize(request)
+        body = await read_json(request)
+        if chat:
+            check_chat(body, self.engine.max_model_len)
+        else:
+            check_completion(body)
+        check_model(body, self.model)
+        return body
+
     # -- endpoints --------------------------------------------------------------------------------
 
     async def ready(self, request: Request) -> Response:
@@ -129,8 +151,7 @@ class OpenAIFace:
         return self._json({"object": "list", "data": [card]}, self.engine.weight_version)
 
     async def completions(self, request: Request) -> Response:
-        self._authorize(request)
-        body = await _body(request)
+        body = await self._checked(request, chat=False)
         if (answer := await self._through_vllm(request, body, chat=False)) is not None:
             return answer
         prompts = _prompts(body.get("prompt"))
@@ -141,6 +162,7 @@ class OpenAIFace:
             body, self.generation.max_tokens_limit, logprobs=logprobs is not None, top_logprobs=logprobs or 0
         )
         requests = [_with_prompt(base, prompt) for prompt in prompts]
+        await self._off_loop(lambda: self.tokenizer)
         if body.get("stream"):
             return await self._stream(request, requests, body, chat=False)
         groups = await self._run(request, requests)
@@ -154,27 +176,17 @@ class OpenAIFace:
                     "finish_reason": out.finish_reason,
                 }
                 choices.append(choice | _extras(out))
-        usage = _usage(requests, groups, self)
+        usage = _usage_numbers(await self._prompt_tokens(requests), _completion_tokens(groups))
         result = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         return self._json(result | {"model": self.model, "choices": choices, "usage": usage}, _lowest(groups))
 
     async def chat_completions(self, request: Request) -> Response:
-        self._authorize(request)
-        body = await _body(request)
+        body = await self._checked(request, chat=True)
         if (answer := await self._through_vllm(request, body, chat=True)) is not None:
             return answer
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise bad("messages must be a non-empty list of objects")
-        messages = [_flat_content(message) for message in messages]
-        try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.get("add_generation_prompt", True), tokenize=True
-            )
-        except Exception as error:  # noqa: BLE001 - jinja and tokenizer errors alike: the request's fault
-            raise bad(f"the chat template cannot render these messages: {error}") from None
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
+        messages = [_flat_content(message) for message in body["messages"]]
+        add_generation_prompt = body.get("add_generation_prompt", True)
+        ids = await self._off_loop(lambda: self._render(messages, add_generation_prompt))
         top = _int(body, "top_logprobs", 0) or 0
         base = _request(
             body,
@@ -183,7 +195,7 @@ class OpenAIFace:
             top_logprobs=top if body.get("logprobs") else 0,
             max_tokens_field=("max_completion_tokens", "max_tokens"),
         )
-        requests = [_with_prompt(base, [int(i) for i in ids])]
+        requests = [_with_prompt(base, ids)]
         if body.get("stream"):
             return await self._stream(request, requests, body, chat=True)
         [outs] = await self._run(request, requests)
@@ -197,7 +209,7 @@ class OpenAIFace:
             | _extras(out)
             for i, out in enumerate(outs)
         ]
-        usage = _usage(requests, [outs], self)
+        usage = _usage_numbers(await self._prompt_tokens(requests), _completion_tokens([outs]))
         result = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time())}
         return self._json(result | {"model": self.model, "choices": choices, "usage": usage}, _lowest([outs]))
 
@@ -243,7 +255,7 @@ class OpenAIFace:
             model=self.model,
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             token_text=self._token_text,
-            count_prompt_tokens=self._prompt_tokens,
+            count_prompt_tokens=lambda: self._prompt_tokens(requests),
             stream_id=stream_id,
             chat=chat,
             include_usage=include_usage,
@@ -252,8 +264,27 @@ class OpenAIFace:
 
     # -- shapes -----------------------------------------------------------------------------------
 
-    def _prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(request.prompt_token_ids) or len(self.tokenizer.encode(request.prompt, add_special_tokens=False))
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+        """The chat template's token ids for `messages` (on the tokenizer's thread)."""
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True
+            )
+        except Exception as error:  # noqa: BLE001 - jinja and tokenizer errors alike: the request's fault
+            raise bad(f"the chat template cannot render these messages: {shown(str(error), 200)}") from None
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    async def _prompt_tokens(self, requests: list[GenerationRequest]) -> int:
+        """The usage's prompt tokens; text prompts are counted on the tokenizer's thread."""
+
+        def count(request: GenerationRequest) -> int:
+            return len(request.prompt_token_ids) or len(self.tokenizer.encode(request.prompt, add_special_tokens=False))
+
+        if all(r.prompt_token_ids for r in requests):
+            return sum(len(r.prompt_token_ids) for r in requests)
+        return int(await self._off_loop(lambda: sum(count(r) for r in requests)))
 
     def _token_text(self, token: int) -> str:
         return str(self.tokenizer.decode([token]))
@@ -307,6 +338,56 @@ def create_app(
         Route("/health", handle(face.health), methods=["GET"]),
     ]
     return Starlette(routes=routes)
+
+
+# Connections held open at once (idle, sending or being answered); a client between requests may stay
+# idle this long; a request's headers must arrive within HEADER_SECONDS (a slowloris socket is dropped).
+MAX_CONNECTIONS = 1024
+KEEP_ALIVE_SECONDS = 5
+HEADER_SECONDS = 10.0
+
+
+def _with_header_deadline() -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol with a deadline on each request's headers, which uvicorn lacks: from the
+    connection's start, or from the first byte after a response, they must be complete in HEADER_SECONDS.
+    Bytes that start no request (the unread rest of a refused body) close the connection at the deadline too."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    base: Any = AutoHTTPProtocol  # httptools' protocol, or h11's: both keep the request's `cycle`
+
+    class HeaderDeadline(base):  # type: ignore[misc]
+        _deadline: asyncio.TimerHandle | None = None
+        _waiting_on: object = None  # the cycle before the headers awaited: a new one means they came
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm()
+            super().data_received(data)
+            if self._deadline is not None and self.cycle is not self._waiting_on:
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._waiting_on = self.cycle
+            self._deadline = asyncio.get_running_loop().call_later(HEADER_SECONDS, self._expired)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self) -> None:
+            self._deadline = None
+            self.transport.close()
+
+    return HeaderDeadline
 
 
 class HttpServer:
@@ -364,7 +445,15 @@ async def start_http(
     except OSError:
         sock.close()
         raise
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+        http=_with_header_deadline(),
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        limit_concurrency=MAX_CONNECTIONS,  # beyond it uvicorn answers 503 at once
+    )
     config.load()
     server = uvicorn.Server(config)
     # startup/main_loop/shutdown, not serve(): serve() takes the process's signals, which the rollout owns.
@@ -378,9 +467,8 @@ def _lowest(groups: list[list[Completion]]) -> int:
     return min(out.weight_version for outs in groups for out in outs)
 
 
-def _usage(requests: list[GenerationRequest], groups: list[list[Completion]], face: OpenAIFace) -> dict[str, int]:
-    prompt_tokens = sum(face._prompt_tokens(r) for r in requests)
-    return _usage_numbers(prompt_tokens, sum(len(out.token_ids) for outs in groups for out in outs))
+def _completion_tokens(groups: list[list[Completion]]) -> int:
+    return sum(len(out.token_ids) for outs in groups for out in outs)
 
 
 async def _merge(

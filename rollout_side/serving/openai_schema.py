@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
-from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from rollout_side.engines.base import Completion
@@ -46,7 +45,9 @@ ERROR_TYPE = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    408: "timeout_error",
     409: "conflict_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
     504: "timeout_error",
@@ -78,28 +79,22 @@ def bad(message: str) -> HttpError:
 # -- requests ---------------------------------------------------------------------------------------
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except ValueError:
-        raise bad("the body is not JSON") from None
-    if not isinstance(body, dict):
-        raise bad("the body must be a JSON object")
-    return body
-
-
 def _prompts(prompt: Any) -> list[str | list[int]]:
-    """OpenAI's prompt: a string, a list of token ids, or a list of either."""
+    """OpenAI's prompt: a string, a list of token ids, or a list of either (their count checked before)."""
     if isinstance(prompt, str) and prompt:
         return [prompt]
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if _token_ids(prompt):
             return [list(prompt)]
         if all(isinstance(p, str) and p for p in prompt):
             return list(prompt)
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+        if all(isinstance(p, list) and p and _token_ids(p) for p in prompt):
             return [list(p) for p in prompt]
     raise bad("prompt must be a non-empty string, a list of token ids, or a list of either")
+
+
+def _token_ids(values: list[Any]) -> bool:
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in values)
 
 
 def _flat_content(message: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +162,7 @@ def _request(
         wait_for_version=bool(body.get("wait_for_version", False)),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
-        n=_int(body, "n", 1) or 1,
+        n=_int(body, "n", 1) or 1,  # 0 and below were refused by openai_limits.py
         stop=stop,
         stop_token_ids=[int(t) for t in body.get("stop_token_ids") or []],
         ignore_eos=bool(body.get("ignore_eos", False)),
@@ -235,7 +230,7 @@ async def _events(
     model: str,
     decode: Callable[[list[int]], str],
     token_text: Callable[[int], str],
-    count_prompt_tokens: Callable[[GenerationRequest], int],
+    count_prompt_tokens: Callable[[], Awaitable[int]],
     stream_id: str,
     chat: bool,
     include_usage: bool,
@@ -281,7 +276,7 @@ async def _events(
                 yield _sse(base | {"choices": [choice], "weight_version": piece.weight_version})
             pending = await anext(merged, None)
         if include_usage:
-            prompt_tokens = sum(count_prompt_tokens(r) for r in requests)
+            prompt_tokens = await count_prompt_tokens()
             completion_tokens = sum(len(t) for t in tokens.values())
             usage = _usage_numbers(prompt_tokens, completion_tokens)
             yield _sse(base | {"choices": [], "usage": usage, "weight_version": first[1].weight_version})

@@ -19,12 +19,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
 from weightsync.errors import BadRequest, TooLarge, WeightSyncError
-from weightsync.limits import SMALL_REQUEST_BYTES
+from weightsync.limits import PARSE_INLINE_BYTES, SMALL_REQUEST_BYTES
 
 __all__ = ["PARSE_INLINE_BYTES", "Unparsed", "add_service", "handler_factory", "parse_request"]
-
-# Requests up to this size are parsed on the event loop (microseconds); larger ones on a thread.
-PARSE_INLINE_BYTES = 64 << 10
 
 
 class Unparsed:
