@@ -281,7 +281,7 @@ async def serve(args: argparse.Namespace) -> None:
         if boot.done() and (failure := boot.exception()) is not None:
             await rollout.stop(0)
             raise failure
-    version = receiver.engine.weight_version
+    version = receiver.lifecycle.served.version
     state = f"serving version {version}" if version else "dummy weights, waiting for a push"
     if receiver.lifecycle.committing is not None:
         state = "loading the version pushed while it booted"

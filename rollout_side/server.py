@@ -67,7 +67,7 @@ class RolloutServer:
         self.receiver = receiver
         self.health = health
         # The Generate core, for other front ends over the same gate (rollout_side/serving/openai_api.py).
-        self.generation = generation or Generation(receiver.engine, VersionGate(receiver.engine, receiver.lifecycle))
+        self.generation = generation or Generation(receiver.engine, VersionGate(receiver.lifecycle))
 
     async def stop(self, grace: float = 5.0) -> None:
         """Reports NOT_SERVING first, so load balancers drain, then stops the server and the engine."""
@@ -107,7 +107,7 @@ async def create_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     add_weight_sync(WeightSyncServicer(Updates(receiver, relay_credentials=security.relay), model), server)
-    generation = Generation(receiver.engine, VersionGate(receiver.engine, receiver.lifecycle))
+    generation = Generation(receiver.engine, VersionGate(receiver.lifecycle))
     limits = {"Generate": GENERATE_REQUEST_BYTES, "GenerateStream": GENERATE_REQUEST_BYTES}
     add_service(GenerateServicer(generation), server, pb.DESCRIPTOR.services_by_name["Generate"], limits=limits)
     reflection.enable_server_reflection(
@@ -126,7 +126,7 @@ async def create_server(
     await health_servicer.set(WEIGHT_SYNC_SERVICE, serving)
 
     async def publish(phase: Phase) -> None:
-        ready = receiver.engine.weight_version > 0 and phase in (Phase.SERVING, Phase.RECEIVING)
+        ready = receiver.lifecycle.served.ready and phase in (Phase.SERVING, Phase.RECEIVING)
         await health_servicer.set(GENERATE_SERVICE, serving if ready else not_serving)
 
     receiver.add_listener(publish)

@@ -110,6 +110,11 @@ class FakeEngine(Engine):
         return previous
 
     @property
+    def loading(self) -> bool:
+        """Whether a load is under way (waiting for requests to drain, or loading)."""
+        return self._loading
+
+    @property
     def weight_version(self) -> int:
         return self._version
 

@@ -73,7 +73,13 @@ class Engine(ABC):
     Contract: `load` is atomic with respect to `generate`: every request runs wholly on one
     version, and `weight_version` names it (under `swap_policy` "continue" a request may go on
     with the new version, and its Completion says which version produced which token). A failed
-    `load` leaves `weight_version` at 0 (nothing trustworthy is served) until a later load succeeds.
+    `load` leaves `weight_version` at 0 until a later load succeeds, and requests already inside the
+    engine end or are refused (EngineUnavailable) rather than run on the torn weights.
+
+    An engine does not decide what the rollout serves: the receiver records each load's outcome in
+    `Lifecycle.served` (rollout_side/update/served.py), which the version gate, GetStatus and health
+    read. `load` may be called from a task its caller no longer waits for (the receiver shields a
+    commit from a cancelled Commit), so it must not depend on its caller staying.
     """
 
     name: str = "engine"
@@ -149,7 +155,11 @@ class Engine(ABC):
     @property
     @abstractmethod
     def weight_version(self) -> int:
-        """The version every new request will run on; 0 when no complete version is held."""
+        """The version the engine's weights hold, which tags its completions; 0 when none is complete.
+
+        Not what the rollout serves (a dummy boot holds weights, a failed load torn ones): read
+        `Lifecycle.served` for that.
+        """
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:

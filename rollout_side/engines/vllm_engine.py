@@ -1,4 +1,11 @@
-"""The vLLM engine: an AsyncLLM whose weights are swapped in place from a shared-memory staging buffer."""
+"""The vLLM engine: an AsyncLLM whose weights are swapped in place from a shared-memory staging buffer.
+
+This module boots and shuts vLLM down and performs the swap itself (the worker extension reads the
+staged version from /dev/shm, vllm_worker.py; a push that arrives while vLLM boots is loaded at its
+load step instead, vllm_loader.py). Who may enter vLLM around a swap, and what a swap does to requests
+inside it (the swap policies), is the gate's (vllm_gate.py); one Generate request's path through vLLM
+is vllm_requests.py's.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +16,19 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rollout_side.engines import vllm_loader, vllm_prewarm
+from rollout_side.engines import vllm_loader, vllm_prewarm, vllm_requests
 from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling, join_pieces
 from rollout_side.engines.shm_staging import ShmStaging
+from rollout_side.engines.vllm_gate import Gate
 from rollout_side.update.compat import check_manifest, meta_param_specs
-from weightsync.errors import BadManifest, BadRequest, EngineUnavailable
+from weightsync.errors import BadManifest, EngineUnavailable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -68,10 +74,9 @@ class VllmEngine(Engine):
     """Serves a model with vLLM's AsyncLLM, so concurrent generate calls share batches.
 
     Weight swaps go through a worker extension (see vllm_worker.py) that reads the staged version
-    from a /dev/shm file: no tensor crosses an RPC. Atomicity comes from an admission gate in this
-    class: a load stops admitting requests, waits until every admitted one has finished inside vLLM,
-    loads, and reopens. vLLM's own pause(mode="wait") is not enough on its own: it drains only running
-    requests and leaves queued ones to start later on the new weights.
+    from a /dev/shm file: no tensor crosses an RPC. Atomicity comes from the admission gate
+    (vllm_gate.py): a load closes it, applies the swap policy, loads once nothing is inside vLLM,
+    and reopens it.
     """
 
     name = "vllm"
@@ -90,10 +95,7 @@ class VllmEngine(Engine):
         swap_policy: str = "drain",
     ) -> None:
         super().__init__(Path(model_dir))
-        from rollout_side.engines.base import SWAP_POLICIES
-
-        if swap_policy not in SWAP_POLICIES:
-            raise ValueError(f"swap_policy must be one of {', '.join(SWAP_POLICIES)}, not {swap_policy!r}")
+        self._gate = Gate(swap_policy)  # refuses an unknown policy
         self.swap_policy = swap_policy
         if kv_cache_space_gib is None and gpu_memory_utilization is None and _on_cpu():
             # vLLM's CPU default reserves 90% of RAM for the KV cache; tests and trainers need it too.
@@ -118,21 +120,7 @@ class VllmEngine(Engine):
         }
         self._args = {k: v for k, v in args.items() if v is not None} | dict(engine_kwargs or {})
         self._llm: AsyncLLM | None = None
-        self._version = 0
-        self._failed = False
         self._tmp_model_dir: Path | None = None
-        # Admission gate: requests hold it from admission until vLLM finishes them; a load takes it whole.
-        self._inflight = 0
-        self._drained = asyncio.Event()
-        self._drained.set()
-        self._admitting = asyncio.Event()
-        self._admitting.set()
-        self._swap_lock = asyncio.Lock()
-        self._request_ids: set[str] = set()  # inside vLLM now: what the swap policy abort aborts
-        # Generate's requests inside vLLM (not the HTTP face's): what the swap policy continue aborts and
-        # resubmits; _swapped holds those it aborted, so their pumps tell that abort from a client's.
-        self._continuable: set[str] = set()
-        self._swapped: set[str] = set()
         self._shm = ShmStaging()
         self._handoff: vllm_loader.Handoff | None = None  # open from boot until the first load
         self.load_format = ""  # what vLLM booted with: "weightsync" (vllm_loader.py), "dummy" or "safetensors"
@@ -151,8 +139,7 @@ class VllmEngine(Engine):
         # In a thread: vLLM's imports and EngineCore start take seconds, and meanwhile the event loop
         # receives (and verifies) a push that the boot-time loader can then take (offer_at_boot).
         self._llm, self.load_format = await asyncio.to_thread(self._boot, weights)
-        self._version = version if weights is not None else 0
-        self._failed = False
+        self._gate.loaded(version if weights is not None else 0)
         logger.info("vLLM up in %.1f s (%s weights)", time.perf_counter() - started, self.load_format)
 
     def _boot(self, weights: Path | None) -> tuple[AsyncLLM, str]:
@@ -197,7 +184,7 @@ class VllmEngine(Engine):
         loaded = await llm.collective_rpc("weightsync_booted_with")
         if not loaded or any(w is None or (w[0], w[1]) != (version, path) for w in loaded):
             return False
-        self._version, self._failed = version, False
+        self._gate.loaded(version)
         logger.info("vLLM serves version %d: it booted with it (pushed while the engine started)", version)
         return True
 
@@ -224,7 +211,7 @@ class VllmEngine(Engine):
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None
-        self._version = 0
+        self._gate.loaded(0)
         if llm is not None:
             # Stop reading outputs first, or the reader reports the exiting EngineCore as dead; then
             # shut down off the loop: vLLM waits up to 5 s for EngineCore to exit (about 3 s on CPU here).
@@ -245,7 +232,7 @@ class VllmEngine(Engine):
 
     @property
     def weight_version(self) -> int:
-        return self._version
+        return self._gate.version
 
     @property
     def max_model_len(self) -> int:
@@ -277,25 +264,10 @@ class VllmEngine(Engine):
         if await self._booted_with(llm, version, path):
             return staging
         layout = self._layout(manifest, base=base)
-        async with self._swap_lock:
-            self._admitting.clear()
-            try:
-                if self.swap_policy == "abort" and self._request_ids:
-                    # vLLM ends each with finish_reason "abort" and the tokens so far.
-                    await llm.abort(list(self._request_ids))
-                elif self.swap_policy == "continue" and self._continuable:
-                    # Each pump gets an "abort" with the tokens so far (all from the old version), leaves
-                    # the gate, and after the swap resubmits prompt + those tokens: vLLM then computes
-                    # their KV cache with the new weights. The HTTP face's requests (vLLM's response
-                    # shapes cannot tag tokens with versions) drain instead.
-                    self._swapped |= self._continuable
-                    await llm.abort(list(self._continuable))
-                await self._drained.wait()
-                started = time.perf_counter()
-                await self._swap(llm, (path, nbytes, layout), version)
-                logger.info("vLLM serves version %d (swap %.3f s)", version, time.perf_counter() - started)
-            finally:
-                self._admitting.set()
+        async with self._gate.closed(llm):
+            started = time.perf_counter()
+            await self._swap(llm, (path, nbytes, layout), version)
+            logger.info("vLLM serves version %d (swap %.3f s)", version, time.perf_counter() - started)
         return staging
 
     async def _swap(self, llm: AsyncLLM, rpc_args: tuple[str, int, list[LayoutEntry]], version: int) -> None:
@@ -311,14 +283,14 @@ class VllmEngine(Engine):
             finally:
                 await llm.resume_generation()
         except BaseException as exc:
-            self._version, self._failed = 0, True
+            self._gate.tear()
             if isinstance(exc, Exception):
                 raise EngineUnavailable(
                     f"loading version {version} into vLLM failed ({type(exc).__name__}: {exc}); "
                     "the engine holds partial weights and serves nothing until a load succeeds"
                 ) from exc
             raise
-        self._version, self._failed = version, False
+        self._gate.loaded(version)
 
     def _layout(self, manifest: Manifest, *, base: int) -> list[LayoutEntry]:
         """The manifest as plain values for the RPC, each tied tensor listed under all its names.
@@ -357,172 +329,15 @@ class VllmEngine(Engine):
         pieces = [piece async for piece in self.generate_stream(prompt_ids, sampling)]
         return join_pieces(pieces, "".join(piece.text for piece in pieces))
 
-    async def generate_stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Completion]:
-        from vllm.exceptions import VLLMValidationError
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
+    def generate_stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Completion]:
+        return vllm_requests.stream(self._require_llm(), self._gate, prompt_ids, sampling)
 
-        llm = self._require_llm()
-        try:
-            params = SamplingParams(
-                max_tokens=sampling.max_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                seed=sampling.seed,
-                logprobs=sampling.logprobs,
-                stop=list(sampling.stop) or None,
-                stop_token_ids=list(sampling.stop_token_ids) or None,
-                ignore_eos=sampling.ignore_eos,
-                output_kind=RequestOutputKind.DELTA,
-            )
-        except (VLLMValidationError, ValueError) as exc:
-            raise BadRequest(f"vLLM refused the sampling settings: {exc}") from None
-        version = await self._admit()
-        queue: asyncio.Queue[Completion | BaseException | None] = asyncio.Queue()
-        hold = _Hold()
-        # A separate task drains vLLM, so a slow reader cannot hold the gate (and block loads) after
-        # vLLM has finished the request; the done callback releases even a task cancelled before starting.
-        pump = asyncio.create_task(self._pump(llm, list(prompt_ids), params, version, queue, hold))
-        pump.add_done_callback(lambda _: self._let_go(hold))
-        try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            pump.cancel()  # no-op once finished; otherwise vLLM aborts the request
-
-    async def _pump(
-        self, llm: AsyncLLM, prompt_ids: list[int], params: Any, version: int, queue: asyncio.Queue[Any], hold: _Hold
-    ) -> None:
-        """Feeds vLLM's outputs to `queue`; under swap policy continue, across swaps (see `load`)."""
-        from vllm.exceptions import VLLMClientError
-        from vllm.inputs import TokensPrompt
-
-        k, budget = params.logprobs, params.max_tokens
-        emitted: list[int] = []  # every token so far, from whichever version
-        request_id = ""
-        try:
-            while True:
-                if self.swap_policy == "continue" and not emitted and not self._admitting.is_set():
-                    # A swap began between admission and here: start on the new version, not hold it up.
-                    self._let_go(hold)
-                    version = await self._admit()
-                    hold.held = True
-                request_id = f"ws-{uuid.uuid4().hex}"
-                # Rendering checks the prompt (empty, too long, ids outside the vocabulary).
-                (rendered,) = llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=prompt_ids + emitted)])
-                self._request_ids.add(request_id)
-                self._continuable.add(request_id)
-                swapped = False
-                async for out in llm.generate(rendered, params, request_id=request_id):
-                    piece = out.outputs[0]
-                    ids = list(piece.token_ids)
-                    emitted += ids
-                    # A request that finished by itself before the swap's abort reached it is done.
-                    swapped = out.finished and piece.finish_reason == "abort" and request_id in self._swapped
-                    finish = (piece.finish_reason or "") if out.finished and not swapped else ""
-                    if not (ids or piece.text or finish):
-                        continue
-                    logprobs, top = _logprobs(ids, piece.logprobs, k)
-                    queue.put_nowait(
-                        Completion(
-                            token_ids=ids,
-                            text=piece.text,
-                            weight_version=version,
-                            finish_reason=finish,
-                            logprobs=logprobs,
-                            top_logprobs=top,
-                        )
-                    )
-                self._forget(request_id)
-                if not swapped:
-                    break
-                if len(emitted) >= budget:  # every token is in: nothing to continue
-                    queue.put_nowait(Completion(token_ids=[], text="", weight_version=version, finish_reason="length"))
-                    break
-                # Swap policy continue: out of the gate so the swap can run, then on under the new version.
-                self._let_go(hold)
-                try:
-                    version = await self._admit()
-                except EngineUnavailable:  # the swap failed: end as the torch engine does
-                    queue.put_nowait(Completion(token_ids=[], text="", weight_version=version, finish_reason="abort"))
-                    break
-                hold.held = True
-                params = params.clone()
-                params.max_tokens = budget - len(emitted)
-        except VLLMClientError as exc:
-            queue.put_nowait(BadRequest(f"vLLM refused the request: {exc}"))
-        except EngineUnavailable as exc:  # a failed swap, met on (re-)admission
-            queue.put_nowait(exc)
-        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
-            queue.put_nowait(EngineUnavailable(f"vLLM failed while generating: {exc!r}"))
-        else:
-            queue.put_nowait(None)
-        finally:
-            self._forget(request_id)
-
-    def _forget(self, request_id: str) -> None:
-        self._request_ids.discard(request_id)
-        self._continuable.discard(request_id)
-        self._swapped.discard(request_id)
-
-    def _let_go(self, hold: _Hold) -> None:
-        """Releases the gate if `hold` holds it (a continued request leaves it during a swap)."""
-        if hold.held:
-            hold.held = False
-            self._release()
-
-    @contextlib.asynccontextmanager
-    async def admission(self, request_id: str) -> AsyncIterator[int]:
+    def admission(self, request_id: str) -> contextlib.AbstractAsyncContextManager[int]:
         """Holds the admission gate around one vLLM request made outside `generate_stream` (vLLM's own
         OpenAI serving layer, rollout_side/serving/vllm_openai.py); yields the version it runs on."""
-        version = await self._admit()
-        self._request_ids.add(request_id)
-        try:
-            yield version
-        finally:
-            self._request_ids.discard(request_id)
-            self._release()
+        return self._gate.admission(request_id)
 
     @property
     def async_llm(self) -> AsyncLLM:
         """The running AsyncLLM (raises EngineUnavailable when not started)."""
         return self._require_llm()
-
-    async def _admit(self) -> int:
-        """Waits out any load in progress, then returns the version this request will run on."""
-        while not self._admitting.is_set():
-            await self._admitting.wait()
-        if self._failed:
-            raise EngineUnavailable("the last weight load failed; no complete version is loaded")
-        self._inflight += 1
-        self._drained.clear()
-        return self._version
-
-    def _release(self) -> None:
-        self._inflight -= 1
-        if self._inflight == 0:
-            self._drained.set()
-
-
-def _logprobs(
-    ids: list[int], positions: Any, k: int | None
-) -> tuple[list[float] | None, list[dict[int, float]] | None]:
-    """vLLM's per-position {token id: Logprob} as the sampled tokens' logprobs and the k best, best first."""
-    if k is None or positions is None:
-        return None, None
-    logprobs = [float(position[token].logprob) for token, position in zip(ids, positions, strict=True)]
-    if not k:
-        return logprobs, None
-    top = [
-        {t: float(lp.logprob) for t, lp in sorted(position.items(), key=lambda item: item[1].rank) if lp.rank <= k}
-        for position in positions
-    ]
-    return logprobs, top
-
-
-@dataclass(slots=True)
-class _Hold:
-    """Whether one Generate request holds the admission gate (under continue it leaves it for a swap)."""
-
-    held: bool = True

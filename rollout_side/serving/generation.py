@@ -90,10 +90,14 @@ class GenerationRequest:
 
 
 class VersionGate:
-    """Admits a request only if the served version can answer it; a request may wait for a newer one."""
+    """Admits a request only if the served version can answer it; a request may wait for a newer one.
 
-    def __init__(self, engine: Engine, lifecycle: Lifecycle[Any]) -> None:
-        self.engine = engine
+    What is served is the lifecycle's (`Lifecycle.served`), never the engine's: the gate, GetStatus and
+    health answer alike.
+    """
+
+    def __init__(self, lifecycle: Lifecycle[Any]) -> None:
+        self.served = lifecycle.served  # one object for the rollout's life: read, never written, here
         self._committed = asyncio.Condition()
         lifecycle.add_listener(self._phase_changed)
 
@@ -105,7 +109,7 @@ class VersionGate:
             VersionNotReached: `wanted` is newer than the served version and the request does not wait,
                 or it waited `timeout` seconds in vain.
         """
-        served = self.engine.weight_version
+        served = self.served.version
         if wanted > served and wait:
             await self.wait_for_version(wanted, timeout)
         elif served == 0:
@@ -123,10 +127,10 @@ class VersionGate:
         """Waits until `version` or newer is served; raises VersionNotReached at the deadline."""
         async with self._committed:
             try:
-                await asyncio.wait_for(self._committed.wait_for(lambda: self.engine.weight_version >= version), timeout)
-            except TimeoutError:
+                await asyncio.wait_for(self._committed.wait_for(lambda: self.served.version >= version), timeout)
+            except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on, two on 3.10
                 raise VersionNotReached(
-                    f"version {version} was not committed before the deadline (serving {self.engine.weight_version})"
+                    f"version {version} was not committed before the deadline (serving {self.served.version})"
                 ) from None
 
     async def _phase_changed(self, phase: Phase) -> None:

@@ -135,7 +135,7 @@ class OpenAIFace:
     # -- endpoints --------------------------------------------------------------------------------
 
     async def ready(self, request: Request) -> Response:
-        version = self.engine.weight_version
+        version = self.generation.gate.served.version
         if version == 0:
             return HttpError(
                 503, "no weights are committed yet", "NO_WEIGHTS", {"Retry-After": str(RETRY_AFTER_SECONDS)}
@@ -143,12 +143,12 @@ class OpenAIFace:
         return self._json({"status": "ready"}, version)
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "alive", "weight_version": self.engine.weight_version})
+        return JSONResponse({"status": "alive", "weight_version": self.generation.gate.served.version})
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
         card = {"id": self.model, "object": "model", "created": 0, "owned_by": "weightsync", "root": self.model}
-        return self._json({"object": "list", "data": [card]}, self.engine.weight_version)
+        return self._json({"object": "list", "data": [card]}, self.generation.gate.served.version)
 
     async def completions(self, request: Request) -> Response:
         body = await self._checked(request, chat=False)

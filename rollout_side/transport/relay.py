@@ -77,7 +77,7 @@ class _Downstream:
             return
         try:
             await asyncio.wait_for(self.queue.put(raw), self.timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on, two on 3.10
             self.fail(f"took no chunk for {self.timeout:.0f} s")
 
     async def commit(self, request: pb.CommitRequest) -> list[pb.RelayResult]:

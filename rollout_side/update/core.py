@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from rollout_side.transport.relay import Relay
 from rollout_side.update.incoming import Incoming
+from rollout_side.update.lifecycle import Phase
 from rollout_side.update.receiver import Receiver
 from weightsync import wire
 from weightsync.delta import TransferPlan
@@ -74,6 +75,7 @@ class Updates:
         self.relay_credentials = relay_credentials  # for the rollouts this one relays to; None: plaintext
         self._relays: dict[str, Relay] = {}  # update id -> its downstream, on a relaying rollout
         self._aborting: set[asyncio.Future[None]] = set()
+        receiver.add_listener(self._phase_changed)
 
     async def begin(self, announced: Announcement, forward: Forward | None = None) -> Incoming:
         """Accepts, resumes or refuses an update; reads its file if it is complete; starts relaying it if asked.
@@ -176,6 +178,13 @@ class Updates:
             return
         if update.interrupted or self.receiver.lifecycle.held is not update:
             self._drop_relay(update.id)
+
+    async def _phase_changed(self, phase: Phase) -> None:
+        """An update that stopped receiving without its stream's knowledge (reaped before any stream opened,
+        interrupted, aborted) takes its relay and the downstream stream along: a relay never resumes."""
+        receiving = self.receiver.lifecycle.receiving
+        for update_id in [u for u in self._relays if receiving is None or receiving.id != u]:
+            self._drop_relay(update_id)
 
     def _drop_relay(self, update_id: str) -> None:
         if relay := self._relays.pop(update_id, None):

@@ -8,7 +8,9 @@ longer in progress, so the wire shows the phase the rollout rests in, but its ve
 for a resume until another version begins, an abort, or the idle timeout. `Lifecycle.move` refuses any
 transition not in `TRANSITIONS` with the error a caller should see (a second begin is `BusyError`),
 holds the update, and is the one place that tells listeners (the health service, Generate's version
-gate) about phase changes. Nothing here knows about protobuf, torch or the engine.
+gate) about phase changes. It also holds what the rollout serves (`Served`: version, fingerprint,
+failure), changed only with the phase that goes with it (`serve`, `fail`). Nothing here knows about
+protobuf, torch or the engine.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, Protocol, TypeVar
 
+from rollout_side.update.served import Served
 from weightsync.errors import BusyError, UnknownUpdate, WeightSyncError
 
 __all__ = ["RESTING", "TRANSITIONS", "Lifecycle", "Phase", "resting_phase"]
@@ -81,9 +84,10 @@ Listener = Callable[[Phase], Awaitable[None]]
 
 
 class Lifecycle(Generic[S]):
-    """The current phase and the update in progress (`S`, anything with an `id`)."""
+    """The current phase, the update in progress (`S`, anything with an `id`) and what is served."""
 
     def __init__(self) -> None:
+        self.served = Served()  # read it anywhere; change it only through serve() and fail()
         self._phase = Phase.BOOTING
         self._update: S | None = None  # set in RECEIVING, INTERRUPTED and COMMITTING only
         self._rest = Phase.BOOTING  # the phase the update began from: INTERRUPTED shows it on the wire
@@ -149,6 +153,22 @@ class Lifecycle(Generic[S]):
         if before is not self.wire:
             self._notify(self.wire)
 
+    def serve(self, version: int, fingerprint: str) -> None:
+        """`version` is loaded and served from now on: SERVING (from COMMITTING, or BOOTING standalone)."""
+        self.check(Phase.SERVING)
+        self.served.committed(version, fingerprint)
+        self.move(Phase.SERVING)
+
+    def fail(self, failure: str) -> None:
+        """A load failed midway: the engine holds no version's weights, nothing is served (FAILED)."""
+        self.check(Phase.FAILED)
+        self.served.failed(failure)
+        self.move(Phase.FAILED)
+
+    def resting(self, *, committed_before: bool, booted: bool = True) -> Phase:
+        """Where the rollout rests once the update in progress is gone (see `resting_phase`)."""
+        return resting_phase(serving=self.served.ready, committed_before=committed_before, booted=booted)
+
     def booted(self) -> None:
         """The engine is up: BOOTING becomes DUMMY, now or (an update began while booting) as its rest."""
         if self._phase is Phase.BOOTING:
@@ -166,7 +186,13 @@ class Lifecycle(Generic[S]):
         for listener in self._listeners:
             task = asyncio.get_running_loop().create_task(_call(listener, phase))
             self._notifications.add(task)
-            task.add_done_callback(self._notifications.discard)
+            task.add_done_callback(self._notified)
+
+    def _notified(self, task: asyncio.Task[None]) -> None:
+        """A listener ran; one that failed is logged (the phase moved on regardless), never left unread."""
+        self._notifications.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("a phase listener failed: %r", error, exc_info=error)
 
 
 async def _call(listener: Listener, phase: Phase) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 __all__ = ["Reaper", "overdue"]
+
+logger = logging.getLogger(__name__)
 
 
 def overdue(*, idle: float, age: float, idle_timeout: float, max_seconds: float) -> str:
@@ -18,7 +21,11 @@ def overdue(*, idle: float, age: float, idle_timeout: float, max_seconds: float)
 
 
 class Reaper:
-    """Calls `reap` every `interval` seconds on the running loop until stopped."""
+    """Calls `reap` every `interval` seconds on the running loop until stopped.
+
+    A sweep that fails is logged and the next one runs as usual: a reaper that died would leave every
+    later update of a dead trainer blocking the rollout for good.
+    """
 
     def __init__(self, reap: Callable[[], None], interval: float) -> None:
         self._reap = reap
@@ -35,4 +42,7 @@ class Reaper:
     async def _forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            self._reap()
+            try:
+                self._reap()
+            except Exception:
+                logger.exception("dropping silent updates failed; trying again in %.1f s", self._interval)

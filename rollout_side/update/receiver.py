@@ -35,7 +35,7 @@ from rollout_side.update import resume
 from rollout_side.update.compat import check_manifest, max_update_bytes
 from rollout_side.update.delta_base import DeltaBase
 from rollout_side.update.incoming import Incoming, check_announcement, check_finite
-from rollout_side.update.lifecycle import RESTING, Lifecycle, Listener, Phase, resting_phase
+from rollout_side.update.lifecycle import RESTING, Lifecycle, Listener, Phase
 from rollout_side.update.reaper import Reaper
 from rollout_side.update.staging import Router, Verifier
 from rollout_side.update.standalone import boot_from_disk
@@ -103,11 +103,10 @@ class Receiver:
         self.idle_timeout = idle_timeout
         self.max_update_seconds = max_update_seconds
         self.reject_nonfinite = reject_nonfinite
-        self.lifecycle: Lifecycle[Incoming] = Lifecycle()
+        self.lifecycle: Lifecycle[Incoming] = Lifecycle()  # the phase, and what is served (lifecycle.served)
         self.delta_base = DeltaBase(engine)  # the next staging buffer, and the delta base
-        self._fingerprint = ""
         self._high_water = 0  # highest version ever committed: versions only move forward
-        self._detail = ""
+        self._commits: set[asyncio.Task[tuple[int, str, float]]] = set()  # each runs to its end, caller or not
         self._reaper = Reaper(self.reap, min(idle_timeout / 4, 5.0))
         self._boot: asyncio.Task[None] | None = None  # the engine's dummy boot, while and after it runs
         self._specs = engine.param_specs()
@@ -122,9 +121,9 @@ class Receiver:
             return
         self._reaper.start()
         manifest = await boot_from_disk(self.engine, self._specs, weights, version)
-        self._fingerprint, self._high_water, self.delta_base.manifest = manifest.fingerprint, version, manifest
+        self._high_water, self.delta_base.manifest = version, manifest
         metrics.Rollout.weight_version.set(version)
-        self.lifecycle.move(Phase.SERVING)
+        self.lifecycle.serve(version, manifest.fingerprint)
 
     def boot(self) -> asyncio.Task[None]:
         """Starts the engine's dummy boot and returns its task, without waiting for it.
@@ -160,6 +159,8 @@ class Receiver:
         if self._boot is not None:
             with contextlib.suppress(Exception):
                 await self._boot  # a boot cannot be cut short: let it finish, then stop what it started
+        # Nor a commit: the engine is never shut down under a load.
+        await asyncio.gather(*self._commits, return_exceptions=True)
         self.delta_base.close()
         await self.engine.shutdown()
 
@@ -170,16 +171,15 @@ class Receiver:
     def status(self) -> Status:
         """What is served, and the update receiving or (interrupted) held for a resume, if any."""
         self.reap()  # an update no stream has fed for the grace shows as interrupted now, not at the next sweep
-        update = self.lifecycle.held
-        detail = self._detail or resume.held_detail(update)
+        update, served = self.lifecycle.held, self.lifecycle.served
         return Status(
             phase=self.lifecycle.wire,
-            weight_version=self.engine.weight_version,
-            fingerprint=self._committed_fingerprint(),
+            weight_version=served.version,
+            fingerprint=served.fingerprint,
             update_id=update.id if update else "",
             receiving_version=update.version if update else 0,
             received_bytes=update.received_bytes if update else 0,
-            detail=detail,
+            detail=served.failure or resume.held_detail(update),
             verification=self.engine.verification,
         )
 
@@ -228,8 +228,8 @@ class Receiver:
             version,
             manifest,
             high_water=self._high_water,
-            weight_version=self.engine.weight_version,
-            committed=self._committed_fingerprint(),
+            weight_version=self.lifecycle.served.version,
+            committed=self.lifecycle.served.fingerprint,
             committed_manifest=self.delta_base.manifest,
         )
         if version <= self._high_water:
@@ -250,9 +250,8 @@ class Receiver:
             why = "it began again" if held.id == update_id else f"version {version} began"
             self.abort(held.id, f"{held.interrupted or 'its trainer started over'}; dropped: {why}")
         if base_fingerprint:
-            self.delta_base.check_base(
-                base_fingerprint, self._committed_fingerprint(), self.engine.weight_version, manifest
-            )
+            served = self.lifecycle.served
+            self.delta_base.check_base(base_fingerprint, served.fingerprint, served.version, manifest)
         staging = self.delta_base.take(manifest.total_bytes)
         staged = tensor_bytes(staging)
         patches = memoryview(bytearray(sum(t.wire_bytes for t in plan.transfers if t.encoding == Encoding.PATCH)))
@@ -283,7 +282,7 @@ class Receiver:
     async def settle(self, *, delta: bool = False) -> None:
         """Waits until the spare may be written; for a `delta`, rebuilds its copy of the base if needed."""
         idle = self.lifecycle.phase in RESTING
-        await self.delta_base.settle(committed=self._committed_fingerprint(), rebuild=delta and idle)
+        await self.delta_base.settle(committed=self.lifecycle.served.fingerprint, rebuild=delta and idle)
 
     def stream_opened(self, update_id: str) -> Incoming:
         """A PushChunks stream starts feeding `update_id`; an interrupted update resumes."""
@@ -354,10 +353,25 @@ class Receiver:
         """Verifies the staged version and swaps it in; returns (version, fingerprint, seconds).
 
         `checksums` and `fingerprint` complete the manifest of an update begun with checksums_at_commit.
+        The commit runs as the receiver's own task, shielded from the caller: a caller cancelled midway
+        (a Commit whose deadline passed while the engine loads) leaves it to finish, or roll back, whole,
+        so what is served and what GetStatus says never part.
         """
         update = self.lifecycle.current(update_id)
-        started = time.perf_counter()
         self.lifecycle.move(Phase.COMMITTING)
+        task = asyncio.get_running_loop().create_task(self._commit(update, checksums, fingerprint))
+        self._commits.add(task)
+        task.add_done_callback(self._commit_ended)
+        return await asyncio.shield(task)
+
+    def _commit_ended(self, task: asyncio.Task[tuple[int, str, float]]) -> None:
+        """A commit's outcome was logged by the commit itself; a caller that left does not retrieve it."""
+        self._commits.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    async def _commit(self, update: Incoming, checksums: Sequence[str], fingerprint: str) -> tuple[int, str, float]:
+        started = time.perf_counter()
         update.close_file()  # what is not in staging by now never will be
         try:
             returned = await self._verify_and_load(update, checksums, fingerprint)
@@ -368,31 +382,35 @@ class Receiver:
             self.lifecycle.move(self._resting_phase())
             raise
         except BaseException:
-            # The engine failed (FAILED, set below) or the call was cancelled mid-load: never stay COMMITTING.
+            # The engine failed (FAILED, set below), or the loop is closing: never stay COMMITTING.
             if self.lifecycle.phase is Phase.COMMITTING:
                 self.lifecycle.move(self._resting_phase())
             raise
-        previous = self._committed_fingerprint()
-        self._fingerprint, self._high_water, self._detail = update.manifest.fingerprint, update.version, ""
+        previous = self.lifecycle.served.fingerprint
+        self._high_water = update.version
         self.delta_base.committed(
             update.staging,
             update.manifest,
             returned,
             previous=previous,
-            fingerprint=self._fingerprint,
+            fingerprint=update.manifest.fingerprint,
             base=update.base_fingerprint,
             changed=update.verifier.changed,
         )
-        self.lifecycle.move(Phase.SERVING)
+        self.lifecycle.serve(update.version, update.manifest.fingerprint)
         seconds = time.perf_counter() - started
         metrics.Rollout.updates.labels("committed").inc()
         metrics.Rollout.sync_seconds.observe(time.monotonic() - update.started)
         metrics.Rollout.swap_seconds.observe(seconds)
         metrics.Rollout.weight_version.set(update.version)
         logger.info(
-            "update %s: committed version %d in %.3f s (%s)", update.id, update.version, seconds, self._fingerprint
+            "update %s: committed version %d in %.3f s (%s)",
+            update.id,
+            update.version,
+            seconds,
+            update.manifest.fingerprint,
         )
-        return update.version, self._fingerprint, seconds
+        return update.version, update.manifest.fingerprint, seconds
 
     def abort(self, update_id: str, reason: str) -> None:
         """Drops the update in progress; the served version is untouched."""
@@ -430,10 +448,15 @@ class Receiver:
     async def _verify_and_load(
         self, update: Incoming, checksums: Sequence[str], fingerprint: str
     ) -> torch.Tensor | None:
-        """Checks that the staged bytes are the announced version, then loads them; returns the spare."""
-        update.verify(checksums, fingerprint, self._specs)
+        """Checks that the staged bytes are the announced version, then loads them; returns the spare.
+
+        The checks read the whole model (hashing chunks that came out of order or in a resumed run, and
+        NaN scans): in a thread, so the event loop goes on serving meanwhile. Nothing else touches a
+        committing update.
+        """
+        await asyncio.to_thread(update.verify, checksums, fingerprint, self._specs)
         if self.reject_nonfinite:
-            check_finite(update.manifest, update.staging)
+            await asyncio.to_thread(check_finite, update.manifest, update.staging)
         try:
             if self.booting:
                 assert self._boot is not None
@@ -447,17 +470,17 @@ class Receiver:
             self._failed(f"update {update.id}: {error}")
             raise
         except Exception as error:
-            self._failed(f"loading version {update.version} into the engine failed: {error}", exc_info=True)
-            raise EngineUnavailable(self._detail) from error
+            failure = f"loading version {update.version} into the engine failed: {error}"
+            self._failed(failure, exc_info=True)
+            raise EngineUnavailable(failure) from error
 
     def _failed(self, detail: str, *, exc_info: bool = False) -> None:
         """The engine holds no version it can vouch for: FAILED, serving nothing, until a later commit."""
         metrics.Rollout.updates.labels("failed").inc()
         metrics.Rollout.weight_version.set(0)
-        self._detail = detail
         logger.error("%s", detail, exc_info=exc_info)
         self.delta_base.forget()
-        self.lifecycle.move(Phase.FAILED)
+        self.lifecycle.fail(detail)
 
     async def verify_installed(self) -> Verification:
         """Reads back what the engine serves and holds it to the committed manifest (`status --verify`).
@@ -466,7 +489,7 @@ class Receiver:
             NoWeights: nothing is served.
             InstalledMismatch: the engine no longer holds the committed version; it then serves nothing.
         """
-        manifest, version = self.delta_base.manifest, self.engine.weight_version
+        manifest, version = self.delta_base.manifest, self.lifecycle.served.version
         if manifest is None or not version or self.lifecycle.phase is Phase.COMMITTING:
             raise NoWeights("no committed version is served, so there is nothing to verify")
         try:
@@ -484,10 +507,5 @@ class Receiver:
             self.abort(update.id, str(error))
             raise
 
-    def _committed_fingerprint(self) -> str:
-        return self._fingerprint if self.engine.weight_version else ""
-
     def _resting_phase(self) -> Phase:
-        return resting_phase(
-            serving=bool(self.engine.weight_version), committed_before=bool(self._high_water), booted=not self.booting
-        )
+        return self.lifecycle.resting(committed_before=bool(self._high_water), booted=not self.booting)

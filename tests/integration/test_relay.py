@@ -10,12 +10,15 @@ import grpc
 import pytest
 
 from rollout_side.process import RolloutProcess
+from rollout_side.update.receiver import STREAMLESS_GRACE
 from trainer_side.publisher import Publisher
+from weightsync import wire
 from weightsync.manifest import manifest_of_state
 from weightsync.relay_tree import relay_tree, subtree_addresses
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
+import raw
 from conftest import LoopThread, Rollout, start_rollout
 
 
@@ -61,6 +64,32 @@ def test_a_dead_relay_is_routed_around(three: list[Rollout], loop_thread: LoopTh
     assert [r.ok for r in results] == [True, False, True], [r.error for r in results]
     assert results[2].relayed_by == "" and results[2].bytes_sent > 0  # pushed directly instead
     assert three[2].weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5).weight_version == 1
+
+
+def test_a_relayed_update_reaped_before_any_stream_drops_its_downstream(three: list[Rollout], trained_state) -> None:  # type: ignore[no-untyped-def]
+    """A trainer that begins a relayed update and dies before its stream opens: the relay reaps the update
+    (unfed for STREAMLESS_GRACE), and its downstream, fed by the relay's own open stream, goes with it."""
+    relay, downstream = three[0], three[1]
+    _, manifest = raw.prepare(trained_state)
+    relay.weight_sync.BeginUpdate(
+        pb.BeginUpdateRequest(
+            version=1,
+            manifest=wire.manifest_to_proto(manifest),
+            chunk_bytes=raw.CHUNK,
+            fingerprint=manifest.fingerprint,
+            update_id="relayed",  # as the Publisher names a relayed update: one id down the tree
+            relay_to=[pb.RelayTarget(address=downstream.address)],
+        ),
+        timeout=30,
+    )
+    assert downstream.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5).state == pb.ROLLOUT_STATE_RECEIVING
+    time.sleep(STREAMLESS_GRACE + 0.5)
+    assert relay.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5).state == pb.ROLLOUT_STATE_DUMMY  # reaped
+    deadline = time.monotonic() + 10  # far below the downstream's own 60 s idle timeout
+    while (status := downstream.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=5)).update_id:
+        assert time.monotonic() < deadline, f"the downstream still holds the update: {status}"
+        time.sleep(0.05)
+    assert status.state == pb.ROLLOUT_STATE_DUMMY
 
 
 def test_relay_on_a_simulated_cluster_sends_each_byte_once() -> None:

@@ -17,6 +17,7 @@ from rollout_side.serving.generation import Generation, GenerationRequest, Versi
 from rollout_side.update import receiver as receiver_module
 from rollout_side.update.incoming import Incoming
 from rollout_side.update.lifecycle import RESTING, TRANSITIONS, Lifecycle, Phase
+from rollout_side.update.reaper import Reaper
 from rollout_side.update.receiver import Receiver
 from weightsync.errors import Reason, WeightSyncError
 from weightsync.manifest import Manifest, manifest_of_state, tensor_bytes, wire_tensors
@@ -100,7 +101,7 @@ async def rest_in(phase: Phase) -> tuple[Receiver, FakeEngine]:
 
 
 def generation(receiver: Receiver) -> Generation:
-    return Generation(receiver.engine, VersionGate(receiver.engine, receiver.lifecycle))
+    return Generation(receiver.engine, VersionGate(receiver.lifecycle))
 
 
 # -- the table itself --------------------------------------------------------------------------
@@ -313,6 +314,44 @@ async def test_the_reaper_aborts_a_silent_update() -> None:
 
 
 @run
+async def test_the_reaper_survives_a_failing_sweep(caplog: pytest.LogCaptureFixture) -> None:
+    sweeps: list[int] = []
+
+    def reap() -> None:
+        sweeps.append(len(sweeps))
+        if len(sweeps) == 1:
+            raise RuntimeError("the first sweep broke")
+
+    reaper = Reaper(reap, 0.01)
+    reaper.start()
+    for _ in range(500):
+        if len(sweeps) >= 3:
+            break
+        await asyncio.sleep(0.01)
+    reaper.stop()
+    assert len(sweeps) >= 3, "the reaper died with its first failing sweep"
+    assert "the first sweep broke" in caplog.text
+
+
+@run
+async def test_a_failing_listener_is_logged_and_the_others_still_hear(caplog: pytest.LogCaptureFixture) -> None:
+    lifecycle, heard = at(Phase.DUMMY), []
+
+    async def broken(phase: Phase) -> None:
+        raise RuntimeError("the listener broke")
+
+    async def listener(phase: Phase) -> None:
+        heard.append(phase)
+
+    lifecycle.add_listener(broken)
+    lifecycle.add_listener(listener)
+    lifecycle.move(Phase.RECEIVING, _Update())
+    await asyncio.sleep(0.01)
+    assert heard == [Phase.RECEIVING]
+    assert "a phase listener failed" in caplog.text and "the listener broke" in caplog.text
+
+
+@run
 async def test_refusals_at_begin_leave_the_phase_alone() -> None:
     receiver, _ = await rest_in(Phase.SERVING)
     await refused(Reason.STALE_VERSION, lambda: announce(receiver, 1, seed=9))  # another version 1
@@ -383,6 +422,57 @@ async def test_health_listeners_hear_each_wire_phase_once() -> None:
     await asyncio.sleep(0)
     expected = [Phase.DUMMY, Phase.RECEIVING, Phase.SERVING, Phase.RECEIVING, Phase.SERVING]
     assert heard == [*expected, Phase.RECEIVING, Phase.FAILED]
+
+
+# -- one owner of what is served: a commit whose caller leaves ----------------------------------
+
+
+async def cancel_mid_load(receiver: Receiver, engine: FakeEngine, version: int) -> None:
+    """Commits `version` and cancels the caller (a Commit past its deadline) while the engine loads."""
+    update = announce(receiver, version)
+    send(receiver, update, version)
+    commit = asyncio.ensure_future(receiver.commit(update.id))
+    while not engine.loading:
+        await asyncio.sleep(0.001)
+    commit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await commit
+    assert receiver.lifecycle.phase is Phase.COMMITTING, "the load went with its caller"
+    while receiver.lifecycle.phase is Phase.COMMITTING:
+        await asyncio.sleep(0.005)
+
+
+@run
+async def test_a_commit_cancelled_mid_load_still_finishes_whole() -> None:
+    receiver, engine = await booted(FakeEngine(load_delay=0.05))
+    await push(receiver, 1)
+    await cancel_mid_load(receiver, engine, 2)
+    status = receiver.status()
+    assert (status.phase, status.weight_version, status.fingerprint) == (
+        Phase.SERVING,
+        2,
+        manifest_of_state(fake_state(2)).fingerprint,
+    )
+    assert (engine.weight_version, engine.loads) == (2, [1, 2])
+    out = await generation(receiver).generate(GenerationRequest(prompt_token_ids=[1], max_tokens=2))
+    assert (out.token_ids, out.weight_version) == ([2, 2], 2)
+    await push(receiver, 3)  # nothing is left behind: the next update goes through
+    await receiver.close()
+
+
+@run
+async def test_a_commit_cancelled_mid_load_that_fails_fails_whole() -> None:
+    receiver, engine = await booted(FakeEngine(load_delay=0.05))
+    await push(receiver, 1)
+    engine.fail_next_load = True
+    await cancel_mid_load(receiver, engine, 2)
+    status = receiver.status()
+    assert (status.phase, status.weight_version, status.fingerprint) == (Phase.FAILED, 0, "")
+    assert "injected load failure" in status.detail
+    assert receiver.lifecycle.served.failure == status.detail
+    await refused(Reason.NO_WEIGHTS, lambda: generation(receiver).generate(GenerationRequest(prompt="a")))
+    await push(receiver, 3)
+    assert (receiver.status().weight_version, receiver.status().detail) == (3, "")
 
 
 # -- Generate's version gate ---------------------------------------------------------------------

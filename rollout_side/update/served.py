@@ -1,0 +1,40 @@
+"""What a rollout serves: the one record of the served version, its fingerprint and the last failure.
+
+The lifecycle holds it (`Lifecycle.served`) and changes it only together with the phase it implies
+(`Lifecycle.serve`, `Lifecycle.fail`), so the answers below never disagree with the phase. Generate's
+version gate, GetStatus, the health service and the HTTP face read it and nothing else: an engine's
+own version only tags the completions it produces and guards requests already inside it against a
+failed swap (rollout_side/engines/base.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MAX_VERSION", "Served"]
+
+# Versions stay below 2^53: the largest integers a JSON (JavaScript) client reads exactly. The contract
+# says so (docs/design.md, Versioning); a rollout refuses a BeginUpdate at or above it.
+MAX_VERSION = (1 << 53) - 1
+
+
+@dataclass(slots=True)
+class Served:
+    """The version every new request runs on (0: none, nothing is served), its fingerprint, and why
+    the last load failed ("" unless the engine holds weights no version names)."""
+
+    version: int = 0
+    fingerprint: str = ""
+    failure: str = ""
+
+    @property
+    def ready(self) -> bool:
+        """Whether a complete, committed version is served."""
+        return self.version > 0
+
+    def committed(self, version: int, fingerprint: str) -> None:
+        self.version, self.fingerprint, self.failure = version, fingerprint, ""
+
+    def failed(self, failure: str) -> None:
+        """The engine's weights are no version's: nothing is served until a later load succeeds."""
+        self.version, self.fingerprint, self.failure = 0, "", failure
