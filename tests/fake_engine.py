@@ -8,6 +8,7 @@ flight (the `Engine.load` contract), can be slow (`load_delay`), and can fail (`
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class FakeEngine(Engine):
         self.expected: list[bool] = []  # what Engine.expect_at_boot heard while booting
         self.tokens: list[tuple[int, int]] = []
         self.loads: list[int] = []  # versions loaded, in order
+        self.allocated_on: list[str] = []  # the thread of each allocate_staging call
         self.started = False
         self._version = 0
         self._live: torch.Tensor | None = None
@@ -79,6 +81,7 @@ class FakeEngine(Engine):
         return SPECS
 
     def allocate_staging(self, nbytes: int) -> torch.Tensor:
+        self.allocated_on.append(threading.current_thread().name)
         return torch.zeros(nbytes, dtype=torch.uint8)
 
     def expect_at_boot(self, coming: bool) -> None:

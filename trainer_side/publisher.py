@@ -37,6 +37,7 @@ from trainer_side.sharded.collective import Collective, in_collective_job
 from trainer_side.sharded.rank_base import RankBase
 from trainer_side.version_file import VersionFileWriter
 from weightsync import metrics, wire
+from weightsync.limits import version_problem
 from weightsync.manifest import manifest_of_state, wire_sources, wire_tensors
 from weightsync.relay_tree import relay_tree, subtree_addresses
 from weightsync.v1 import weightsync_pb2 as pb
@@ -153,8 +154,11 @@ class Publisher:
         """Pushes `state` (any float dtype, any device) as `version` to every rollout concurrently.
 
         Rollouts that confirmed the previous version get a delta where it is smaller; a rollout that
-        refuses it gets the full version before this returns.
+        refuses it gets the full version before this returns. A version outside 1..2**53-1 raises
+        ValueError before anything is sent (weightsync.limits.MAX_VERSION).
         """
+        if problem := version_problem(version):
+            raise ValueError(problem)
         state = renamed(state, self._rename)
         with self._lock:
             if self._collective is not None:  # every rank of the job calls this; each sends its own shards

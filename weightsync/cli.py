@@ -12,9 +12,11 @@ import socket
 import sys
 from typing import NoReturn
 
+from weightsync.limits import MAX_VERSION, version_problem
+
 __all__ = ["MAX_VERSION", "ArgumentParser", "bind_problem", "fail", "port", "port_problem", "version"]
 
-MAX_VERSION = (1 << 64) - 1  # versions are uint64 on the wire; 0 means "nothing committed"
+UINT64_MAX = (1 << 64) - 1  # the wire's version field
 USAGE_ERROR = 2
 
 
@@ -49,12 +51,12 @@ def port(text: str) -> int:
 
 
 def version(text: str) -> int:
-    """argparse type: a weight version, 1..2**64-1 (0 is what a rollout reports before any commit)."""
+    """argparse type: a weight version, 1..MAX_VERSION (0 is what a rollout reports before any commit)."""
     value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"versions start at 1 (0 means nothing committed yet), got {text}")
-    if value > MAX_VERSION:
+    if value > UINT64_MAX:
         raise argparse.ArgumentTypeError(f"versions are 64-bit: at most {MAX_VERSION}, got {text}")
+    if problem := version_problem(value):
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 

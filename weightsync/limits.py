@@ -13,11 +13,13 @@ from weightsync.logs import shown
 
 __all__ = [
     "GENERATE_REQUEST_BYTES",
+    "MAX_VERSION",
     "MAX_TENSOR_NAME_BYTES",
     "MAX_UPDATE_ID_BYTES",
     "PARSE_INLINE_BYTES",
     "SMALL_REQUEST_BYTES",
     "check_update_id",
+    "version_problem",
     "weight_sync_request_limits",
 ]
 
@@ -26,6 +28,10 @@ __all__ = [
 GENERATE_REQUEST_BYTES = 4 << 20
 # Requests up to this size are parsed on the event loop (microseconds); larger ones on a thread.
 PARSE_INLINE_BYTES = 64 << 10
+# Weight versions run from 1 to below 2^53: every one is then an integer a JSON (JavaScript) client reads
+# exactly, though the wire's field is uint64. The trainer refuses a larger one before sending it, the
+# rollout at BeginUpdate (docs/design.md, Versions).
+MAX_VERSION = (1 << 53) - 1
 # GetStatus, AbortUpdate and any method without its own bound.
 SMALL_REQUEST_BYTES = 64 << 10
 MAX_UPDATE_ID_BYTES = 128
@@ -55,3 +61,12 @@ def check_update_id(update_id: str) -> None:
         raise BadRequest(f"update_id is {len(update_id)} characters; at most {MAX_UPDATE_ID_BYTES}")
     if not _UPDATE_ID.fullmatch(update_id):
         raise BadRequest(f"update_id {shown(update_id)} may hold only letters, digits and . _ : -")
+
+
+def version_problem(version: int) -> str:
+    """Why `version` cannot be a weight version ("" if it can): versions run from 1 to MAX_VERSION."""
+    if version < 1:
+        return f"versions start at 1 (0 means nothing committed yet), got {version}"
+    if version > MAX_VERSION:
+        return f"versions stay below 2**53 (integers JSON clients read exactly): at most {MAX_VERSION}, got {version}"
+    return ""

@@ -93,6 +93,7 @@ class Updates:
         )
         # A background copy may still be bringing the spare (the next staging buffer) up to date.
         await self.receiver.settle(delta=bool(announced.base_fingerprint))
+        await self.receiver.reserve(announced.manifest.total_bytes)
         update = self.receiver.begin(
             announced.version,
             announced.manifest,

@@ -67,6 +67,15 @@ class DeltaBase:
             return spare
         return self.engine.allocate_staging(nbytes)
 
+    async def reserve(self, nbytes: int) -> None:
+        """With no spare, allocates the next staging buffer in a thread, so `take` finds it: mapping and
+        pre-faulting a model's worth of memory takes a while, and the event loop serves meanwhile."""
+        if self.buffer is not None or self.busy:
+            return
+        buffer = await asyncio.to_thread(self.engine.allocate_staging, nbytes)
+        if self.buffer is None:  # else another begin got one first: this one goes (a spare is one buffer)
+            self.buffer, self.fingerprint = buffer, ""
+
     def put_back(self, staging: torch.Tensor) -> None:
         """Takes back the staging buffer of an update that did not commit; its bytes are unknown."""
         if self.buffer is None:

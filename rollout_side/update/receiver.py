@@ -44,6 +44,7 @@ from weightsync import metrics
 from weightsync.delta import Encoding, TransferPlan
 from weightsync.errors import (
     BadManifest,
+    BadRequest,
     BusyError,
     ChunkCorrupt,
     EngineUnavailable,
@@ -56,6 +57,7 @@ from weightsync.errors import (
     TooLarge,
     WeightSyncError,
 )
+from weightsync.limits import MAX_VERSION, version_problem
 from weightsync.manifest import Manifest, tensor_bytes
 from weightsync.wire import chunk_count
 
@@ -208,6 +210,8 @@ class Receiver:
         with the chunks it holds (`Incoming.held_chunks`); any other interrupted update is dropped.
         A live one (a stream feeds it) refuses the begin with BusyError, unless `update_id` is its own.
         """
+        if version > MAX_VERSION:
+            raise BadRequest(version_problem(version))
         self.reap()
         if (held := self.lifecycle.held) is not None:
             mine = bool(update_id) and update_id == held.id
@@ -283,6 +287,15 @@ class Receiver:
         """Waits until the spare may be written; for a `delta`, rebuilds its copy of the base if needed."""
         idle = self.lifecycle.phase in RESTING
         await self.delta_base.settle(committed=self.lifecycle.served.fingerprint, rebuild=delta and idle)
+
+    async def reserve(self, nbytes: int) -> None:
+        """Allocates staging for an update of `nbytes` off the event loop, before `begin` takes it.
+
+        Only a rollout that may begin now reserves, and only up to the model's size: a refused or hostile
+        announcement costs at most the one spare buffer the next update uses anyway.
+        """
+        if nbytes <= self._max_bytes and self.lifecycle.phase not in (Phase.RECEIVING, Phase.COMMITTING):
+            await self.delta_base.reserve(nbytes)
 
     def stream_opened(self, update_id: str) -> Incoming:
         """A PushChunks stream starts feeding `update_id`; an interrupted update resumes."""

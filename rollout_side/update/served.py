@@ -11,11 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MAX_VERSION", "Served"]
-
-# Versions stay below 2^53: the largest integers a JSON (JavaScript) client reads exactly. The contract
-# says so (docs/design.md, Versioning); a rollout refuses a BeginUpdate at or above it.
-MAX_VERSION = (1 << 53) - 1
+__all__ = ["Served"]
 
 
 @dataclass(slots=True)

@@ -182,6 +182,7 @@ push("push-rollout-without-port", "--rollouts: 'localhost' is not HOST:PORT", "-
 push("push-version-negative", "--version: versions start at 1", "--version", "-3")
 push("push-version-zero", "--version: versions start at 1", "--version", "0")
 push("push-version-2**64", "--version: versions are 64-bit", "--version", str(1 << 64))
+push("push-version-2**53", "--version: versions stay below 2**53", "--version", str(1 << 53))
 push("push-chunk-mib-negative", "--chunk-mib: chunks are 1/256 (4 KiB) to 64 MiB, got -1", "--chunk-mib", "-1")
 push("push-chunk-mib-zero", "--chunk-mib: chunks are", "--chunk-mib", "0")
 push("push-metrics-port-in-use", "port {held} on 0.0.0.0 is already in use", "--metrics-port", "{held}")

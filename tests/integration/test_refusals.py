@@ -92,6 +92,21 @@ def test_stale_or_repeated_version(served: Served, version: int) -> None:
     served.assert_unchanged()
 
 
+@pytest.mark.parametrize("version", [1 << 53, (1 << 64) - 1], ids=["2**53", "2**64-1"])
+def test_versions_from_2_to_the_53_are_refused_by_the_rollout_and_the_publisher(served: Served, version: int) -> None:
+    """Not integers every JSON client reads exactly (and 2**64-1 would leave no newer version): refused, saying why."""
+    _, manifest = raw.prepare({k: v + 1 for k, v in served.state.items()})
+    with pytest.raises(grpc.RpcError) as info:
+        raw.begin(served.rollout.weight_sync, version, manifest)
+    assert (info.value.code(), reason_of(info.value)) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.BAD_REQUEST)
+    assert "below 2**53" in (info.value.details() or "")
+    with Publisher([served.rollout.address], progress=False) as publisher:
+        with pytest.raises(ValueError, match=r"below 2\*\*53"):
+            publisher.push(served.state, version)
+    served.assert_unchanged()
+    served.assert_next_push_works((1 << 53) - 1)  # the largest version is a version
+
+
 def test_the_committed_version_again_is_already_committed(served: Served) -> None:
     _, manifest = raw.prepare(served.state)  # the served version, same fingerprint: a retry after a lost answer
     with pytest.raises(grpc.RpcError) as info:

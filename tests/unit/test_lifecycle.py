@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 
 from rollout_side.serving.generation import Generation, GenerationRequest, VersionGate
 from rollout_side.update import receiver as receiver_module
+from rollout_side.update.core import Announcement, Updates
 from rollout_side.update.incoming import Incoming
 from rollout_side.update.lifecycle import RESTING, TRANSITIONS, Lifecycle, Phase
 from rollout_side.update.reaper import Reaper
@@ -311,6 +313,33 @@ async def test_the_reaper_aborts_a_silent_update() -> None:
     assert receiver.lifecycle.phase is Phase.DUMMY
     await refused(Reason.UNKNOWN_UPDATE, lambda: send(receiver, update, 1))
     await receiver.close()
+
+
+@run
+async def test_begin_allocates_staging_off_the_event_loop() -> None:
+    receiver, engine = await booted()
+    await Updates(receiver).begin(Announcement(version=1, manifest=manifest_of_state(fake_state(1)), chunk_bytes=CHUNK))
+    assert engine.allocated_on, "nothing was allocated: the test proves nothing"
+    assert threading.current_thread().name not in engine.allocated_on, "staging was allocated on the event loop"
+
+
+@run
+async def test_commit_checks_the_whole_model_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashing out-of-order chunks and the NaN scan read every byte: in a thread, not on the loop."""
+    threads: list[str] = []
+    for module, name in [(receiver_module, "check_finite"), (Incoming, "verify")]:
+        check = getattr(module, name)
+
+        def recording(*args: Any, _check: Any = check, **kwargs: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return _check(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recording)
+    receiver, _ = await booted(reject_nonfinite=True)
+    update = announce(receiver, 1)
+    send(receiver, update, 1, reversed(range(update.chunk_count)))  # out of order: hashed at commit
+    await receiver.commit(update.id)
+    assert len(threads) == 2 and threading.current_thread().name not in threads
 
 
 @run
