@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reject-nonfinite", action="store_true", help="refuse a version whose weights hold NaN or infinity"
     )
     serve.add_argument(
+        "--no-verify-installed",
+        action="store_true",
+        help="skip reading back the engine's weights after each load (installed-weight verification, on by "
+        "default: a load that lost or changed a tensor then serves unnoticed); status --verify still checks",
+    )
+    serve.add_argument(
         "--shutdown-grace",
         type=float,
         default=5.0,
@@ -193,6 +199,12 @@ def check_args(args: argparse.Namespace) -> ServerSecurity:
 
 
 def make_engine(args: argparse.Namespace) -> Engine:
+    engine = _engine(args)
+    engine.verify_installed = not args.no_verify_installed
+    return engine
+
+
+def _engine(args: argparse.Namespace) -> Engine:
     if args.engine == "torch":
         from rollout_side.engines.torch_engine import TorchEngine
 

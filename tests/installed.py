@@ -88,14 +88,3 @@ def assert_refused_naming(rollout: Rollout, state: dict[str, torch.Tensor], vers
     with pytest.raises(grpc.RpcError) as info:  # nothing to re-check: nothing is served
         verification(rollout, verify=True)
     assert reason_of(info.value) == Reason.NO_WEIGHTS
-
-
-def assert_refused_after_verify(rollout: Rollout, tensor: str) -> None:
-    """GetStatus(verify) finds `tensor` changed: INSTALLED_MISMATCH naming it, and the rollout serves nothing."""
-    with pytest.raises(grpc.RpcError) as info:
-        verification(rollout, verify=True)
-    assert reason_of(info.value) == Reason.INSTALLED_MISMATCH, info.value
-    assert tensor in (info.value.details() or ""), info.value.details()
-    status = verification(rollout)
-    assert status.state == pb.ROLLOUT_STATE_FAILED and status.weight_version == 0
-    assert_gated(rollout)

@@ -6,12 +6,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainer_side.discovery import resolve
 from weightsync.cli import ArgumentParser, bind_problem, fail, port, version
 from weightsync.logs import setup_logging
 from weightsync.security import add_security_arguments, channel_credentials, load_token
+
+if TYPE_CHECKING:
+    from weightsync.v1 import weightsync_pb2 as pb
 
 __all__ = ["main"]
 
@@ -71,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show each rollout's version, fingerprint and state")
     _add_rollouts(status)
+    status.add_argument(
+        "--verify",
+        action="store_true",
+        help="have each rollout read back the weights its engine holds and check them against the trainer's "
+        "checksums now; prints the tensors checked and the result, exit 1 on any mismatch",
+    )
 
     abort = sub.add_parser(
         "abort",
@@ -259,7 +268,9 @@ def _status(args: argparse.Namespace) -> int:
     from weightsync.v1 import weightsync_pb2 as pb
 
     with Publisher(args.rollouts, **connection(args)) as publisher:
-        rows = publisher.status()
+        rows = publisher.status(verify=args.verify)
+    if args.verify:
+        return _verified(rows)
     print(f"{'ROLLOUT':24} {'STATE':10} {'VERSION':>7}  FINGERPRINT")
     for address, status in rows.items():
         if isinstance(status, str):
@@ -268,6 +279,21 @@ def _status(args: argparse.Namespace) -> int:
         state = pb.RolloutState.Name(status.state).removeprefix("ROLLOUT_STATE_")
         print(f"{address:24} {state:10} {status.weight_version:>7}  {status.fingerprint or '-'}")
     return 0 if all(not isinstance(s, str) for s in rows.values()) else 1
+
+
+def _verified(rows: dict[str, pb.GetStatusResponse | str]) -> int:
+    """`status --verify`: per rollout, the version, the tensors checked (per worker) and the result."""
+    print(f"{'ROLLOUT':24} {'VERSION':>7} {'TENSORS':>8}  RESULT")
+    ok = True
+    for address, status in rows.items():
+        if isinstance(status, str):  # a mismatch is a refusal (INSTALLED_MISMATCH) naming the tensors
+            print(f"{address:24} {'-':>7} {'-':>8}  FAILED {status}")
+            ok = False
+            continue
+        v = status.verification
+        workers = f" x{v.workers}" if v.workers > 1 else ""
+        print(f"{address:24} {v.weight_version:>7} {v.tensors:>8}  verified{workers} in {v.seconds:.3f} s")
+    return 0 if ok else 1
 
 
 def _unanswered(status: str) -> str:

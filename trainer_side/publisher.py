@@ -368,12 +368,12 @@ class Publisher:
                 return self._rank_base.holders(self.rollouts)
             return self._base.holders(self.rollouts) if self._base is not None else []
 
-    def status(self) -> dict[str, pb.GetStatusResponse | str]:
-        """Each rollout's GetStatus, or the reason it could not be reached."""
-        return self._statuses(timeout=self.timeout)
+    def status(self, *, verify: bool = False) -> dict[str, pb.GetStatusResponse | str]:
+        """Each rollout's GetStatus (`verify`: its installed weights re-checked first), or why it did not answer."""
+        return self._statuses(timeout=self.timeout, verify=verify)
 
-    def _statuses(self, *, timeout: float) -> dict[str, pb.GetStatusResponse | str]:
-        return {address: client.status(timeout) for address, client in self._clients.items()}
+    def _statuses(self, *, timeout: float, verify: bool = False) -> dict[str, pb.GetStatusResponse | str]:
+        return {address: client.status(timeout, verify=verify) for address, client in self._clients.items()}
 
     def close(self) -> None:
         self._stop.set()

@@ -361,11 +361,11 @@ class RolloutClient:
             return False, f"{self.address}: {describe(error)}"
         return True, f"{self.address}: dropped update {status.update_id} (version {status.receiving_version})"
 
-    def status(self, timeout: float) -> pb.GetStatusResponse | str:
-        """GetStatus, or the reason the rollout could not be reached."""
+    def status(self, timeout: float, *, verify: bool = False) -> pb.GetStatusResponse | str:
+        """GetStatus (`verify`: after re-reading the installed weights), or why it did not answer."""
         try:
             status: pb.GetStatusResponse = self._stub.GetStatus(
-                pb.GetStatusRequest(), timeout=timeout, metadata=self._metadata
+                pb.GetStatusRequest(verify=verify), timeout=timeout, metadata=self._metadata
             )
             return status
         except grpc.RpcError as error:

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rollout_side.engines import vllm_loader, vllm_prewarm, vllm_requests
+from rollout_side.engines import installed, vllm_loader, vllm_prewarm, vllm_requests
 from rollout_side.engines.base import Completion, Engine, ParamSpec, Sampling, join_pieces
 from rollout_side.engines.shm_staging import ShmStaging
 from rollout_side.engines.vllm_gate import Gate
 from rollout_side.update.compat import check_manifest, meta_param_specs
-from weightsync.errors import BadManifest, EngineUnavailable
+from weightsync.errors import BadManifest, EngineUnavailable, InstalledMismatch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -80,7 +80,6 @@ class VllmEngine(Engine):
     """
 
     name = "vllm"
-    verify_installed = False  # its read-back (per worker, undoing vLLM's layout) lands next
 
     def __init__(
         self,
@@ -184,7 +183,6 @@ class VllmEngine(Engine):
         loaded = await llm.collective_rpc("weightsync_booted_with")
         if not loaded or any(w is None or (w[0], w[1]) != (version, path) for w in loaded):
             return False
-        self._gate.loaded(version)
         logger.info("vLLM serves version %d: it booted with it (pushed while the engine started)", version)
         return True
 
@@ -262,21 +260,31 @@ class VllmEngine(Engine):
         assert where is not None
         path, nbytes, base = where
         if await self._booted_with(llm, version, path):
+            try:
+                await self._check_installed(llm, manifest, version)
+            except BaseException:
+                self._gate.tear()
+                raise
+            self._gate.loaded(version)
             return staging
         layout = self._layout(manifest, base=base)
         async with self._gate.closed(llm):
             started = time.perf_counter()
-            await self._swap(llm, (path, nbytes, layout), version)
+            await self._swap(llm, (path, nbytes, layout), manifest, version)
             logger.info("vLLM serves version %d (swap %.3f s)", version, time.perf_counter() - started)
         return staging
 
-    async def _swap(self, llm: AsyncLLM, rpc_args: tuple[str, int, list[LayoutEntry]], version: int) -> None:
-        """Loads with generation paused; any failure past this point leaves unknown weights behind."""
+    async def _swap(
+        self, llm: AsyncLLM, rpc_args: tuple[str, int, list[LayoutEntry]], manifest: Manifest, version: int
+    ) -> None:
+        """Loads with generation paused, then verifies what each worker holds before the version serves;
+        any failure past this point leaves unknown weights behind."""
         try:
             # Nothing is in flight (the gate drained it); pausing makes the scheduler agree.
             await llm.pause_generation(mode="wait", clear_cache=False)
             try:
                 await llm.collective_rpc("weightsync_load", args=rpc_args)
+                await self._check_installed(llm, manifest, version)
                 # Cached prefixes hold KV computed by the old weights.
                 if not await llm.reset_prefix_cache():
                     raise RuntimeError("vLLM refused to reset its prefix cache")
@@ -284,13 +292,38 @@ class VllmEngine(Engine):
                 await llm.resume_generation()
         except BaseException as exc:
             self._gate.tear()
-            if isinstance(exc, Exception):
+            if isinstance(exc, Exception) and not isinstance(exc, InstalledMismatch):
                 raise EngineUnavailable(
                     f"loading version {version} into vLLM failed ({type(exc).__name__}: {exc}); "
                     "the engine holds partial weights and serves nothing until a load succeeds"
                 ) from exc
             raise
         self._gate.loaded(version)
+
+    async def verify(self, manifest: Manifest, version: int) -> installed.Verification:
+        llm = self._require_llm()
+        async with self._gate.closed(llm):  # never beside a load; what it reads is what requests would run on
+            try:
+                checked = await self._check_installed(llm, manifest, version, always=True)
+            except InstalledMismatch:
+                self._gate.tear()
+                raise
+        assert checked is not None
+        return checked
+
+    async def _check_installed(
+        self, llm: AsyncLLM, manifest: Manifest, version: int, *, always: bool = False
+    ) -> installed.Verification | None:
+        """Each worker reads back its weights (vllm_readback.py); all must match `manifest`."""
+        if not (always or self.verify_installed):
+            return None
+        started = time.perf_counter()
+        entries = installed.read_back_entries(manifest)
+        per_worker = await llm.collective_rpc("weightsync_read_back", args=(entries, manifest.piece_bytes))
+        self.verification = installed.compare(manifest, version, per_worker, started)
+        if not self.verification.ok:
+            raise self.verification.error()
+        return self.verification
 
     def _layout(self, manifest: Manifest, *, base: int) -> list[LayoutEntry]:
         """The manifest as plain values for the RPC, each tied tensor listed under all its names.

@@ -4,6 +4,8 @@ skipped tensor (the staging buffer held the right bytes both times)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,10 +14,10 @@ import torch
 
 from rollout_side.engines.installed import FAILPOINTS_ENV
 from trainer_side.publisher import Publisher
+from weightsync.v1 import weightsync_pb2 as pb
 
-from conftest import LoopThread, Rollout, start_rollout
+from conftest import ROOT, LoopThread, Rollout, assert_gated, start_rollout
 from installed import (
-    assert_refused_after_verify,
     assert_refused_naming,
     assert_verified,
     seeded_state,
@@ -40,8 +42,10 @@ def failing_rollout(
 def test_full_delta_full_each_verified_as_installed(rollout: Rollout, model_dir: Path) -> None:
     assert not verification(rollout).HasField("verification")  # dummy weights: nothing vouched for
     three_pushes_verified(rollout, seeded_state(model_dir), 1)
-    again = verification(rollout, verify=True).verification  # status --verify: a fresh read-back
-    assert again.ok and again.weight_version == 3
+    out = status_verify(rollout)  # a fresh read-back, from the trainer's CLI
+    assert out.returncode == 0, out.stderr
+    row = out.stdout.splitlines()[1].split()
+    assert row[:4] == [rollout.address, "3", str(len(seeded_state(model_dir))), "verified"], out.stdout
 
 
 @pytest.mark.parametrize(
@@ -67,4 +71,14 @@ def test_a_tensor_changed_after_commit_fails_status_verify(rollout: Rollout, mod
     param = dict(engine.model.named_parameters())["model.norm.weight"]  # type: ignore[attr-defined]
     with torch.no_grad():
         param.data[0] += 1
-    assert_refused_after_verify(rollout, "model.norm.weight")
+    out = status_verify(rollout)
+    assert out.returncode == 1 and "model.norm.weight" in out.stdout, out.stdout
+    status = verification(rollout)
+    assert status.state == pb.ROLLOUT_STATE_FAILED and status.weight_version == 0
+    assert_gated(rollout)
+
+
+def status_verify(rollout: Rollout) -> subprocess.CompletedProcess[str]:
+    """`python -m trainer_side status --verify` against `rollout`."""
+    command = [sys.executable, "-m", "trainer_side", "status", "--verify", "--rollouts", rollout.address]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
