@@ -177,6 +177,8 @@ def _sync_summary(runs: SyncRuns, nbytes: int, rollouts: int) -> dict[str, objec
         "ratio": summary(ratios),
         "swap_seconds": summary(runs.swap_seconds),
         "swap_pct": summary(swap_pct),
+        "verify_seconds": summary(runs.verify_seconds),
+        "verify_pct": summary([100 * v / s for v, s in zip(runs.verify_seconds, runs.seconds, strict=True)]),
         "rollout_peak_rss": peak,
         "rollout_idle_rss": max(runs.rollout_idle_rss) if runs.rollout_idle_rss else 0,
         "rss_bound": bound,

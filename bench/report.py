@@ -80,8 +80,9 @@ def markdown(results: dict[str, Any]) -> str:
         "Memory and swap (single rollout):",
         "",
         "| model | rollout peak RSS during syncs | bound 2 x model + 256 MiB | runtime alone | "
-        "peak minus runtime | trainer RSS added by pushes | swap pause | swap / sync time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "peak minus runtime | trainer RSS added by pushes | swap pause | swap / sync time | "
+        "verification (in the swap) | verification / push time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     runtime = results.get("runtime_rss", 0)
     for size in sizes:
@@ -91,7 +92,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {size} | {ws['rollout_peak_rss'] / MiB:.0f} MiB | {ws['rss_bound'] / MiB:.0f} MiB | "
             f"{runtime / MiB:.0f} MiB | {(ws['rollout_peak_rss'] - runtime) / MiB:.0f} MiB | "
             f"{ws['trainer_rss_added'] / MiB:.0f} MiB | {_fmt(swap_ms, 1)} ms | "
-            f"{_fmt(ws['swap_pct'], 1)} % |"
+            f"{_fmt(ws['swap_pct'], 1)} % | {_verify_cell(ws)} |"
         )
     if results.get("sweep"):
         lines += [
@@ -208,3 +209,11 @@ def update_readme(readme: Path, table: str) -> None:
     if not pattern.search(text):
         raise SystemExit(f"{readme} has no {BEGIN} ... {END} block; add it to the Benchmarks section first")
     readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}{END}", text))
+
+
+def _verify_cell(ws: dict[str, Any]) -> str:
+    """Installed-weight verification time and its share of the push (results from before it show "-")."""
+    if "verify_seconds" not in ws:
+        return "- | -"
+    verify_ms = {k: v * 1e3 for k, v in _num(ws["verify_seconds"]).items()}
+    return f"{_fmt(verify_ms, 1)} ms | {_fmt(ws['verify_pct'], 1)} %"

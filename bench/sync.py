@@ -42,6 +42,8 @@ class SyncRuns:
     seconds: list[float] = field(default_factory=list)  # wall time of push(), all rollouts committed
     socket_seconds: list[float] = field(default_factory=list)
     swap_seconds: list[float] = field(default_factory=list)  # the slowest rollout's commit -> serving
+    # the slowest rollout's read-back of the installed weights (inside the swap: before the version serves)
+    verify_seconds: list[float] = field(default_factory=list)
     rollout_peak_rss: list[int] = field(default_factory=list)
     rollout_idle_rss: list[int] = field(default_factory=list)
     trainer_rss_added: int = 0  # peak during all pushes (warm-up included) minus RSS before them
@@ -96,6 +98,7 @@ def measure_sync(
                 out.seconds.append(seconds)
                 out.socket_seconds.append(socket_s)
                 out.swap_seconds.append(max(r.swap_seconds for r in results))
+                out.verify_seconds.append(_verify_seconds(publisher))
                 out.socket_cpu.sender.append(sent[0] - before[0])
                 out.socket_cpu.receiver.append(sent[2] - before[2])
                 out.cpu.sender.append(pushed[0] - sent[0])
@@ -105,6 +108,12 @@ def measure_sync(
         out.rollout_peak_rss = [peak_rss(r.pid) for r in rollouts]
         out.trainer_rss_added = max(0, peak_rss() - trainer_before)
     return out
+
+
+def _verify_seconds(publisher: Publisher) -> float:
+    """How long the last load's installed-weight verification took, on the slowest rollout (GetStatus)."""
+    statuses = publisher.status().values()
+    return max((s.verification.seconds for s in statuses if not isinstance(s, str)), default=0.0)
 
 
 def _cpu(rollouts: Sequence[Rollout], sinks: Sequence[SocketSink]) -> tuple[float, float, float]:
