@@ -16,7 +16,14 @@ from trainer_side.outgoing import Outgoing
 from trainer_side.sharded.plan import Span, chunk_owners, spans_of
 from weightsync import wire
 from weightsync.errors import BadManifest
-from weightsync.manifest import build_layout, build_manifest, manifest_of_state, piece_checksum, tensor_bytes
+from weightsync.manifest import (
+    build_layout,
+    build_manifest,
+    entry_checksum,
+    manifest_of_state,
+    piece_checksum,
+    tensor_bytes,
+)
 
 BF16 = torch.bfloat16
 
@@ -40,6 +47,17 @@ def test_piece_checksums_match_their_definition(sizes: list[int], g: int) -> Non
     manifest = build_manifest([(f"t{i}", t) for i, t in enumerate(tensors)], piece_bytes=g)
     assert [e.checksum for e in manifest] == naive(tensors, g)
     assert manifest.piece_bytes == g and manifest.entries[0].checksum.startswith(f"xxh3_128/{g}:")
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=6), g=st.sampled_from([0, 2, 16, 256]))
+def test_one_tensor_checksum_at_its_offset_matches_the_manifest(sizes: list[int], g: int) -> None:
+    """What installed-weight verification hashes a read-back tensor with, one tensor at a time."""
+    tensors = [torch.randn(n).to(BF16) for n in sizes]
+    manifest = build_manifest([(f"t{i}", t) for i, t in enumerate(tensors)], piece_bytes=g)
+    assert [entry_checksum(tensor_bytes(t), e.offset, g) for t, e in zip(tensors, manifest, strict=True)] == [
+        e.checksum for e in manifest
+    ]
 
 
 @pytest.mark.parametrize("chunk", [64, 100, 1000])
