@@ -49,8 +49,8 @@ from weightsync.manifest import (
     Manifest,
     build_layout,
     build_manifest,
+    entry_checksum,
     tensor_bytes,
-    tensor_checksum,
     wire_tensors,
 )
 from weightsync.memory import prefaulted_buffer
@@ -72,7 +72,9 @@ class PushPlan:
 class BaseStore:
     """The last version pushed (exact bf16 bytes, owned here) and the fingerprint each rollout confirmed."""
 
-    def __init__(self) -> None:
+    def __init__(self, piece_bytes: int = 0) -> None:
+        """`piece_bytes`: the checksum kind of the manifests made here (weightsync/manifest.py)."""
+        self.piece_bytes = piece_bytes
         self.version = 0
         self.manifest: Manifest | None = None
         self._tensors: list[torch.Tensor] = []
@@ -107,7 +109,7 @@ class BaseStore:
         if holders:
             manifest, diffs = self.scan(tensors)  # checksums and diffs in one pass
         else:
-            manifest, diffs = build_layout(tensors.items()), None  # checksummed as the chunks go out
+            manifest, diffs = self._layout(tensors), None  # checksummed as the chunks go out
         full = Outgoing.full(version, manifest, list(tensors.values()))
         delta = self._delta(full, diffs) if diffs is not None else None
         self._advance(version, manifest, tensors, diffs, state)
@@ -132,7 +134,7 @@ class BaseStore:
         """
         self._join()
         if not self._fits(tensors):
-            return build_layout(tensors.items()), None
+            return self._layout(tensors), None
         new = list(tensors.values())
         # Plainly dense tensors are sent in full without a diff. Sampling them here, in one thread, is
         # ~1 ms for a 256 MiB model; through the pool below it was ~4 ms, 4% of a full sync's time.
@@ -144,12 +146,24 @@ class BaseStore:
         if self._pool is None:  # kept: starting threads per push costs milliseconds
             workers = min(4, os.cpu_count() or 1)
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weightsync-diff")
-        for i, diff in zip(order, self._pool.map(lambda i: diff_tensor(new[i], self._tensors[i]), order), strict=True):
-            diffs[i] = diff
+        layout, g = self._layout(tensors), self.piece_bytes
+        offsets = [e.offset for e in layout]
+
+        def diff(i: int) -> TensorDiff:
+            return diff_tensor(new[i], self._tensors[i], offset=offsets[i], piece_bytes=g)
+
+        for i, result in zip(order, self._pool.map(diff, order), strict=True):
+            diffs[i] = result
         if not any(d.patch is not None for d in diffs):
-            return build_layout(tensors.items()), diffs  # sent in full: hashed as its chunks go out
-        checksums = [d.checksum or tensor_checksum(tensor_bytes(t)) for d, t in zip(diffs, new, strict=True)]
-        return build_manifest(tensors.items(), checksums), diffs
+            return layout, diffs  # sent in full: hashed as its chunks go out
+        checksums = [
+            d.checksum or entry_checksum(tensor_bytes(t), at, g) for d, t, at in zip(diffs, new, offsets, strict=True)
+        ]
+        return build_manifest(tensors.items(), checksums, piece_bytes=g), diffs
+
+    def _layout(self, tensors: Mapping[str, torch.Tensor]) -> Manifest:
+        """The layout of `tensors`, checksums pending, of this store's checksum kind."""
+        return build_layout(tensors.items()).with_piece_bytes(self.piece_bytes)
 
     def _complete(self, outgoing: Outgoing) -> None:
         """Takes the checksums a push computed for a base kept with them pending; drops it if none did."""

@@ -38,7 +38,7 @@ from trainer_side.sharded.rank_base import RankBase
 from trainer_side.version_file import VersionFileWriter
 from weightsync import metrics, wire
 from weightsync.limits import version_problem
-from weightsync.manifest import manifest_of_state, wire_sources, wire_tensors
+from weightsync.manifest import PIECE_BYTES, manifest_of_state, wire_sources, wire_tensors
 from weightsync.relay_tree import relay_tree, subtree_addresses
 from weightsync.v1 import weightsync_pb2 as pb
 
@@ -70,7 +70,7 @@ class Publisher:
         shared_memory: str | Path | None = None,
         rename: Callable[[str], str] | None = None,
         collective: bool | None = None,
-        piece_checksums: bool = False,
+        piece_checksums: bool | None = None,
     ) -> None:
         """`delta` keeps the last version pushed (one more copy of the model in trainer memory) to send
         rollouts only what changed, and lets `reconcile` restore rollouts; `reconcile_every` (seconds)
@@ -90,9 +90,11 @@ class Publisher:
         keeps and diffs only its own rows (trainer_side/sharded/rank_base.py). `collective=False`
         keeps a publisher that only one rank constructs (after gathering the weights itself) a plain one.
 
-        `piece_checksums` announces the combinable checksum kind, as collective pushes do (the fingerprint
-        then equals a sharded push's of the same weights; it saves a hash of most bytes when the chunk
-        size is the piece size): only for rollouts that know that kind (weightsync/manifest.py)."""
+        `piece_checksums` picks the checksum kind (weightsync/manifest.py). None (the default): the combinable
+        kind over pieces of PIECE_BYTES (1 MiB, the default chunk size), so each byte is hashed once per side,
+        and the fingerprint is `manifest_of_state(state)`'s whatever the chunk size, delta or shared memory.
+        True: pieces of `chunk_bytes`, as a collective push of that chunk size announces. False: plain
+        xxh3_128 per tensor, for rollouts that predate the combinable kind (they refuse it at Commit)."""
         if not rollouts:
             raise ValueError("no rollouts given; pass at least one HOST:PORT")
         if streams < 1:
@@ -108,7 +110,8 @@ class Publisher:
             raise ValueError("shared_memory and relay exclude each other: co-located rollouts each read the file")
         self._shared = VersionFileWriter(shared_memory) if shared_memory else None
         self._in_file: Outgoing | None = None  # what the shared-memory file holds now
-        self._base = BaseStore() if delta else None
+        self._pieces = {None: PIECE_BYTES, True: chunk_bytes, False: 0}[piece_checksums]
+        self._base = BaseStore(self._pieces) if delta else None
         self._lock = threading.Lock()  # one push or reconcile at a time: a rollout takes one update at a time
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
@@ -116,9 +119,6 @@ class Publisher:
         self._credentials = credentials
         self._clients = {address: self._client(address) for address in self.rollouts}
         self._rename = rename
-        self._pieces = chunk_bytes if piece_checksums else 0
-        if self._pieces and (delta or shared_memory):
-            raise ValueError("piece_checksums is for full versions sent as chunks: not with delta or shared memory")
         self._collective = Collective(timeout) if (in_collective_job() if collective is None else collective) else None
         self._rank_base: RankBase | None = None  # a collective publisher's delta base: this rank's rows
         if self._collective is not None:
@@ -249,7 +249,7 @@ class Publisher:
             if self._base is None:
                 return []
             tensors = dict(wire_tensors(state))
-            manifest = manifest_of_state(tensors)
+            manifest = manifest_of_state(tensors, piece_bytes=self._pieces)
             holders = {
                 address: status.weight_version
                 for address, status in self._statuses(timeout=self.timeout).items()
@@ -354,7 +354,8 @@ class Publisher:
         """Writes `outgoing` into the shared-memory file, saying after every block how much is written."""
         assert self._shared is not None
         key, pending = update_id.encode(), outgoing.pending
-        for written in self._shared.blocks(outgoing.payloads, outgoing.sizes, checksum=pending):
+        pieces = outgoing.announced.piece_bytes
+        for written in self._shared.blocks(outgoing.payloads, outgoing.sizes, checksum=pending, piece_bytes=pieces):
             yield wire.encode_file_progress(key, written)
         if pending:
             outgoing.complete(self._shared.checksums)

@@ -38,14 +38,16 @@ class VersionFileWriter:
         """Gives the file its final size before a rollout opens it (it checks the size when it does)."""
         self._mapping(size).release()
 
-    def blocks(self, payloads: Sequence[memoryview], sizes: Sequence[int], *, checksum: bool) -> Iterator[int]:
+    def blocks(
+        self, payloads: Sequence[memoryview], sizes: Sequence[int], *, checksum: bool, piece_bytes: int = 0
+    ) -> Iterator[int]:
         """Writes the tensors' bytes back to back, asking for each in turn, and yields the bytes written
         after each block, so rollouts can copy them while the rest is written. With `checksum` (the
         version's checksums are not known yet), each block is hashed as it is written and `checksums`
-        holds each tensor's once the last block is."""
+        holds each tensor's (of the kind `piece_bytes` names) once the last block is."""
         self.checksums = []
         view = self._mapping(sum(sizes))
-        sums = StreamingChecksums(sizes) if checksum else None
+        sums = StreamingChecksums(sizes, piece_bytes) if checksum else None
         position = announced = 0
         try:
             for i in range(len(sizes)):

@@ -42,10 +42,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 
 from weightsync.errors import BadPatch
-from weightsync.manifest import CHECKSUM_PREFIX, Manifest
+from weightsync.manifest import Manifest, StreamingChecksums
 
 __all__ = [
     "BadPatch",
@@ -315,8 +314,11 @@ class TensorDiff:
     indices: np.ndarray | None = None  # what the patch changes, for updating a kept base cheaply
 
 
-def diff_tensor(new: torch.Tensor, base: torch.Tensor | None) -> TensorDiff:
+def diff_tensor(new: torch.Tensor, base: torch.Tensor | None, *, offset: int = 0, piece_bytes: int = 0) -> TensorDiff:
     """Checksums `new` and, given its base (same shape and dtype), patches it if that is smaller.
+
+    The checksum is of the kind `piece_bytes` names (weightsync/manifest.py), for `new` at `offset` in
+    the version's flat layout.
 
     A tensor that gets no patch because it has no base or is plainly dense is not hashed here
     (checksum ""): sent in full, it is hashed as its chunks go out.
@@ -330,13 +332,13 @@ def diff_tensor(new: torch.Tensor, base: torch.Tensor | None) -> TensorDiff:
     raw = data.data.cast("B")
     if likely_dense(data, old):
         return TensorDiff("")
-    digest = xxhash.xxh3_128()
+    sums = StreamingChecksums([raw.nbytes], piece_bytes, start=offset)
     itemsize = data.dtype.itemsize
     parts = []
     for s in range(0, data.size, BLOCK_ELEMENTS):
-        digest.update(raw[s * itemsize : (s + BLOCK_ELEMENTS) * itemsize])
+        sums.update(raw[s * itemsize : (s + BLOCK_ELEMENTS) * itemsize])
         parts.append(_changed_block(data, old, s, s + BLOCK_ELEMENTS))
-    checksum = CHECKSUM_PREFIX + digest.hexdigest()
+    (checksum,) = sums.checksums
     indices = np.concatenate(parts) if parts else np.empty(0, np.int64)
     gaps = _gaps(indices)
     width, escapes, escape_width = _gap_width(gaps)

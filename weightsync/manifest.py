@@ -15,6 +15,7 @@ from weightsync.errors import BadManifest
 
 __all__ = [
     "DTYPE_NAMES",
+    "PIECE_BYTES",
     "Manifest",
     "StreamingChecksums",
     "TensorEntry",
@@ -45,6 +46,10 @@ _CHECKSUM = re.compile(re.escape(CHECKSUM_PREFIX) + "[0-9a-f]{32}")
 # piece's digest is its xxh3_64 as 8 little-endian bytes. With chunks of G bytes, a chunk inside one tensor is
 # one piece: its chunk checksum is that piece's digest, so each byte is hashed once per side; and ranks that
 # each hold part of a tensor hash their own pieces, combined by whoever commits.
+# What a publisher announces by default (piece_checksums=None), and what `manifest_of_state` computes: the
+# default chunk size, so a default push hashes each byte once per side and its fingerprint does not depend
+# on the chunk size the caller picked.
+PIECE_BYTES = 1 << 20
 
 
 def piece_prefix(piece_bytes: int) -> str:
@@ -195,12 +200,13 @@ class StreamingChecksums:
     chunk's own checksum) hands it to `add_digest` instead of feeding the bytes again.
     """
 
-    def __init__(self, sizes: Sequence[int], piece_bytes: int = 0) -> None:
+    def __init__(self, sizes: Sequence[int], piece_bytes: int = 0, *, start: int = 0) -> None:
+        """`start`: where the first tensor sits in the flat layout (pieces are cut at multiples of G there)."""
         self.checksums: list[str] = []
         self.piece_bytes = piece_bytes
         self._sizes = sizes
         self._left = 0
-        self._position = 0  # in the flat layout
+        self._position = start  # in the flat layout
         self._digest = xxhash.xxh3_128()
         self._piece = xxhash.xxh3_64()
         self._piece_left = 0  # bytes until the current piece ends
@@ -308,11 +314,12 @@ def build_layout(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Manifest:
     return Manifest(entries=tuple(entries))
 
 
-def manifest_of_state(state: Mapping[str, torch.Tensor], *, piece_bytes: int = 0) -> Manifest:
+def manifest_of_state(state: Mapping[str, torch.Tensor], *, piece_bytes: int = PIECE_BYTES) -> Manifest:
     """Manifest of a state dict as it would be sent: bf16, contiguous, tied tensors once.
 
-    `piece_bytes` picks the combinable checksum kind: what a sharded push of this state announces
-    with chunks of that size (trainer_side/sharded/collective.py)."""
+    Its fingerprint is the one a default push of `state` commits (full, delta or shared memory, any chunk
+    size). `piece_bytes` picks another checksum kind: 0 for plain xxh3_128 (`Publisher(piece_checksums=False)`),
+    G for what a sharded push of this state announces with chunks of G bytes (trainer_side/sharded/collective.py)."""
     return build_manifest(wire_tensors(state), piece_bytes=piece_bytes)
 
 
@@ -323,11 +330,13 @@ def wire_tensors(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch
 
 
 def wire_sources(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    """The tensors of a state dict that go on the wire, as they are (any float dtype, any device).
+    """The tensors of a state dict that go on the wire, as they are (any float dtype, any device), by name.
 
     Non-float tensors are left out, and tensors that alias one already seen: tied weights
     (embed_tokens / lm_head) share storage; sending them once is both smaller and what the
-    receiving model expects, since it ties them again itself.
+    receiving model expects, since it ties them again itself. The rest go in name order: the combinable
+    checksum depends on where a tensor sits in the layout, so one canonical layout keeps the fingerprint
+    independent of the state dict's order (a checkpoint on disk and the trainer's model agree).
     """
     seen: set[tuple[object, ...]] = set()
     out = []
@@ -339,7 +348,7 @@ def wire_sources(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Ten
             continue
         seen.add(key)
         out.append((name, tensor))
-    return out
+    return sorted(out, key=lambda item: item[0])
 
 
 def to_wire(tensor: torch.Tensor) -> torch.Tensor:

@@ -605,7 +605,8 @@ async def test_a_failed_load_forgets_the_delta_base() -> None:
 
 def pending(seed: int) -> Manifest:
     """fake_state(seed)'s layout with its checksums left for Commit (checksums_at_commit)."""
-    return manifest_of_state(fake_state(seed)).with_piece_bytes(0)
+    complete = manifest_of_state(fake_state(seed))
+    return complete.with_piece_bytes(complete.piece_bytes)
 
 
 async def commit_pending(receiver: Receiver, update: Incoming, seed: int) -> tuple[int, str, float]:

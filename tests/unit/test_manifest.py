@@ -224,7 +224,7 @@ def test_wire_tensors_cast_to_bf16(dtype: torch.dtype) -> None:
     assert sent.dtype == torch.bfloat16
     assert sent.is_contiguous() and sent.device.type == "cpu"
     assert torch.equal(sent, source.to(torch.bfloat16))
-    (spec,) = manifest_of_state({"w": source}).entries
+    (spec,) = manifest_of_state({"w": source}, piece_bytes=0).entries
     assert (spec.dtype, spec.shape, spec.byte_size) == (torch.bfloat16, (3, 4), 24)
     assert spec.checksum == tensor_checksum(tensor_bytes(source.to(torch.bfloat16)))
 
@@ -263,8 +263,16 @@ def test_wire_tensors_skip_non_float() -> None:
         "bytes": torch.zeros(4, dtype=torch.uint8),
         "b": torch.zeros(3, dtype=torch.float16),
     }
-    assert [name for name, _ in wire_tensors(state)] == ["w", "b"]
-    assert [e.name for e in manifest_of_state(state)] == ["w", "b"]
+    assert [name for name, _ in wire_tensors(state)] == ["b", "w"]  # in name order (the canonical layout)
+    assert [e.name for e in manifest_of_state(state)] == ["b", "w"]
+
+
+def test_the_layout_and_fingerprint_do_not_depend_on_the_state_dicts_order() -> None:
+    """The combinable checksum depends on where a tensor sits: the layout is by name, whatever the order."""
+    state = {"w": torch.randn(300_000), "b": torch.randn(700_000), "a": torch.randn(5)}
+    reordered = dict(reversed(state.items()))
+    assert manifest_of_state(state) == manifest_of_state(reordered)
+    assert manifest_of_state(state).fingerprint == manifest_of_state(reordered).fingerprint
 
 
 def test_distinct_tensors_equal_values_both_sent() -> None:
@@ -289,7 +297,7 @@ def test_views_of_flat_buffer_equal_originals(specs: list[tuple[tuple[int, ...],
     state = {f"p{i}": tensor_of(*spec) for i, spec in enumerate(specs)}
     sent = dict(wire_tensors(state))
     manifest = build_manifest(sent.items())
-    assert manifest == manifest_of_state(state)
+    assert manifest == manifest_of_state(state, piece_bytes=0)
     flat = flat_of(list(sent.values()))
     assert flat.numel() == manifest.total_bytes
     views = dict(manifest.views(flat))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,12 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollout_side.update.staging import Verifier
+from trainer_side.base_store import BaseStore
 from trainer_side.names import hf_name, renamed
 from trainer_side.outgoing import Outgoing
 from trainer_side.sharded.plan import Span, chunk_owners, spans_of
+from trainer_side.version_file import VersionFileWriter
 from weightsync import wire
 from weightsync.errors import BadManifest
 from weightsync.manifest import (
+    PIECE_BYTES,
     build_layout,
     build_manifest,
     entry_checksum,
@@ -143,3 +147,42 @@ def test_each_chunk_goes_out_from_the_rank_of_its_first_byte() -> None:
         [(40, 50, 0), (50, 80, 1)],
         [(80, 100, 1), (100, 110, 0)],
     ]
+
+
+@pytest.mark.parametrize("g", [0, 64, 256])
+def test_a_delta_diff_checksums_each_tensor_at_its_offset_in_the_layout(g: int) -> None:
+    """The checksums a delta's diff computes (and its fallback for tensors it did not hash) are the kind
+    `g` names, cut where the tensor sits in the flat layout: the manifest a full push of it would send."""
+    base = {f"t{i}": torch.randn(n).to(BF16) for i, n in enumerate([300, 7, 0, 512, 33])}
+    new = {k: v.clone() for k, v in base.items()}
+    new["t3"][5] += 1  # sparse: a patch; the others unchanged
+    store = BaseStore(g)
+    try:
+        store.assume(1, manifest_of_state(base, piece_bytes=g), base)
+        manifest, diffs = store.scan(new)
+    finally:
+        store.close()
+    assert diffs is not None and diffs[3].patch is not None
+    assert manifest == manifest_of_state(new, piece_bytes=g)
+    for tensor, entry in zip(new.values(), manifest, strict=True):
+        assert entry_checksum(tensor_bytes(tensor), entry.offset, g) == entry.checksum, entry.name
+
+
+def test_the_shared_memory_file_checksums_of_the_kind_announced(tmp_path: Path) -> None:
+    state = {f"t{i}": torch.randn(n).to(BF16) for i, n in enumerate([300, 7, 0, 512])}
+    writer = VersionFileWriter(tmp_path)
+    try:
+        payloads = [tensor_bytes(t) for t in state.values()]
+        list(writer.blocks(payloads, [p.nbytes for p in payloads], checksum=True, piece_bytes=64))
+        assert writer.checksums == [e.checksum for e in manifest_of_state(state, piece_bytes=64)]
+    finally:
+        writer.close()
+
+
+def test_a_default_push_commits_the_fingerprint_manifest_of_state_gives_at_any_chunk_size() -> None:
+    state = {f"t{i}": torch.randn(n).to(BF16) for i, n in enumerate([300_000, 7, 0, 700_000])}
+    for chunk in (64 << 10, PIECE_BYTES):
+        outgoing = Outgoing.streamed(1, list(state.items()), PIECE_BYTES)
+        list(outgoing.chunks("u", chunk))
+        assert outgoing.manifest is not None
+        assert outgoing.manifest.fingerprint == manifest_of_state(state).fingerprint

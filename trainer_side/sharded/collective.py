@@ -504,4 +504,4 @@ def _sources(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]
             continue
         seen.add(key)
         out.append((name, tensor))
-    return out
+    return sorted(out, key=lambda item: item[0])  # the layout `wire_sources` gives: the same fingerprint
