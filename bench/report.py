@@ -202,13 +202,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(readme: Path, table: str) -> None:
-    """Replaces the text between the bench markers (the section must already hold them)."""
+def update_readme(readme: Path, table: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the text between the `begin` and `end` markers (the file must already hold them)."""
     text = readme.read_text()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.DOTALL)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
-        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block; add it to the Benchmarks section first")
-    readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}{END}", text))
+        raise SystemExit(f"{readme} has no {begin} ... {end} block; add it where the table goes first")
+    readme.write_text(pattern.sub(lambda _: f"{begin}\n{table}{end}", text))
 
 
 def _verify_cell(ws: dict[str, Any]) -> str:

@@ -1,0 +1,92 @@
+"""The scale model's arithmetic (bench/scale_model.py): each phase is bytes over its bound, the slowest
+streamed phase sets the pace, and the bound named is the one that binds."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from bench.scale_model import GIB, Fleet, Rate, Rates, _depth, predict
+
+
+def rates(**changes: float) -> Rates:
+    """Round numbers: 1 CPU second per GiB to send, 2 to receive, free encode, perfect links."""
+    values = {
+        "encode_cpu": 0.0,
+        "send_cpu": 1.0,
+        "receive_cpu": 2.0,
+        "swap_s": 0.0,
+        "link_efficiency": 1.0,
+        "relay_hop_s": 0.5,
+        "delta_ratio": 0.01,
+        "diff_cpu": 0.25,
+        "apply_cpu": 0.5,
+        "h2d_gbps": 1e9,
+        "handoff_gbps": 1e9,
+        "fixed_s": 0.0,
+    } | changes
+    return Rates(**{k: Rate(v, "test") for k, v in values.items()})
+
+
+def test_one_rank_to_one_rollout_is_bound_by_the_receiving_core() -> None:
+    p = predict(Fleet(model_bytes=4 * GIB, trainer_ranks=1, gpu=False), rates())
+    assert p.bound == "rollout CPU per byte"
+    assert p.seconds == pytest.approx(8.0)  # 4 GiB x 2 s/GiB, on one core
+
+
+def test_fan_out_makes_the_trainer_core_bind_and_ranks_share_it() -> None:
+    one = predict(Fleet(model_bytes=4 * GIB, trainer_ranks=1, rollouts=4, rollout_hosts=4, gpu=False), rates())
+    assert one.bound.startswith("trainer CPU") and one.seconds == pytest.approx(16.0)  # 4 GiB x 4 destinations
+    two = predict(replace(one.fleet, trainer_ranks=2), rates())
+    assert two.seconds == pytest.approx(8.0)  # each rank sends half; the receivers' 8 s ties it
+
+
+def test_a_slow_nic_binds_and_its_time_is_bytes_over_goodput() -> None:
+    f = Fleet(model_bytes=10e9, trainer_ranks=8, trainer_hosts=1, rollouts=2, rollout_hosts=2, nic_gbit=8.0)
+    p = predict(replace(f, gpu=False), rates(link_efficiency=0.5))
+    assert p.bound == "trainer NIC"
+    assert p.seconds == pytest.approx(10e9 * 2 / (1e9 * 0.5))  # two copies leave one host at 0.5 GB/s goodput
+
+
+def test_shared_cores_add_every_process_cpu() -> None:
+    f = Fleet(model_bytes=GIB, trainer_ranks=2, rollouts=2, rollout_hosts=2, shared_cores=2, gpu=False)
+    p = predict(f, rates())
+    # trainers 2 x (0.5 GiB x 2 destinations x 1 s) + rollouts 2 x (1 GiB x 2 s) = 6 CPU s on 2 cores
+    assert p.bound == "2 shared cores" and p.seconds == pytest.approx(3.0)
+
+
+def test_per_worker_receive_splits_the_bytes_over_the_workers() -> None:
+    f = Fleet(model_bytes=8 * GIB, trainer_ranks=64, rollouts=1, gpus_per_rollout=8, gpu=False)
+    process, worker = predict(f, rates()), predict(replace(f, design="worker"), rates())
+    assert process.bound == worker.bound == "rollout CPU per byte"
+    assert process.seconds == pytest.approx(16.0) and worker.seconds == pytest.approx(2.0)
+
+
+def test_a_relay_chain_sends_once_and_adds_a_hop_each() -> None:
+    f = Fleet(model_bytes=GIB, trainer_ranks=1, rollouts=4, rollout_hosts=4, relay_fanout=1, gpu=False)
+    p = predict(f, rates())
+    drain = next(x for x in p.phases if x.name == "relay drain")
+    assert drain.seconds == pytest.approx(3 * 0.5)  # three hops below the root
+    assert p.bound == "rollout CPU per byte"  # each relay receives (2 s) and forwards (1 s) on one core
+    assert p.seconds == pytest.approx(3.0 + 1.5)
+
+
+def test_a_delta_sends_its_ratio_and_diffs_and_applies_the_whole_model() -> None:
+    f = Fleet(model_bytes=100 * GIB, trainer_ranks=1, gpu=False)
+    p = predict(f, rates(), "delta")
+    trainer = next(x for x in p.phases if x.name.startswith("trainer"))
+    assert trainer.seconds == pytest.approx(1.0 + 25.0)  # 1 GiB sent, 100 GiB diffed
+    assert next(x for x in p.phases if x.name == "apply patches").seconds == pytest.approx(50.0)
+
+
+def test_an_adapter_is_a_small_full_update() -> None:
+    f = Fleet(model_bytes=100 * GIB, trainer_ranks=1, adapter_ratio=0.01, gpu=False)
+    assert predict(f, rates(), "adapter").seconds == pytest.approx(
+        predict(replace(f, model_bytes=GIB), rates()).seconds
+    )
+
+
+@pytest.mark.parametrize(("followers", "fanout", "depth"), [(1, 1, 1), (3, 1, 3), (2, 2, 1), (6, 2, 2), (7, 2, 3)])
+def test_relay_depth(followers: int, fanout: int, depth: int) -> None:
+    assert _depth(followers, fanout) == depth
