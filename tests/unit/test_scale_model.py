@@ -90,3 +90,23 @@ def test_an_adapter_is_a_small_full_update() -> None:
 @pytest.mark.parametrize(("followers", "fanout", "depth"), [(1, 1, 1), (3, 1, 3), (2, 2, 1), (6, 2, 2), (7, 2, 3)])
 def test_relay_depth(followers: int, fanout: int, depth: int) -> None:
     assert _depth(followers, fanout) == depth
+
+
+def test_validate_says_why_and_exits_2_where_namespaces_are_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import scale, scale_validate
+
+    monkeypatch.setattr(scale_validate, "unavailable_reason", lambda: "creating network namespaces needs root")
+    assert scale.main(["--validate"]) == 2
+    assert "needs root" in capsys.readouterr().err
+
+
+def test_the_table_is_generated_from_the_committed_results() -> None:
+    from bench import scale
+
+    text, rows = scale.table(scale.measured_rates(gpu=True))
+    assert len(rows) == len(scale.MODELS) * len(scale.FLEETS) * len(scale.NICS)
+    assert all(f"| {r['model']} |" in text for r in rows)
+    # per-worker receive never loses to one process per rollout: it splits the same bytes over more cores
+    assert all(r["worker_full"]["seconds"] <= r["process_full"]["seconds"] * 1.0001 for r in rows)
