@@ -141,7 +141,22 @@ def _cpu_table(results: dict[str, Any]) -> list[str]:
             wall_ms = 1e3 * results["models"][size]["bytes"] / (_rate(entry)["median"] * 1e9)
             cells += [f"{cpu['sender_ms']:.0f} ms", f"{cpu['receiver_ms']:.0f} ms", f"{wall_ms:.0f} ms"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", *(_cpu_ratios(size, results["transfer"][size]["cpu"]) for size in sizes)]
     return lines
+
+
+def _cpu_ratios(size: str, cpu: dict[str, Any]) -> str:
+    """weightsync's CPU, both sides together, against gRPC alone's and raw TCP's in the same run (issue 26)."""
+
+    def both(key: str) -> float:
+        return float(cpu[key]["sender_ms"] + cpu[key]["receiver_ms"]) if key in cpu else float("nan")
+
+    ours = both("weightsync")
+    return (
+        f"- {size}: weightsync's CPU, both sides, {ours:.0f} ms = {ours / both('grpc_bare'):.2f}x gRPC alone's "
+        f"(goal: at most 1.25x) and {ours / both('raw_tcp'):.2f}x raw TCP's; gRPC alone is "
+        f"{both('grpc_bare') / both('raw_tcp'):.2f}x raw TCP's."
+    )
 
 
 def _num(s: dict[str, Any]) -> dict[str, float]:

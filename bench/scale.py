@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.validate:
         from bench import scale_validate
 
-        return scale_validate.main(quick=args.quick)
+        return scale_validate.main(quick=args.quick, docs=not args.no_docs)
     rates = measured_rates(gpu=True)
     text, rows = table(rates)
     design = twenty_seconds(rates)

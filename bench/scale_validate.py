@@ -37,9 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PORT = 50051
 TOLERANCE = 0.25
 SIZE = "64MiB"
+MARKERS = ("<!-- scale-validation:begin -->", "<!-- scale-validation:end -->")
 
 
-def main(*, quick: bool = False) -> int:
+def main(*, quick: bool = False, docs: bool = True) -> int:
     if reason := unavailable_reason():
         print(f"refused: {reason}", file=sys.stderr)
         return 2
@@ -117,6 +118,10 @@ def main(*, quick: bool = False) -> int:
         "seconds": time.perf_counter() - started,
     }
     (RESULTS / "scale_validation.json").write_text(json.dumps(report, indent=1) + "\n")
+    if docs:
+        from bench.report import update_readme
+
+        update_readme(ROOT / "docs" / "benchmarks.md", markdown(report), *MARKERS)
     print(f"{'case':62s} {'measured':>9s} {'committed':>10s} {'same run':>9s}  binding (same run)")
     for c in cases:
         mark = "ok " if c["within"] else "OUT"
@@ -126,6 +131,27 @@ def main(*, quick: bool = False) -> int:
         )
     print(f"{within} of {len(cases)} cases within {TOLERANCE:.0%} (same-run rates); load {load_before:.1f} before")
     return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The validation table for docs/benchmarks.md, from scale_validation.json."""
+    m = report["machine"]
+    lines = [
+        f"Measured {m['date']} on {m['cores']} cores ({m['cpu']}), load average {report['load_before']:.1f} before and "
+        f"{report['load_after']:.1f} after (the machine was shared), {report['model_bytes'] / 2**20:.0f} MiB model, "
+        f"median of {report['runs']} runs; {report['within']} of {len(report['cases'])} cases within "
+        f"{report['tolerance']:.0%} with the same run's CPU per byte.",
+        "",
+        "| case | measured | predicted, committed rates | predicted, this run's rates | error | binding phase |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for c in report["cases"]:
+        out = "" if c["within"] else " (out)"
+        lines.append(
+            f"| {c['case']} | {c['measured_s']:.2f} s | {c['predicted_committed_s']:.2f} s | "
+            f"{c['predicted_same_run_s']:.2f} s | {c['error_same_run']:+.0%}{out} | {c['bound']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _case(name: str, f: Fleet, kind: Any, seconds: list[float], committed: Rates, same_run: Rates) -> dict[str, Any]:
