@@ -166,15 +166,14 @@ def twenty_seconds(rates: Rates) -> str:
     """Which design reaches 1T in 20 s on 400 Gbit hosts (256 trainer GPUs, 128 rollout hosts), at what cost."""
     base = fleet("1T", 256, 128, 400)
     out = []
-    for design in ("process", "worker"):
-        p = predict(replace(base, design=design), rates)
-        receive = next(x for x in p.phases if x.name == "rollout receive + verify").seconds
-        streams = max(1, -(-receive // 20))
-        out.append(
-            f"- 1T, 256 trainer GPUs -> 128 hosts at 400 Gbit, {design} design: {p.seconds:,.0f} s, bound by "
-            f"{p.bound}; its receive alone needs {streams:.0f} receiving process(es) per "
-            f"{'rollout' if design == 'process' else 'GPU'} to fit in 20 s."
+    for design, relay in (("process", 0), ("worker", 0), ("worker", 2)):
+        p = predict(replace(base, design=design, relay_fanout=relay), rates)
+        over = [x for x in p.phases if x.streamed and x.seconds > 20]
+        needs = "; ".join(
+            f"{x.name} {x.seconds:,.0f} s: {x.seconds / 20:.1f}x its {x.bound} to fit in 20 s" for x in over
         )
+        how = f"{design} design" + (f", relay tree of {relay}" if relay else ", direct fan-out")
+        out.append(f"- 1T, 256 trainer GPUs -> 128 hosts at 400 Gbit, {how}: {p.seconds:,.0f} s. {needs or 'Fits.'}")
     return "\n".join(out) + "\n"
 
 
