@@ -28,7 +28,7 @@ from rollout_side.process import RolloutProcess
 from trainer_side.publisher import DEFAULT_CHUNK_BYTES, Publisher
 from trainer_side.train import greedy, new_model
 from weightsync.errors import Reason, metadata_of, reason_of
-from weightsync.manifest import manifest_of_state
+from weightsync.manifest import PIECE_BYTES, manifest_of_state
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -265,7 +265,7 @@ def test_a_resume_with_other_bytes_is_refused_at_commit_and_sent_afresh(  # type
     tensors, manifest = raw.prepare(stale)
     request = pb.BeginUpdateRequest(
         version=1,
-        manifest=raw.wire.manifest_to_proto(manifest.with_piece_bytes(0)),  # checksums pending, as `push` sends
+        manifest=raw.wire.manifest_to_proto(manifest.with_piece_bytes(PIECE_BYTES)),  # pending, as `push` sends
         chunk_bytes=DEFAULT_CHUNK_BYTES,
         update_id="crashed-run",
         checksums_at_commit=True,
