@@ -16,9 +16,10 @@ from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 CHUNK = 256 << 10
 
 
-def prepare(state: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], Manifest]:
+def prepare(state: Mapping[str, torch.Tensor], piece_bytes: int = 0) -> tuple[list[torch.Tensor], Manifest]:
+    """The wire tensors and their manifest: plain xxh3_128 unless `piece_bytes` names the combinable kind."""
     named = dict(wire_tensors(state))
-    return list(named.values()), build_manifest(named.items())
+    return list(named.values()), build_manifest(named.items(), piece_bytes=piece_bytes)
 
 
 def begin(

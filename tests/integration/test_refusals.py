@@ -17,7 +17,7 @@ import torch
 from trainer_side.publisher import Publisher
 from trainer_side.train import new_model
 from weightsync.errors import Reason, metadata_of, reason_of
-from weightsync.manifest import Manifest, build_manifest
+from weightsync.manifest import PIECE_BYTES, Manifest, build_manifest
 from weightsync.v1 import weightsync_pb2 as pb
 
 import raw
@@ -108,7 +108,8 @@ def test_versions_from_2_to_the_53_are_refused_by_the_rollout_and_the_publisher(
 
 
 def test_the_committed_version_again_is_already_committed(served: Served) -> None:
-    _, manifest = raw.prepare(served.state)  # the served version, same fingerprint: a retry after a lost answer
+    # the served version as a push announced it, same fingerprint: a retry after a lost answer
+    _, manifest = raw.prepare(served.state, piece_bytes=PIECE_BYTES)
     with pytest.raises(grpc.RpcError) as info:
         raw.begin(served.rollout.weight_sync, 1, manifest)
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
