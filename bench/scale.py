@@ -181,9 +181,14 @@ def headline(rates: Rates) -> str:
     smallest = predict(replace(fleet("7B", 8, 8, 100), design="process"), rates)
     big = predict(replace(fleet("70B", 64, 32, 200), design="process"), rates)
     huge = predict(replace(fleet("1T", 256, 128, 400), design="worker"), rates)
+    validation = RESULTS / "scale_validation.json"
+    checked = "not yet validated"
+    if validation.exists():
+        v = json.loads(validation.read_text())
+        checked = f"{v['within']} of {len(v['cases'])} of this machine's runs predicted within {v['tolerance']:.0%}"
     return (
-        f"- At scale (modelled by `python -m bench.scale` from rates measured here, validated on this machine's "
-        f"runs: [table](docs/benchmarks.md#at-cluster-scale)): a 7B full update to 8 rollout hosts at 100 Gbit "
+        f"- At scale (modelled by `python -m bench.scale` from rates measured here; {checked}: "
+        f"[table](docs/benchmarks.md#at-cluster-scale)): a 7B full update to 8 rollout hosts at 100 Gbit "
         f"{smallest.seconds:.1f} s ({smallest.bound}); 70B, 64 trainer GPUs to 32 hosts at 200 Gbit, "
         f"{big.seconds:.0f} s ({big.bound}); 1T, 256 to 128 hosts at 400 Gbit with per-worker receive, "
         f"{huge.seconds:.0f} s ({huge.bound}), against checkpoint-engine's 16-20 s over RDMA.\n"
