@@ -407,7 +407,7 @@ class HttpServer:
         self._server.should_exit = True
         try:
             await asyncio.wait_for(self._task, 10)
-        except (TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.TimeoutError, asyncio.CancelledError):  # two timeout classes on 3.10
             logger.warning("the HTTP server did not stop within 10 s")
         finally:
             self._sock.close()

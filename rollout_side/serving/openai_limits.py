@@ -76,7 +76,7 @@ async def _read(request: Request, limit: int) -> bytes:
 
     try:
         await asyncio.wait_for(receive(), BODY_SECONDS)
-    except TimeoutError:
+    except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on, two on 3.10
         raise HttpError(408, f"the body did not arrive within {BODY_SECONDS:g} s", "TIMEOUT", dict(_CLOSE)) from None
     return bytes(body)
 

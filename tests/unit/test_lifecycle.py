@@ -504,6 +504,21 @@ async def test_a_commit_cancelled_mid_load_that_fails_fails_whole() -> None:
     assert (receiver.status().weight_version, receiver.status().detail) == (3, "")
 
 
+@run
+async def test_the_gate_and_status_read_what_is_served_not_the_engine() -> None:
+    """An engine whose own version runs ahead of any commit (a swap the receiver never finished) decides
+    nothing: the gate and GetStatus answer from Lifecycle.served alone."""
+    receiver, engine = await booted()
+    await push(receiver, 1)
+    engine._version = 2  # what a cancelled, unshielded commit left behind on the torch engine
+    status = receiver.status()
+    assert (status.weight_version, status.fingerprint) == (1, manifest_of_state(fake_state(1)).fingerprint)
+    await refused(
+        Reason.VERSION_NOT_REACHED,
+        lambda: generation(receiver).generate(GenerationRequest(prompt="a", min_weight_version=2)),
+    )
+
+
 # -- Generate's version gate ---------------------------------------------------------------------
 
 
