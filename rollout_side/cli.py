@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from pathlib import Path
 
 from rollout_side.engines.base import SWAP_POLICIES, Engine
@@ -315,3 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     asyncio.run(serve(args))
+    # Stopped cleanly, files removed: exit without the interpreter's teardown, which collects every object
+    # vLLM and torch made (9 of the 12 s a vLLM rollout took to end after SIGTERM, on two cores).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

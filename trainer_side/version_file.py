@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from weightsync import shm
 from weightsync.manifest import StreamingChecksums
 
 __all__ = ["VersionFileWriter"]
@@ -29,13 +30,18 @@ class VersionFileWriter:
         directory = Path(directory)
         if not directory.is_dir():
             raise ValueError(f"shared-memory directory {directory} does not exist")
+        shm.sweep(directory)  # a killed trainer's file, which nobody holds any more
         self.path = directory / f"weightsync-{os.getpid()}-{id(self):x}.bin"
-        self._file = self.path.open("w+b")
+        self._fd = shm.create(self.path)  # held while this writer lives (weightsync/shm.py)
         self._map: mmap.mmap | None = None
         self.checksums: list[str] = []  # of the version last written by `blocks(..., checksum=True)`
 
     def resize(self, size: int) -> None:
-        """Gives the file its final size before a rollout opens it (it checks the size when it does)."""
+        """Gives the file its final size before a rollout opens it (it checks the size when it does).
+
+        Its memory is reserved now: OutOfSharedMemory if the directory has no room for it, where a file
+        only truncated to its size would end the trainer with SIGBUS at the first page that does not fit.
+        """
         self._mapping(size).release()
 
     def blocks(
@@ -74,17 +80,18 @@ class VersionFileWriter:
 
     def _mapping(self, size: int) -> memoryview:
         if size == 0:
-            self._file.truncate(0)
+            shm.reserve(self._fd, 0, self.path)
             return memoryview(bytearray())
         if self._map is None or len(self._map) != size:
             if self._map is not None:
                 self._map.close()
-            self._file.truncate(size)
-            self._map = mmap.mmap(self._file.fileno(), size)
+                self._map = None
+            shm.reserve(self._fd, size, self.path)
+            self._map = mmap.mmap(self._fd, size)
         return memoryview(self._map)
 
     def close(self) -> None:
         if self._map is not None:
             self._map.close()
-        self._file.close()
         self.path.unlink(missing_ok=True)
+        os.close(self._fd)

@@ -29,6 +29,7 @@ __all__ = [
     "InstalledMismatch",
     "NoWeights",
     "NonFiniteWeights",
+    "OutOfSharedMemory",
     "Reason",
     "SharedMemoryRefused",
     "StaleVersion",
@@ -150,6 +151,10 @@ class TooLarge(WeightSyncError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = Reason.TOO_LARGE
+
+
+class OutOfSharedMemory(TooLarge):
+    """A file in shared memory (/dev/shm, a memory-backed emptyDir) does not fit there: say how big it is."""
 
 
 class BusyError(WeightSyncError):

@@ -7,10 +7,8 @@ The engine allocates them (ShmStaging), the worker extension (vllm_worker.py) an
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
-import re
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -18,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from weightsync import shm
+from weightsync.shm import SHM_DIR
+
 __all__ = ["SHM_DIR", "LayoutEntry", "ShmStaging", "layout_views", "remove_abandoned"]
 
 logger = logging.getLogger(__name__)
-
-SHM_DIR = Path("/dev/shm")
 
 # (name, torch dtype name such as "bfloat16", shape, byte offset in the file, byte size): plain values,
 # because collective_rpc serialises its arguments and tensors do not survive that in multiprocess mode.
@@ -40,9 +39,10 @@ class ShmStaging:
 
     A file lives as long as its buffer (a finalizer unlinks it when the tensor is collected), and
     `close()` unlinks whatever is left. Its owner holds a shared flock on it, so a file nobody holds was
-    left by a rollout that could not clean up (SIGKILL: the OOM killer): each new ShmStaging removes
-    those. On Kubernetes /dev/shm is the pod's memory-backed emptyDir, which outlives a crashed
-    container: without this, every restart would leak one model's worth of memory.
+    left by a process that could not clean up (SIGKILL: the OOM killer): each new ShmStaging removes
+    those, and any other file of weightsync's there that nobody holds (weightsync/shm.py). On Kubernetes
+    /dev/shm is the pod's memory-backed emptyDir, which outlives a crashed container: without this,
+    every restart would leak one model's worth of memory.
     """
 
     def __init__(self, directory: Path = SHM_DIR) -> None:
@@ -52,23 +52,21 @@ class ShmStaging:
         self.removed = remove_abandoned(directory)
 
     def allocate(self, nbytes: int) -> torch.Tensor:
-        path = str(self._dir / f"weightsync-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        """A buffer of `nbytes` over a new staging file, its memory reserved now (see weightsync/shm.py).
+
+        Raises OutOfSharedMemory (RESOURCE_EXHAUSTED to the trainer) if the directory has no room for it.
+        """
+        path = self._dir / f"weightsync-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         size = max(nbytes, 1)  # mmap refuses empty files
-        # Created and locked under another name, so that no sweep sees it unlocked.
-        fd = os.open(path + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = shm.create(path, size)
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            os.ftruncate(fd, size)
-            os.rename(path + ".new", path)
-            flat = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)[:nbytes]
+            flat = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)[:nbytes]
         except BaseException:
             os.close(fd)
-            for leftover in (path + ".new", path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
+            path.unlink(missing_ok=True)
             raise
         address = flat.untyped_storage().data_ptr()
-        self._files[address] = (path, size, weakref.finalize(flat, self._drop, address, path, fd))
+        self._files[address] = (str(path), size, weakref.finalize(flat, self._drop, address, str(path), fd))
         return flat
 
     def locate(self, buffer: torch.Tensor) -> tuple[str, int, int] | None:
@@ -90,28 +88,6 @@ class ShmStaging:
         os.close(fd)
 
 
-STAGING_NAME = re.compile(r"weightsync-\d+-[0-9a-f]{12}")
-
-
 def remove_abandoned(directory: Path = SHM_DIR) -> int:
-    """Unlinks staging files in `directory` that no process holds (see ShmStaging); returns how many."""
-    removed = 0
-    for path in directory.glob("weightsync-*"):
-        if not STAGING_NAME.fullmatch(path.name):
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue  # gone meanwhile, or not ours to read
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # its owner is alive
-        finally:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            size = path.stat().st_size
-            path.unlink()
-            removed += 1
-            logger.warning("removed %s (%.1f MB), left by a rollout that was killed", path, size / 1e6)
-    return removed
+    """Unlinks weightsync's files in `directory` that no process holds (see ShmStaging); returns how many."""
+    return shm.sweep(directory)

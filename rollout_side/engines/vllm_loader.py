@@ -29,6 +29,7 @@ import torch
 
 from rollout_side.engines.shm_staging import SHM_DIR, LayoutEntry, layout_views
 from rollout_side.engines.vllm_prewarm import running
+from weightsync import shm
 
 __all__ = ["LOAD_FORMAT", "Handoff", "Offer", "booted_with", "register", "wanted"]
 
@@ -62,11 +63,13 @@ class Handoff:
     """The file through which the rollout offers a version to a loader in another process.
 
     It holds an offer, or PENDING while an update is being received (the loader waits for it), or is
-    absent. Written whole and renamed into place, so the loader reads one of those, never a part.
+    absent. Written whole and renamed into place, so the loader reads one of those, never a part; held
+    like a staging file (weightsync/shm.py), so a killed rollout's is swept by the next one.
     """
 
     def __init__(self, directory: Path = SHM_DIR) -> None:
         self.path = directory / f"weightsync-{os.getpid()}-{uuid.uuid4().hex[:12]}-handoff.json"
+        self._fd = -1  # holds the file now at `path`
 
     def offer(self, offer: Offer) -> None:
         self._write([offer.version, offer.path, offer.nbytes, offer.layout])
@@ -77,11 +80,17 @@ class Handoff:
     def withdraw(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        self._let_go()
 
     def _write(self, value: object) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value))
-        tmp.replace(self.path)
+        fd = shm.replace(self.path, json.dumps(value).encode())
+        self._let_go()
+        self._fd = fd
+
+    def _let_go(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def read_offer(path: str) -> Offer | None:

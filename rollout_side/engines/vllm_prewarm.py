@@ -11,46 +11,58 @@ vLLM sets environment variables for its child just before starting it; a fork se
 otherwise see the server's environment from when it started, so each child takes its parent's at start().
 GPU builds fork EngineCore already (vLLM's default there) and are left alone.
 
-However it was started, EngineCore exits when its rollout is gone (`watch_owner`): vLLM's own does not
-notice (a spawned one was still running 48 s after a SIGKILL of its rollout), and on a GPU an orphan
-holds the memory the restarted rollout needs.
+However it was started, EngineCore dies with its rollout (`die_with`, a parent-death signal): vLLM's
+own does not notice (a spawned one was still running 48 s after a SIGKILL of its rollout), and on a GPU
+an orphan holds the memory the restarted rollout needs. Each process in the chain (rollout, fork server,
+EngineCore, vLLM's workers) is tied to the one that started it, so killing the rollout takes all down.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
-import threading
-import time
+import sys
 from multiprocessing import context, forkserver
 from typing import Any
 
-__all__ = ["OFF_ENV", "OWNER_ENV", "install", "own_engine_processes", "running", "start", "watch_owner"]
+__all__ = ["OFF_ENV", "OWNER_ENV", "die_with", "install", "own_engine_processes", "running", "start", "watch_owner"]
 
 logger = logging.getLogger(__name__)
 
-# What EngineCore imports before it can build the model: done in the fork server, once.
+# What EngineCore imports before it can build the model: done in the fork server, once. The first
+# import ties the fork server itself to the rollout (vllm_forkserver.py).
 OFF_ENV = "WEIGHTSYNC_VLLM_PREWARM"  # "0": vLLM's own spawn (bench.vllm_boot measures the difference)
-OWNER_ENV = "WEIGHTSYNC_ENGINE_OWNER"  # the rollout's pid, set before vLLM starts EngineCore
-PRELOAD = ["vllm.v1.engine.core", "vllm.v1.executor.uniproc_executor", "vllm.v1.worker.cpu_worker"]
+# The pid of the process that started this one, which it dies with: set by the rollout before it starts
+# its engine's processes, then by each of those, once tied, for the processes it starts in turn.
+OWNER_ENV = "WEIGHTSYNC_ENGINE_OWNER"
+PRELOAD = [
+    "rollout_side.engines.vllm_forkserver",
+    "vllm.v1.engine.core",
+    "vllm.v1.executor.uniproc_executor",
+    "vllm.v1.worker.cpu_worker",
+]
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class _Process(context.ForkServerProcess):
     """A fork-server child that runs with its parent's environment as of start(), not the server's, and
-    exits when that parent is gone (killed, say): its own parent is the fork server, which outlives it."""
+    dies with the fork server, its parent (which dies with the rollout)."""
 
     _environ: dict[str, str]
-    _owner: int
 
     def start(self) -> None:
-        self._environ, self._owner = dict(os.environ), os.getpid()
+        self._environ = dict(os.environ)
         super().start()
 
     def run(self) -> None:
+        server = os.environ.get(OWNER_ENV, "")  # the fork server's pid (watch_owner set it there)
         os.environ.clear()
         os.environ.update(self._environ)
-        _watch(self._owner)
+        if server:
+            os.environ[OWNER_ENV] = server
+        watch_owner()
         super().run()
 
 
@@ -65,32 +77,37 @@ def own_engine_processes() -> None:
 
 
 def watch_owner() -> None:
-    """In a process vLLM started for the rollout named by OWNER_ENV, exits once that rollout is gone.
+    """In a process started by the one OWNER_ENV names, dies with it (see `die_with`), and names itself
+    the owner of the processes it starts in turn.
 
-    Runs in a child the rollout forked, and from weightsync's vLLM plugin (vllm_plugin.py), which vLLM
-    loads in every process it spawns; in the rollout itself it does nothing.
+    Runs in a child the rollout forked, in the fork server and its children, and from weightsync's vLLM
+    plugin (vllm_plugin.py), which vLLM loads in every process it spawns; in the owner itself it does nothing.
     """
     owner = os.environ.get(OWNER_ENV, "")
-    if owner.isdigit():
-        _watch(int(owner))
+    if owner.isdigit() and int(owner) != os.getpid():
+        die_with(int(owner))
+        os.environ[OWNER_ENV] = str(os.getpid())
 
 
 _hooked = False
-_watched: int | None = None
 
 
-def _watch(owner: int) -> None:
-    global _watched
-    if _watched is None and owner != os.getpid():
-        _watched = owner
-        threading.Thread(target=_exit_without, args=(owner,), name="owner-watch", daemon=True).start()
+def die_with(parent: int) -> None:
+    """Has the kernel SIGKILL this process as soon as `parent`, the process that started it, exits.
 
-
-def _exit_without(owner: int) -> None:
-    """Ends this process (as SIGTERM would) once `owner` has exited."""
-    while running(owner):
-        time.sleep(1.0)
-    os.kill(os.getpid(), signal.SIGTERM)
+    SIGKILL, not SIGTERM: vLLM defers SIGTERM while its engine is built, then shuts down for seconds,
+    and nothing is left to save once the rollout is gone. If `parent` exited before the signal was set
+    (this process was re-parented already), it goes now. The signal follows the parent's thread that
+    started this process, so processes are started from threads that live as long as their process.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("cannot tie process %d to its parent: %s", os.getpid(), os.strerror(ctypes.get_errno()))
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def running(pid: int) -> bool:
@@ -110,22 +127,24 @@ class _Context(context.ForkServerContext):
 
 
 _context = _Context()
-_started: threading.Thread | None = None
+_started = False
 
 
 def start() -> None:
-    """Starts the fork server and its imports in the background (call early, once the environment is set)."""
+    """Starts the fork server, which imports in the background (call early, once the environment is set,
+    from the thread that lives as long as the rollout: the fork server dies with it, see `die_with`)."""
     global _started
-    if _started is not None or os.environ.get(OFF_ENV) == "0":
+    if _started or os.environ.get(OFF_ENV) == "0":
         return
+    os.environ[OWNER_ENV] = str(os.getpid())
     _context.set_forkserver_preload(PRELOAD)
-    _started = threading.Thread(target=forkserver.ensure_running, name="vllm-prewarm", daemon=True)
-    _started.start()
+    forkserver.ensure_running()  # spawns it and returns: the imports run there
+    _started = True
 
 
 def install() -> bool:
     """Makes vLLM start EngineCore from the fork server; False (vLLM's own start) if its layout differs."""
-    if _started is None:
+    if not _started:
         return False
     try:
         from vllm.v1.engine import utils
@@ -134,7 +153,6 @@ def install() -> bool:
     if not callable(getattr(utils, "get_mp_context", None)):
         logger.warning("this vLLM starts EngineCore differently: not using the pre-warmed fork server")
         return False
-    _started.join()
 
     def get_mp_context() -> Any:
         return _context

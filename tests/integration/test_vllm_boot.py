@@ -1,8 +1,10 @@
-"""A real vLLM rollout process receives a push while its engine boots, and serves it only once it is up.
+"""A real vLLM rollout process receives a push while its engine boots, and serves it only once it is up;
+killed, it takes its engine's processes and its /dev/shm files with it.
 
 The rollout is a `python -m rollout_side serve --engine vllm` subprocess, as users start it; its engine
 boots with the uninitialised "weightsync" load format (rollout_side/engines/vllm_loader.py), whose load
 step waits while an update is being received and must stop waiting when that update is abandoned.
+Where a test looks at /dev/shm, the rollout gets one of its own (tests/shm_dir.py), sized by the test.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
 import raw
 from conftest import reference_model
+from shm_dir import tmpfs, with_shm
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -50,6 +53,11 @@ GENERATE = health_pb2.HealthCheckRequest(service="weightsync.v1.Generate")
 HOLD = 3.0
 # The engine must be up this soon after the abandon: far under the loader's PENDING_WAIT.
 UP_AFTER_ABANDON = 120.0
+# A SIGKILLed rollout's EngineCore and fork server are gone this soon after (the kernel's parent-death
+# signal; they used to live on 6-12 s, holding a GPU's memory the restarted rollout needs).
+GONE_AFTER_KILL = 2.0
+# A SIGTERMed rollout has exited this soon after, in-flight calls none (it took 4-19 s).
+SIGTERM_EXIT = 5.0
 
 
 def test_a_push_during_boot_commits_once_the_engine_is_up_and_is_gated_until_then(
@@ -108,13 +116,7 @@ def test_a_push_during_boot_commits_once_the_engine_is_up_and_is_gated_until_the
         assert "(weightsync weights)" in text and "it booted with it" in text
 
         # A killed rollout takes its EngineCore (1 GiB and more of RAM in real use) down with it.
-        engine_processes = psutil.Process(proc.pid).children(recursive=True)
-        assert engine_processes
-        proc.kill()
-        deadline = time.monotonic() + 30
-        while any(_alive(p) for p in engine_processes):
-            assert time.monotonic() < deadline, f"left behind: {[p.pid for p in engine_processes if _alive(p)]}"
-            time.sleep(0.5)
+        _kill_and_check_gone(proc)
     finally:
         channel.close()
         proc.kill()
@@ -135,17 +137,17 @@ class _Held:
 
 
 @contextlib.contextmanager
-def _held_at_load(model_dir: Path, state: dict[str, torch.Tensor], tmp_path: Path) -> Iterator[_Held]:
-    """Boots a rollout, begins a push as soon as it listens, sends half the chunks and keeps the stream
-    open, fed no more, until vLLM has reached its weight-load step and waited there HOLD seconds."""
+def _held_at_load(
+    model_dir: Path, state: dict[str, torch.Tensor], tmp_path: Path, shm: Path | None = None
+) -> Iterator[_Held]:
+    """Boots a rollout (with `shm` as its /dev/shm if given), begins a push as soon as it listens, sends
+    half the chunks and keeps the stream open, fed no more, until vLLM has reached its weight-load step
+    and waited there HOLD seconds."""
     log = tmp_path / "rollout.log"
     port = free_port()
+    command = serve_command(model_dir, engine="vllm", port=port, args=["--kv-cache-gib", "0.25"])
     with log.open("w") as sink:
-        proc = subprocess.Popen(
-            serve_command(model_dir, engine="vllm", port=port, args=["--kv-cache-gib", "0.25"]),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(with_shm(shm, command) if shm else command, stdout=sink, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
     trainer = open_channel(address)
     release = threading.Event()
@@ -217,20 +219,31 @@ def test_an_update_abandoned_while_the_loader_waits_for_it_lets_the_engine_boot_
             assert (list(reply.token_ids), reply.weight_version) == (greedy(model, ids, 12), 1)
 
 
-def test_a_rollout_killed_while_its_loader_waits_for_an_update_takes_its_engine_down(
+def test_a_rollout_killed_mid_boot_push_takes_its_engine_down_and_its_restart_sweeps_its_files(
     model_dir: Path, trained_state: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
-    """vLLM defers SIGTERM while its engine is built, so the loader itself must notice that the rollout
-    which wrote PENDING is gone; else EngineCore and its memory outlive it for PENDING_WAIT."""
-    with _held_at_load(model_dir, trained_state, tmp_path) as held:
-        engine_processes = psutil.Process(held.proc.pid).children(recursive=True)
-        assert engine_processes
-        held.proc.kill()
-        held.proc.wait(30)
-        deadline = time.monotonic() + 30
-        while any(_alive(p) for p in engine_processes):
-            assert time.monotonic() < deadline, f"left behind: {[p.pid for p in engine_processes if _alive(p)]}"
-            time.sleep(0.5)
+    """vLLM defers SIGTERM while its engine is built, and the loader waits on PENDING: EngineCore must die
+    with the rollout all the same, at once. The killed rollout leaves its staging file and its handoff
+    file in /dev/shm (nothing runs at SIGKILL); the restarted rollout removes them, and nothing of ours
+    is left there once it is stopped in turn."""
+    with tmpfs(tmp_path / "shm", "64m") as shm:
+        with _held_at_load(model_dir, trained_state, tmp_path, shm) as held:
+            left = sorted(p.name for p in shm.iterdir())
+            assert [name for name in left if name.endswith("-handoff.json")], left
+            assert len(left) == 2 and all(name.startswith(f"weightsync-{held.proc.pid}-") for name in left), left
+            _kill_and_check_gone(held.proc)
+            assert sorted(p.name for p in shm.iterdir()) == left  # as a killed rollout leaves them
+
+        port = free_port()
+        command = serve_command(model_dir, engine="vllm", port=port, args=["--kv-cache-gib", "0.25"])
+        with (tmp_path / "restarted.log").open("w") as sink:
+            restarted = subprocess.Popen(with_shm(shm, command), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_port(port, restarted)  # the engine is made, and has swept, before the rollout listens
+            assert sorted(p.name for p in shm.iterdir()) == [], "the restarted rollout left the killed one's files"
+        finally:
+            _stop(restarted)
+        assert sorted(p.name for p in shm.iterdir()) == []
 
 
 # `python -m rollout_side` with vLLM made to fork EngineCore, as it does on GPU builds (it spawns on CPU).
@@ -243,33 +256,93 @@ runpy.run_module("rollout_side", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("start", ["spawn", "fork"])
-def test_an_engine_core_started_by_vllm_itself_exits_when_its_rollout_is_killed(
-    start: str, model_dir: Path, tmp_path: Path
-) -> None:
-    """Without the fork server vLLM starts EngineCore itself, and never notices its parent's death; on a
-    GPU such an orphan holds the memory the restarted rollout needs. It must exit with its rollout (the
-    OOM killer's SIGKILL), whether spawned (CPU builds) or forked (GPU builds)."""
+@pytest.mark.parametrize("start", ["prewarmed", "spawn", "fork"])
+def test_an_engine_core_exits_at_once_when_its_rollout_is_killed(start: str, model_dir: Path, tmp_path: Path) -> None:
+    """vLLM's EngineCore never notices its parent's death; on a GPU such an orphan holds the memory the
+    restarted rollout needs. It must exit with its rollout (the OOM killer's SIGKILL) however it was
+    started: forked from the pre-warmed fork server (CPU builds; the fork server must go too), spawned
+    by vLLM itself, or forked by vLLM (GPU builds)."""
     log = tmp_path / "rollout.log"
     command = serve_command(model_dir, engine="vllm", port=free_port(), args=["--kv-cache-gib", "0.25"])
     if start == "fork":
         command[1:3] = ["-c", FORKING_ROLLOUT]
+    env = dict(os.environ) if start == "prewarmed" else {**os.environ, vllm_prewarm.OFF_ENV: "0"}
     with log.open("w") as sink:
-        proc = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, vllm_prewarm.OFF_ENV: "0"}
-        )
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
         _wait_for_log(log, "vLLM up in", proc, 180)
-        engine_processes = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.ppid() == proc.pid]
-        assert engine_processes, "vLLM started no process of its own"
-        proc.kill()
-        proc.wait(30)
-        deadline = time.monotonic() + 30
-        while any(_alive(p) for p in engine_processes):
-            assert time.monotonic() < deadline, f"left behind: {[p.pid for p in engine_processes if _alive(p)]}"
-            time.sleep(0.5)
+        _kill_and_check_gone(proc)
     finally:
         _stop(proc)
+
+
+def test_a_sigterm_ends_a_vllm_rollout_within_seconds_and_leaves_nothing(
+    model_dir: Path, trained_state: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """SIGTERM, as Kubernetes stops a pod: the rollout ends in seconds (it took 4-19 s: vLLM waited 5 s
+    for EngineCore's teardown, then the interpreter's own took 9 s), its engine's processes and files with it."""
+    log = tmp_path / "rollout.log"
+    port = free_port()
+    command = serve_command(model_dir, engine="vllm", port=port, args=["--kv-cache-gib", "0.25"])
+    with tmpfs(tmp_path / "shm", "64m") as shm:
+        with log.open("w") as sink:
+            proc = subprocess.Popen(with_shm(shm, command), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_log(log, "vLLM up in", proc, 180)
+            with Publisher([f"127.0.0.1:{port}"], progress=False) as publisher:
+                [result] = publisher.push(trained_state, 1)  # a staging file in /dev/shm
+            assert result.ok, result.error
+            assert len(list(shm.iterdir())) == 1
+            family = _descendants(proc)
+            started = time.monotonic()
+            proc.terminate()
+            code = proc.wait(60)
+            took = time.monotonic() - started
+            assert code == 0 and took < SIGTERM_EXIT, f"exit {code} after {took:.1f} s"
+            _check_gone(family, "SIGTERM")
+            assert list(shm.iterdir()) == []
+        finally:
+            _stop(proc)
+
+
+def test_a_version_larger_than_dev_shm_is_refused_cleanly_and_the_previous_one_served(
+    model_dir: Path,
+    trained_state: dict[str, torch.Tensor],
+    trained_checkpoint: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    tmp_path: Path,
+) -> None:
+    """A /dev/shm smaller than the model (Docker's default is 64 MiB): the staging file is reserved at
+    BeginUpdate, so the push is refused there (RESOURCE_EXHAUSTED, saying what to raise) instead of
+    the rollout dying of SIGBUS mid-update; the version served before stays served."""
+    log = tmp_path / "rollout.log"
+    port = free_port()
+    args = ["--kv-cache-gib", "0.25", "--weights", str(trained_checkpoint)]  # version 1, from disk
+    command = serve_command(model_dir, engine="vllm", port=port, args=args)
+    with tmpfs(tmp_path / "shm", "4m") as shm:
+        assert manifest_of_state(trained_state).total_bytes > 4 << 20
+        with log.open("w") as sink:
+            proc = subprocess.Popen(with_shm(shm, command), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_log(log, "vLLM up in", proc, 180)
+            address = f"127.0.0.1:{port}"
+            with Publisher([address], progress=False) as publisher:
+                [result] = publisher.push(trained_state, 2)
+            assert not result.ok and result.code == grpc.StatusCode.RESOURCE_EXHAUSTED, result
+            for said in ("do not fit in shared memory", "/dev/shm holds 4.2 MB", "--shm-size", "sizeLimit"):
+                assert said in result.error, result.error
+            assert proc.poll() is None and list(shm.iterdir()) == []
+
+            with grpc.insecure_channel(address) as channel:
+                status = pb_grpc.WeightSyncStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
+                assert (status.weight_version, status.state) == (1, pb.ROLLOUT_STATE_IDLE)
+                model = reference_model(model_dir, trained_state)
+                ids = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+                request = pb.GenerateRequest(prompt_token_ids=ids, max_tokens=12)
+                reply = pb_grpc.GenerateStub(channel).Generate(request, timeout=60)
+                assert (list(reply.token_ids), reply.weight_version) == (greedy(model, ids, 12), 1)
+        finally:
+            _stop(proc)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -310,6 +383,30 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 12
         except OSError:
             assert time.monotonic() < deadline, "the rollout did not listen"
             time.sleep(0.02)
+
+
+def _descendants(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """Every process the rollout started and they in turn (EngineCore, the fork server, vLLM's helpers)."""
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert family, "vLLM started no process of its own"
+    return family
+
+
+def _kill_and_check_gone(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILLs the rollout, as the OOM killer does; every process it started must be gone GONE_AFTER_KILL later."""
+    family = _descendants(proc)
+    proc.kill()
+    proc.wait(30)
+    _check_gone(family, "SIGKILL")
+
+
+def _check_gone(family: list[psutil.Process], signal: str) -> None:
+    """Every process of `family` has exited GONE_AFTER_KILL after the rollout did."""
+    deadline = time.monotonic() + GONE_AFTER_KILL
+    while (left := [p for p in family if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    named = [f"{p.pid} {' '.join(p.cmdline())[:100]}" for p in left if _alive(p)]
+    assert not named, f"{GONE_AFTER_KILL} s after the rollout's {signal}, still running: {named}"
 
 
 def _alive(process: psutil.Process) -> bool:
