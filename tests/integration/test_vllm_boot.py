@@ -228,11 +228,11 @@ def test_a_rollout_killed_mid_boot_push_takes_its_engine_down_and_its_restart_sw
     is left there once it is stopped in turn."""
     with tmpfs(tmp_path / "shm", "64m") as shm:
         with _held_at_load(model_dir, trained_state, tmp_path, shm) as held:
-            left = sorted(p.name for p in shm.iterdir())
+            left = _ours(shm)
             assert [name for name in left if name.endswith("-handoff.json")], left
             assert len(left) == 2 and all(name.startswith(f"weightsync-{held.proc.pid}-") for name in left), left
             _kill_and_check_gone(held.proc)
-            assert sorted(p.name for p in shm.iterdir()) == left  # as a killed rollout leaves them
+            assert _ours(shm) == left  # as a killed rollout leaves them
 
         port = free_port()
         command = serve_command(model_dir, engine="vllm", port=port, args=["--kv-cache-gib", "0.25"])
@@ -240,10 +240,10 @@ def test_a_rollout_killed_mid_boot_push_takes_its_engine_down_and_its_restart_sw
             restarted = subprocess.Popen(with_shm(shm, command), stdout=sink, stderr=subprocess.STDOUT)
         try:
             _wait_for_port(port, restarted)  # the engine is made, and has swept, before the rollout listens
-            assert sorted(p.name for p in shm.iterdir()) == [], "the restarted rollout left the killed one's files"
+            assert _ours(shm) == [], "the restarted rollout left the killed one's files"
         finally:
             _stop(restarted)
-        assert sorted(p.name for p in shm.iterdir()) == []
+        assert _ours(shm) == []
 
 
 # `python -m rollout_side` with vLLM made to fork EngineCore, as it does on GPU builds (it spawns on CPU).
@@ -292,7 +292,7 @@ def test_a_sigterm_ends_a_vllm_rollout_within_seconds_and_leaves_nothing(
             with Publisher([f"127.0.0.1:{port}"], progress=False) as publisher:
                 [result] = publisher.push(trained_state, 1)  # a staging file in /dev/shm
             assert result.ok, result.error
-            assert len(list(shm.iterdir())) == 1
+            assert len(_ours(shm)) == 1
             family = _descendants(proc)
             started = time.monotonic()
             proc.terminate()
@@ -300,7 +300,7 @@ def test_a_sigterm_ends_a_vllm_rollout_within_seconds_and_leaves_nothing(
             took = time.monotonic() - started
             assert code == 0 and took < SIGTERM_EXIT, f"exit {code} after {took:.1f} s"
             _check_gone(family, "SIGTERM")
-            assert list(shm.iterdir()) == []
+            assert _ours(shm) == []
         finally:
             _stop(proc)
 
@@ -331,7 +331,7 @@ def test_a_version_larger_than_dev_shm_is_refused_cleanly_and_the_previous_one_s
             assert not result.ok and result.code == grpc.StatusCode.RESOURCE_EXHAUSTED, result
             for said in ("do not fit in shared memory", "/dev/shm holds 4.2 MB", "--shm-size", "sizeLimit"):
                 assert said in result.error, result.error
-            assert proc.poll() is None and list(shm.iterdir()) == []
+            assert proc.poll() is None and _ours(shm) == []
 
             with grpc.insecure_channel(address) as channel:
                 status = pb_grpc.WeightSyncStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
@@ -383,6 +383,11 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 12
         except OSError:
             assert time.monotonic() < deadline, "the rollout did not listen"
             time.sleep(0.02)
+
+
+def _ours(shm: Path) -> list[str]:
+    """weightsync's files in `shm` (vLLM's multiprocessing keeps its semaphores there too)."""
+    return sorted(p.name for p in shm.iterdir() if p.name.startswith("weightsync-"))
 
 
 def _descendants(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
