@@ -22,6 +22,7 @@ from starlette.requests import Request
 
 from rollout_side.serving.generation import MAX_N, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, PROMPT_CHARS_PER_TOKEN
 from rollout_side.serving.openai_schema import HttpError, bad
+from weightsync.cli import MAX_VERSION
 from weightsync.limits import GENERATE_REQUEST_BYTES, PARSE_INLINE_BYTES
 
 __all__ = [
@@ -46,7 +47,6 @@ MAX_CHOICES = MAX_N
 MAX_JSON_DEPTH = 64
 MAX_STOP_STRINGS = 64
 INT64 = (-(1 << 63), (1 << 63) - 1)  # seeds, as vLLM bounds them
-MAX_VERSION = (1 << 64) - 1  # versions are uint64 on the wire
 
 Check = Callable[[str, Any], None]
 
