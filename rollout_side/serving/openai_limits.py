@@ -22,8 +22,7 @@ from starlette.requests import Request
 
 from rollout_side.serving.generation import MAX_N, MAX_TEMPERATURE, MAX_TOP_LOGPROBS, PROMPT_CHARS_PER_TOKEN
 from rollout_side.serving.openai_schema import HttpError, bad
-from weightsync.cli import MAX_VERSION
-from weightsync.limits import GENERATE_REQUEST_BYTES, PARSE_INLINE_BYTES
+from weightsync.limits import GENERATE_REQUEST_BYTES, MAX_VERSION, PARSE_INLINE_BYTES
 
 __all__ = [
     "BODY_SECONDS",
