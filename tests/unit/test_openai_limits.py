@@ -46,6 +46,7 @@ def refusal(check: Any, *args: Any) -> tuple[int, str]:
         ({"stop": ["a", 1]}, "stop"),
         ({"stop": ["s"] * 65}, "stop"),
         ({"min_weight_version": -1}, "min_weight_version"),
+        ({"min_weight_version": 2**53}, "min_weight_version"),
         ({"model": ["m"]}, "model"),
         ({"prompt": [[5]] * 65}, str(MAX_CHOICES)),
         ({"prompt": ["a", "b"], "n": 33}, str(MAX_CHOICES)),
