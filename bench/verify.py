@@ -29,7 +29,7 @@ def measure(model_dir: Path, state: dict, runs: int, *, verify: bool) -> dict[st
     rollout = RolloutProcess(model_dir, engine="torch", args=args)
     push, swap, check = [], [], []
     try:
-        with Publisher([rollout.address], progress=False) as publisher:
+        with Publisher([rollout.address], progress=False, timeout=600) as publisher:  # a busy box is slow
             for i, version in zip(range(runs + 1), itertools.count(1), strict=False):
                 started = time.perf_counter()
                 (result,) = publisher.push(state, version)
@@ -54,13 +54,14 @@ def measure(model_dir: Path, state: dict, runs: int, *, verify: bool) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.verify", description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--sizes", nargs="+", default=["256MiB", "1GiB"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "verify.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ws-bench-verify-"))
     rows = {}
     print("| model | push | verification | verification / push | swap pause, verified | swap pause, off |")
     print("|---|---:|---:|---:|---:|---:|")
-    for size in ["256MiB", "1GiB"]:
+    for size in args.sizes:
         model_dir = make_model(size, work / "models")
         state = random_state(model_dir)
         on = measure(model_dir, state, args.runs, verify=True)
