@@ -84,6 +84,7 @@ bench: $(STUBS) $(MODEL_STAMP)  ## run the benchmarks; results under bench/resul
 	$(BIN)/python -m bench.sharded
 	$(BIN)/python -m bench.swap_policies
 	$(BIN)/python -m bench.verify
+	$(BIN)/python -m bench.scale  # the cluster-scale table from the results above (--validate: run by hand, as root)
 
 clean:  ## remove generated stubs, models and caches (keeps .venv/)
 	rm -rf weightsync/v1 models .pytest_cache .ruff_cache
