@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from rollout_side.engines.base import SWAP_POLICIES, Engine
+from rollout_side.engines.vllm_prewarm import OWNER_ENV
 from rollout_side.transport.auth import ServerSecurity
 from weightsync.checkpoint import checkpoint_files
 from weightsync.cli import ArgumentParser, bind_problem, fail, port, port_problem, version
@@ -314,6 +315,8 @@ def _http_host(host: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # A rollout owns its engine's processes; an owner named by whoever started it is not its own.
+    os.environ.pop(OWNER_ENV, None)
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     asyncio.run(serve(args))

@@ -97,8 +97,10 @@ def die_with(parent: int) -> None:
 
     SIGKILL, not SIGTERM: vLLM defers SIGTERM while its engine is built, then shuts down for seconds,
     and nothing is left to save once the rollout is gone. If `parent` exited before the signal was set
-    (this process was re-parented already), it goes now. The signal follows the parent's thread that
-    started this process, so processes are started from threads that live as long as their process.
+    (this process was re-parented already), it goes now; if `parent` runs but is not this process's
+    parent, OWNER_ENV was inherited from further up and this process is left alone. The signal follows
+    the parent's thread that started this process, so processes are started from threads that live as
+    long as their process.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -107,6 +109,9 @@ def die_with(parent: int) -> None:
         logger.warning("cannot tie process %d to its parent: %s", os.getpid(), os.strerror(ctypes.get_errno()))
         return
     if os.getppid() != parent:
+        if running(parent):
+            libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
+            return
         os.kill(os.getpid(), signal.SIGKILL)
 
 
