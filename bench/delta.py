@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             sparse = _sparse(trainer, plain, deltas, nbytes, runs, warmup)
             dense = _dense(trainer, plain, deltas, nbytes, runs)
+            adapter = _adapter(trainer, plain, nbytes, runs)
     finally:
         full_rollout.stop()
         delta_rollout.stop()
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"model": SIZE, "bytes": nbytes, "runs": runs, "warmup": warmup, "lr": LR, "optimizer": "AdamW"},
         "sparse": sparse,
         "dense": dense,
+        "adapter": adapter,
     }
     if not args.quick and args.link != "off":
         del trainer
@@ -306,6 +308,70 @@ def _dense(trainer: Trainer, plain: Publisher, deltas: Publisher, nbytes: int, r
     return out
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _adapter(trainer: Trainer, plain: Publisher, nbytes: int, runs: int) -> dict[str, object]:
+    """A rank-16 LoRA adapter on every projection, pushed as versions (docs/lora.md), beside a full push.
+
+    Each run pushes the model in full (it becomes the base), then one adapter over it, then another: the
+    first adapter pays the rollout's copy of the base, the second is the steady state of LoRA training.
+    """
+    state = trainer.state()
+    config = {"r": 16, "lora_alpha": 32, "target_modules": list(LORA_TARGETS)}
+    rows: list[dict[str, float]] = []
+    for i in range(runs + 1):
+        full_s, _ = _timed(plain, state, next(_version))
+        time.sleep(SETTLE_SECONDS)
+        timed = []
+        for seed in (2 * i, 2 * i + 1):
+            adapter = _lora(state, 16, seed)
+            started = time.perf_counter()
+            [result] = plain.push_adapter(adapter, config, next(_version))
+            timed.append((time.perf_counter() - started, result))
+            if not result.ok:
+                raise RuntimeError(result.line())
+            time.sleep(SETTLE_SECONDS)
+        (first_s, _), (adapter_s, result) = timed
+        adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
+        logger.info(
+            "adapter %s: full %.3f s, adapter %.3f s (first over a new base %.3f s), %.2f%% of the bytes, "
+            "rollout merge+load %.3f s",
+            "warm-up" if i == 0 else i - 1,
+            full_s,
+            adapter_s,
+            first_s,
+            100 * adapter_bytes / nbytes,
+            result.swap_seconds,
+        )
+        if i:
+            rows.append(
+                {
+                    "full_s": full_s,
+                    "adapter_s": adapter_s,
+                    "first_adapter_s": first_s,
+                    "speedup": full_s / adapter_s,
+                    "wire_bytes": result.bytes_sent,
+                    "bytes_ratio": adapter_bytes / nbytes,
+                    "rollout_merge_load_s": result.swap_seconds,
+                }
+            )
+    return {key: summary([r[key] for r in rows]) for key in rows[0]}
+
+
+def _lora(state: dict[str, torch.Tensor], rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """A random adapter of `rank` under PEFT's names, on every projection of `state`."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, weight in state.items():
+        module = name.removesuffix(".weight")
+        if weight.dim() == 2 and module.rsplit(".", 1)[-1] in LORA_TARGETS:
+            for factor, shape in (("A", (rank, weight.shape[1])), ("B", (weight.shape[0], rank))):
+                tensor = torch.randn(shape, generator=generator) * 0.01
+                out[f"base_model.model.{module}.lora_{factor}.weight"] = tensor.to(torch.bfloat16)
+    return out
+
+
 def _fallback_work(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, float]:
     """The delta publisher's part of a dense push, alone: its scan (a sampled diff) vs a plain push's layout.
 
@@ -411,6 +477,13 @@ def _print(results: dict[str, object]) -> None:
         block = dense[f"overhead_{name}"]  # type: ignore[index]
         if block.get("runs"):
             print(f"  {name.replace('_', ' ')}: {100 * block['median']:+.1f}% median of {block['runs']} runs")
+    adapter = results["adapter"]
+    print(
+        f"LoRA rank 16 on every projection: adapter push {med(adapter, 'adapter_s'):.3f} s "
+        f"(first over a new base {med(adapter, 'first_adapter_s'):.3f} s) vs full push {med(adapter, 'full_s'):.3f} s: "
+        f"{med(adapter, 'speedup'):.1f}x, {100 * med(adapter, 'bytes_ratio'):.2f}% of the bytes; "
+        f"rollout merge+load {med(adapter, 'rollout_merge_load_s'):.3f} s"
+    )
 
 
 if __name__ == "__main__":

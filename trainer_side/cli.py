@@ -33,10 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     push = sub.add_parser(
         "push",
         help="push a checkpoint to rollouts",
-        description="Pushes a safetensors checkpoint (Hugging Face names, any float dtype; bf16 on the wire) as "
-        "version N. Exits 0 only when every rollout confirmed N with a fingerprint equal to ours.",
+        description="Pushes a safetensors checkpoint (Hugging Face names, any float dtype; bf16 on the wire), or a "
+        "PEFT LoRA adapter, as version N. Exits 0 only when every rollout confirmed N with our fingerprint.",
     )
-    push.add_argument("--checkpoint", type=Path, required=True, help="a .safetensors file or a folder of them")
+    what = push.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", type=Path, help="a .safetensors file or a folder of them")
+    what.add_argument(
+        "--adapter",
+        type=Path,
+        help="a PEFT LoRA adapter folder (adapter_model.safetensors, adapter_config.json): only the adapter travels, "
+        "and rollouts serve their base with it merged in (docs/lora.md); needs --base-fingerprint",
+    )
+    push.add_argument(
+        "--base-fingerprint",
+        metavar="FP",
+        default="",
+        help="with --adapter: the fingerprint of the base model the rollouts hold (`status` shows it)",
+    )
     push.add_argument("--version", type=version, required=True, help="from 1; must be newer than what rollouts serve")
     _add_rollouts(push)
     push.add_argument(
@@ -203,6 +216,11 @@ def _push(args: argparse.Namespace) -> int:
     from trainer_side.publisher import Publisher
     from weightsync.checkpoint import checkpoint_files, load_checkpoint
 
+    if args.adapter is not None:
+        return _push_adapter(args)
+    if args.base_fingerprint:
+        fail("--base-fingerprint goes with --adapter")
+
     for flag, path in (("--checkpoint", args.checkpoint), ("--base", args.base)):
         try:
             if path is not None:
@@ -241,6 +259,26 @@ def _push(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _push_adapter(args: argparse.Namespace) -> int:
+    from trainer_side.publisher import Publisher
+    from weightsync.adapter import AdapterConfig, read_adapter_dir
+
+    if not args.base_fingerprint:
+        fail("--adapter needs --base-fingerprint: the base model's fingerprint (`status` shows what rollouts hold)")
+    if args.base or args.relay or args.shared_memory:
+        fail("--adapter goes alone: not with --base, --relay or --shared-memory")
+    try:
+        state, fields = read_adapter_dir(args.adapter)
+        config = AdapterConfig.from_peft(fields, state, args.base_fingerprint)
+    except (OSError, ValueError, KeyError) as error:
+        fail(f"--adapter: {error}")
+    with Publisher(args.rollouts, chunk_bytes=int(args.chunk_mib * (1 << 20)), **connection(args)) as publisher:
+        results = publisher.push_adapter(state, config, args.version)
+    for result in results:
+        print(result.line(), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if all(r.ok for r in results) else 1
+
+
 def _abort(args: argparse.Namespace) -> int:
     from trainer_side.rollout_client import RolloutClient
 
@@ -271,13 +309,14 @@ def _status(args: argparse.Namespace) -> int:
         rows = publisher.status(verify=args.verify)
     if args.verify:
         return _verified(rows)
-    print(f"{'ROLLOUT':24} {'STATE':10} {'VERSION':>7}  FINGERPRINT")
+    print(f"{'ROLLOUT':24} {'STATE':10} {'VERSION':>7}  FINGERPRINT (BASE, when a LoRA adapter serves)")
     for address, status in rows.items():
         if isinstance(status, str):
             print(f"{address:24} {_unanswered(status):10} {'-':>7}  {status}")
             continue
         state = pb.RolloutState.Name(status.state).removeprefix("ROLLOUT_STATE_")
-        print(f"{address:24} {state:10} {status.weight_version:>7}  {status.fingerprint or '-'}")
+        base = f" (adapter on base {status.base_fingerprint})" if status.adapter_version else ""
+        print(f"{address:24} {state:10} {status.weight_version:>7}  {status.fingerprint or '-'}{base}")
     return 0 if all(not isinstance(s, str) for s in rows.values()) else 1
 
 

@@ -15,6 +15,7 @@ from typing import overload
 import torch
 
 from weightsync import wire
+from weightsync.adapter import AdapterConfig
 from weightsync.delta import TransferPlan
 from weightsync.manifest import Manifest, StreamingChecksums, tensor_bytes, to_wire, wire_layout
 from weightsync.v1 import weightsync_pb2 as pb
@@ -32,7 +33,7 @@ class Outgoing:
     on `manifest` is the complete manifest, and a second push of this encoding announces it up front.
     """
 
-    __slots__ = ("announced", "base_fingerprint", "manifest", "payloads", "plan", "version")
+    __slots__ = ("adapter", "announced", "base_fingerprint", "manifest", "payloads", "plan", "version")
 
     def __init__(
         self,
@@ -42,17 +43,21 @@ class Outgoing:
         *,
         plan: TransferPlan | None = None,
         base_fingerprint: str = "",
+        adapter: AdapterConfig | None = None,
     ) -> None:
         self.version = version
         self.announced = announced  # as first known: its checksums may be pending
         self.payloads = payloads  # each tensor's wire bytes, in manifest order (maybe made on demand)
         self.plan = plan  # a delta's: which tensors go as patches, and their sizes on the wire
         self.base_fingerprint = base_fingerprint  # a delta's: the version it patches
+        self.adapter = adapter  # set: the tensors are a LoRA adapter of the base it names
         self.manifest: Manifest | None = None if announced.pending else announced  # complete, once known
 
     @classmethod
-    def full(cls, version: int, manifest: Manifest, tensors: Sequence[torch.Tensor]) -> Outgoing:
-        return cls(version, manifest, tuple(tensor_bytes(t) for t in tensors))
+    def full(
+        cls, version: int, manifest: Manifest, tensors: Sequence[torch.Tensor], adapter: AdapterConfig | None = None
+    ) -> Outgoing:
+        return cls(version, manifest, tuple(tensor_bytes(t) for t in tensors), adapter=adapter)
 
     @classmethod
     def streamed(cls, version: int, sources: Sequence[tuple[str, torch.Tensor]], piece_bytes: int = 0) -> Outgoing:
@@ -91,6 +96,8 @@ class Outgoing:
 
     def request(self, chunk_bytes: int, update_id: str, **fields: object) -> pb.BeginUpdateRequest:
         delta = {"base_fingerprint": self.base_fingerprint, "plan": wire.plan_to_proto(self.plan)} if self.plan else {}
+        if self.adapter is not None:
+            delta["adapter"] = wire.adapter_to_proto(self.adapter)
         manifest = self.manifest
         return pb.BeginUpdateRequest(
             version=self.version,

@@ -17,12 +17,14 @@ One update to one rollout (the handshake, its chunks, what the answer means) is 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -37,6 +39,8 @@ from trainer_side.sharded.collective import Collective, in_collective_job
 from trainer_side.sharded.rank_base import RankBase
 from trainer_side.version_file import VersionFileWriter
 from weightsync import metrics, wire
+from weightsync.adapter import AdapterConfig
+from weightsync.errors import Reason
 from weightsync.limits import version_problem
 from weightsync.manifest import PIECE_BYTES, manifest_of_state, wire_sources, wire_tensors
 from weightsync.relay_tree import relay_tree, subtree_addresses
@@ -121,6 +125,7 @@ class Publisher:
         self._rename = rename
         self._collective = Collective(timeout) if (in_collective_job() if collective is None else collective) else None
         self._rank_base: RankBase | None = None  # a collective publisher's delta base: this rank's rows
+        self._pushed_base = ""  # fingerprint of the last full version every rollout confirmed
         if self._collective is not None:
             if shared_memory or relay_fanout or reconcile_every:
                 raise ValueError("a collective (multi-rank) publisher takes no shared memory, relays or reconcile")
@@ -184,6 +189,39 @@ class Publisher:
             finally:
                 base.finish(plan)
             self._record(results)
+        return results
+
+    def push_adapter(
+        self,
+        adapter_state: Mapping[str, torch.Tensor],
+        config: Mapping[str, Any] | AdapterConfig,
+        version: int,
+        *,
+        base_fingerprint: str = "",
+    ) -> list[PushResult]:
+        """Pushes a LoRA adapter as `version`: only its tensors travel (bf16), and each rollout serves its
+        base with the adapter merged in (docs/lora.md).
+
+        `adapter_state` is PEFT's (`get_peft_model_state_dict(model)`, or adapter_model.safetensors), `config`
+        its adapter_config.json fields (or an AdapterConfig), and `base_fingerprint` the full version it
+        applies to: by default the last one this publisher pushed. A rollout that holds another base
+        refuses with ADAPTER_BASE_MISMATCH; push the base (`push`) to it, then the adapter again.
+        """
+        base = base_fingerprint or self._pushed_base
+        if not base:
+            raise ValueError("no base fingerprint: pass base_fingerprint, or push the base model with this publisher")
+        tensors = dict(wire_tensors(adapter_state))
+        if not isinstance(config, AdapterConfig):
+            config = AdapterConfig.from_peft(config, tensors, base)
+        elif config.base_fingerprint != base:
+            config = dataclasses.replace(config, base_fingerprint=base)
+        manifest = manifest_of_state(tensors)
+        with self._lock:
+            results = self._push_to(self.rollouts, Outgoing.full(version, manifest, list(tensors.values()), config))
+            self._record(results, full=False)
+        for r in results:
+            if r.reason is Reason.ADAPTER_BASE_MISMATCH:
+                logger.warning("%s holds another base model: push the base (version, %s) to it first", r.address, base)
         return results
 
     def _deliver(self, full: Outgoing, delta: Outgoing | None, holders: Sequence[str]) -> list[PushResult]:
@@ -268,7 +306,9 @@ class Publisher:
             except Exception:
                 logger.exception("reconcile failed")
 
-    def _record(self, results: Sequence[PushResult]) -> None:
+    def _record(self, results: Sequence[PushResult], *, full: bool = True) -> None:
+        if full and results and all(r.ok for r in results):
+            self._pushed_base = results[0].fingerprint  # the base the next adapter applies to
         for r in results:
             metrics.record_push(r.address, r.ok, r.version, r.seconds, r.bytes_sent)
             if self._base is not None:

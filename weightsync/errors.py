@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 
 __all__ = [
     "DOMAIN",
+    "AdapterBaseMismatch",
     "AlreadyCommitted",
     "BadManifest",
     "BadPatch",
@@ -71,6 +72,7 @@ class Reason(str, enum.Enum):
     ALREADY_COMMITTED = "ALREADY_COMMITTED"  # the announced version is the one served; metadata["fingerprint"] is its
     # read back from the engine after a load, a tensor does not match its checksum; metadata["tensors"] names them
     INSTALLED_MISMATCH = "INSTALLED_MISMATCH"
+    ADAPTER_BASE_MISMATCH = "ADAPTER_BASE_MISMATCH"  # a LoRA adapter for another base: push that base first
 
 
 class WeightSyncError(Exception):
@@ -126,6 +128,16 @@ class AlreadyCommitted(WeightSyncError):
 
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = Reason.ALREADY_COMMITTED
+
+
+class AdapterBaseMismatch(WeightSyncError):
+    """A LoRA adapter names a base model this rollout does not hold (metadata["base_fingerprint"] is the one it does).
+
+    The served version is untouched; the trainer pushes that base (a full version) first, then the adapter.
+    """
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = Reason.ADAPTER_BASE_MISMATCH
 
 
 class BaseMismatch(WeightSyncError):

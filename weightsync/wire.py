@@ -8,12 +8,14 @@ decoded here by hand, byte-compatible with the generated code (tests check both 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import xxhash
 
+from weightsync.adapter import AdapterConfig
 from weightsync.delta import Encoding, Transfer, TransferPlan
 from weightsync.errors import BadManifest, ChunkCorrupt
 from weightsync.manifest import Manifest, TensorEntry
@@ -21,6 +23,8 @@ from weightsync.v1 import weightsync_pb2 as pb
 
 __all__ = [
     "Chunk",
+    "adapter_from_proto",
+    "adapter_to_proto",
     "chunk_checksum",
     "chunk_count",
     "chunk_span",
@@ -88,6 +92,29 @@ def manifest_from_proto(message: pb.Manifest) -> Manifest:
     if manifest.total_bytes != message.total_bytes:
         raise BadManifest(f"total_bytes {message.total_bytes} != sum of tensor sizes {manifest.total_bytes}")
     return manifest
+
+
+def adapter_to_proto(config: AdapterConfig) -> pb.AdapterConfig:
+    return pb.AdapterConfig(
+        rank=config.rank,
+        alpha=config.alpha,
+        target_modules=list(config.target_modules),
+        use_rslora=config.use_rslora,
+        base_fingerprint=config.base_fingerprint,
+    )
+
+
+def adapter_from_proto(message: pb.AdapterConfig) -> AdapterConfig:
+    """Validates and converts; BadManifest for a rank, alpha or base the merge cannot use."""
+    if message.rank < 1 or not math.isfinite(message.alpha) or not message.base_fingerprint:
+        raise BadManifest("an adapter needs rank >= 1, a finite alpha and the base's fingerprint")
+    return AdapterConfig(
+        rank=message.rank,
+        alpha=message.alpha,
+        target_modules=tuple(message.target_modules),
+        use_rslora=message.use_rslora,
+        base_fingerprint=message.base_fingerprint,
+    )
 
 
 def plan_to_proto(plan: TransferPlan) -> pb.TransferPlan:

@@ -43,6 +43,8 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]  # g
             received_bytes=s.received_bytes,
             detail=s.detail,
             verification=_verification(s.verification) if s.verification else None,
+            base_fingerprint=s.base_fingerprint,
+            adapter_version=s.adapter_version,
         )
 
     @grpc_errors
@@ -62,6 +64,7 @@ class WeightSyncServicer(pb_grpc.WeightSyncServicer):  # type: ignore[misc]  # g
             shared_memory_file=request.shared_memory_file,
             shared_memory_streamed=request.shared_memory_streamed,
             peer=context.peer() or "",
+            adapter=wire.adapter_from_proto(request.adapter) if request.HasField("adapter") else None,
         )
         forward = Forward(targets=request.relay_to, request=request, metadata=_authorization(context))
         update = await self.updates.begin(announced, forward if request.relay_to else None)

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from rollout_side.engines.base import ParamSpec
+from weightsync.adapter import AdapterConfig, split_name
 from weightsync.errors import BadManifest
 from weightsync.limits import MAX_TENSOR_NAME_BYTES
 from weightsync.logs import shown as quoted
 from weightsync.manifest import Manifest, TensorEntry
 
-__all__ = ["check_manifest", "max_update_bytes", "meta_param_specs", "model_param_specs"]
+__all__ = ["check_adapter", "check_manifest", "max_update_bytes", "meta_param_specs", "model_param_specs"]
 
 
 def model_param_specs(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[str, ParamSpec]:
@@ -73,3 +74,34 @@ def check_manifest(specs: Mapping[str, ParamSpec], manifest: Manifest) -> None:
 def max_update_bytes(specs: Mapping[str, ParamSpec]) -> int:
     """The largest valid update: every name once, tied aliases included."""
     return sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs.values())
+
+
+def check_adapter(specs: Mapping[str, ParamSpec], config: AdapterConfig, manifest: Manifest) -> None:
+    """Refuses (BadManifest) an adapter that does not fit this model: PEFT names of untied 2-D weights it
+    targets, an `lora_A` of shape [rank, in] and an `lora_B` of [out, rank] for each, in bf16."""
+    factors: dict[str, dict[str, TensorEntry]] = {}
+    for entry in manifest:
+        if len(entry.name) > MAX_TENSOR_NAME_BYTES:
+            raise BadManifest(f"a tensor name of {len(entry.name)} characters; at most {MAX_TENSOR_NAME_BYTES}")
+        try:
+            module, which = split_name(entry.name)
+        except ValueError as error:
+            raise BadManifest(str(error)) from None
+        weight = f"{module}.weight"
+        spec = specs.get(weight)
+        if spec is None or len(spec.shape) != 2:
+            raise BadManifest(f"adapter tensor {quoted(entry.name, 200)}: this model has no 2-D {quoted(weight, 200)}")
+        if not config.targets(module):
+            raise BadManifest(f"adapter tensor {entry.name!r}: {module!r} is not in target_modules")
+        if any(s.key == spec.key and name != weight for name, s in specs.items()):
+            raise BadManifest(f"adapter tensor {entry.name!r}: {weight!r} is tied to another weight; not supported")
+        out_features, in_features = spec.shape
+        shape = (config.rank, in_features) if which == "A" else (out_features, config.rank)
+        if entry.shape != shape or entry.dtype != torch.bfloat16:
+            raise BadManifest(
+                f"adapter tensor {entry.name!r} is {list(entry.shape)} {entry.dtype}; expected {list(shape)} bf16"
+            )
+        factors.setdefault(module, {})[which] = entry
+    lone = sorted(m for m, pair in factors.items() if len(pair) != 2)
+    if lone or not factors:
+        raise BadManifest(f"an adapter needs lora_A and lora_B for every module; incomplete: {lone[:5] or 'empty'}")

@@ -19,6 +19,7 @@ from rollout_side.update.incoming import Incoming
 from rollout_side.update.lifecycle import Phase
 from rollout_side.update.receiver import Receiver
 from weightsync import wire
+from weightsync.adapter import AdapterConfig
 from weightsync.delta import TransferPlan
 from weightsync.errors import ChunkCorrupt, SharedMemoryRefused
 from weightsync.manifest import Manifest
@@ -48,6 +49,7 @@ class Announcement:
     shared_memory_file: str = ""  # set: the bytes come from this file, not in chunks
     shared_memory_streamed: bool = False  # the file is still being written; PushChunks says how far
     peer: str = ""  # who announced it, as gRPC names the caller (named when a second trainer is refused)
+    adapter: AdapterConfig | None = None  # set: a LoRA adapter to merge into the base it names
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -90,10 +92,14 @@ class Updates:
             announced.plan,
             announced.base_fingerprint,
             resumable=resumable,
+            adapter=announced.adapter,
         )
         # A background copy may still be bringing the spare (the next staging buffer) up to date.
         await self.receiver.settle(delta=bool(announced.base_fingerprint))
-        await self.receiver.reserve(announced.manifest.total_bytes)
+        if announced.adapter is None:
+            await self.receiver.reserve(announced.manifest.total_bytes)
+        else:  # a copy of its base, and a buffer for the merged version
+            await self.receiver.prepare_adapter(announced.adapter)
         update = self.receiver.begin(
             announced.version,
             announced.manifest,
@@ -105,6 +111,7 @@ class Updates:
             checksums_at_commit=announced.checksums_at_commit,
             peer=announced.peer,
             resumable=resumable,
+            adapter=announced.adapter,
         )
         if announced.shared_memory_file:
             if forward is not None:

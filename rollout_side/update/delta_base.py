@@ -81,6 +81,13 @@ class DeltaBase:
         if self.buffer is None:
             self.buffer, self.fingerprint = staging, ""
 
+    def committed_bytes(self, committed: str) -> torch.Tensor | None:
+        """A buffer holding the committed version's exact bytes now, if any: the spare, or the one the
+        engine serves from (torch on CPU). Read only, and only while no update is in progress."""
+        if committed and self.fingerprint == committed and self.buffer is not None:
+            return self.buffer
+        return self._host
+
     def check_base(self, base: str, committed: str, version: int, manifest: Manifest) -> None:
         """Refuses a delta unless the spare holds the exact bytes of `base`, the committed version, in this layout."""
         if base != committed:

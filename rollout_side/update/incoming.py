@@ -17,6 +17,7 @@ from rollout_side.engines.base import ParamSpec
 from rollout_side.update.compat import check_manifest
 from rollout_side.update.staging import Router, Verifier
 from rollout_side.update.version_file import VersionFileReader
+from weightsync.adapter import AdapterConfig
 from weightsync.delta import TransferPlan
 from weightsync.errors import BadManifest, ChecksumMismatch, ChunkCorrupt, IncompleteUpdate, NonFiniteWeights, Reason
 from weightsync.manifest import Manifest
@@ -39,6 +40,7 @@ class Incoming:
     router: Router
     verifier: Verifier
     base_fingerprint: str = ""  # a delta's base: the committed version when it began
+    adapter: AdapterConfig | None = None  # set: the bytes are a LoRA adapter to merge into this base
     file: VersionFileReader | None = None  # where the bytes come from instead of chunks (shared memory)
     received_chunks: int = 0
     received_bytes: int = 0
@@ -51,7 +53,13 @@ class Incoming:
     interrupted: str = ""  # why its streams stopped without Commit, while it waits for a resume
 
     def resumes(
-        self, version: int, manifest: Manifest, chunk_bytes: int, plan: TransferPlan, base_fingerprint: str
+        self,
+        version: int,
+        manifest: Manifest,
+        chunk_bytes: int,
+        plan: TransferPlan,
+        base_fingerprint: str,
+        adapter: AdapterConfig | None = None,
     ) -> bool:
         """Whether an announcement is this update again: same version and layout, so the chunks held still fit.
 
@@ -63,6 +71,7 @@ class Incoming:
             and (version, chunk_bytes, base_fingerprint) == (self.version, self.chunk_bytes, self.base_fingerprint)
             and plan == self.plan
             and manifest == self.manifest
+            and adapter == self.adapter
         )
 
     def held_chunks(self) -> list[tuple[int, int]]:

@@ -153,10 +153,12 @@ class Lifecycle(Generic[S]):
         if before is not self.wire:
             self._notify(self.wire)
 
-    def serve(self, version: int, fingerprint: str) -> None:
-        """`version` is loaded and served from now on: SERVING (from COMMITTING, or BOOTING standalone)."""
+    def serve(self, version: int, fingerprint: str, *, adapter_of: str = "") -> None:
+        """`version` is loaded and served from now on: SERVING (from COMMITTING, or BOOTING standalone).
+
+        `adapter_of`: it is a LoRA adapter merged into that base (rollout_side/update/adapter_base.py)."""
         self.check(Phase.SERVING)
-        self.served.committed(version, fingerprint)
+        self.served.committed(version, fingerprint, adapter_of=adapter_of)
         self.move(Phase.SERVING)
 
     def fail(self, failure: str) -> None:

@@ -32,7 +32,8 @@ import torch
 from rollout_side.engines.base import Engine
 from rollout_side.engines.installed import Verification
 from rollout_side.update import resume
-from rollout_side.update.compat import check_manifest, max_update_bytes
+from rollout_side.update.adapter_base import AdapterBase
+from rollout_side.update.compat import check_adapter, check_manifest, max_update_bytes
 from rollout_side.update.delta_base import DeltaBase
 from rollout_side.update.incoming import Incoming, check_announcement, check_finite
 from rollout_side.update.lifecycle import RESTING, Lifecycle, Listener, Phase
@@ -41,6 +42,7 @@ from rollout_side.update.staging import Router, Verifier
 from rollout_side.update.standalone import boot_from_disk
 from rollout_side.update.version_file import VersionFileReader, open_reader
 from weightsync import metrics
+from weightsync.adapter import AdapterConfig
 from weightsync.delta import Encoding, TransferPlan
 from weightsync.errors import (
     BadManifest,
@@ -84,6 +86,8 @@ class Status:
     received_bytes: int = 0
     detail: str = ""
     verification: Verification | None = None  # the last read-back of the installed weights
+    base_fingerprint: str = ""  # the full version served, or the base of the LoRA adapter served
+    adapter_version: int = 0  # the LoRA adapter version served; 0: none
 
 
 class Receiver:
@@ -107,6 +111,7 @@ class Receiver:
         self.reject_nonfinite = reject_nonfinite
         self.lifecycle: Lifecycle[Incoming] = Lifecycle()  # the phase, and what is served (lifecycle.served)
         self.delta_base = DeltaBase(engine)  # the next staging buffer, and the delta base
+        self.adapters = AdapterBase()  # LoRA adapters: the copy of the base they merge into
         self._high_water = 0  # highest version ever committed: versions only move forward
         self._commits: set[asyncio.Task[tuple[int, str, float]]] = set()  # each runs to its end, caller or not
         self._reaper = Reaper(self.reap, min(idle_timeout / 4, 5.0))
@@ -183,6 +188,8 @@ class Receiver:
             received_bytes=update.received_bytes if update else 0,
             detail=served.failure or resume.held_detail(update),
             verification=self.engine.verification,
+            base_fingerprint=served.base_fingerprint,
+            adapter_version=served.adapter_version,
         )
 
     # -- the handshake ------------------------------------------------------------------------
@@ -200,6 +207,7 @@ class Receiver:
         checksums_at_commit: bool = False,
         peer: str = "",
         resumable: bool = True,
+        adapter: AdapterConfig | None = None,
     ) -> Incoming:
         """Accepts or refuses an announced version; on success bytes may start to flow.
 
@@ -209,6 +217,8 @@ class Receiver:
         An interrupted update of the same version and layout is resumed (`resumable`) and returned
         with the chunks it holds (`Incoming.held_chunks`); any other interrupted update is dropped.
         A live one (a stream feeds it) refuses the begin with BusyError, unless `update_id` is its own.
+        With `adapter`, the manifest is a LoRA adapter's to merge into the base it names (call
+        `prepare_adapter` first, so a copy of that base is in place).
         """
         if version > MAX_VERSION:
             raise BadRequest(version_problem(version))
@@ -217,7 +227,9 @@ class Receiver:
             mine = bool(update_id) and update_id == held.id
             if not mine and self.lifecycle.phase is Phase.RECEIVING:
                 raise resume.busy(self.lifecycle, held)
-            if resume.resumes(held, version, manifest, chunk_bytes, plan, base_fingerprint, resumable=resumable):
+            if resume.resumes(
+                held, version, manifest, chunk_bytes, plan, base_fingerprint, resumable=resumable, adapter=adapter
+            ):
                 check_announcement(manifest, checksums_at_commit, fingerprint, base_fingerprint, plan)
                 if fingerprint and fingerprint != manifest.fingerprint:
                     raise BadManifest("announced fingerprint does not match the manifest")
@@ -242,7 +254,13 @@ class Receiver:
             raise TooLarge(f"update is {manifest.total_bytes} bytes; this model takes {self._max_bytes}")
         if not MIN_CHUNK_BYTES <= chunk_bytes <= self.max_chunk_bytes:
             raise TooLarge(f"chunk_bytes {chunk_bytes} outside [{MIN_CHUNK_BYTES}, {self.max_chunk_bytes}]")
-        check_manifest(self._specs, manifest)
+        if adapter is None:
+            check_manifest(self._specs, manifest)
+        else:
+            check_adapter(self._specs, adapter, manifest)
+            if plan is not None or base_fingerprint or checksums_at_commit:
+                raise BadManifest("an adapter comes whole with its checksums: no plan, delta base or checksums_at_commit")
+            self.adapters.check(adapter, self.lifecycle.served.base_fingerprint)
         check_announcement(manifest, checksums_at_commit, fingerprint, base_fingerprint, plan)
         if fingerprint and fingerprint != manifest.fingerprint:
             raise BadManifest("announced fingerprint does not match the manifest")
@@ -256,7 +274,8 @@ class Receiver:
         if base_fingerprint:
             served = self.lifecycle.served
             self.delta_base.check_base(base_fingerprint, served.fingerprint, served.version, manifest)
-        staging = self.delta_base.take(manifest.total_bytes)
+        # An adapter is small and never the engine's to read: plain memory, not the spare.
+        staging = torch.empty(manifest.total_bytes, dtype=torch.uint8) if adapter else self.delta_base.take(manifest.total_bytes)
         staged = tensor_bytes(staging)
         patches = memoryview(bytearray(sum(t.wire_bytes for t in plan.transfers if t.encoding == Encoding.PATCH)))
         update = Incoming(
@@ -271,6 +290,7 @@ class Receiver:
             verifier=Verifier(manifest, staged, plan, patches),
             base_fingerprint=base_fingerprint,
             peer=peer,
+            adapter=adapter,
         )
         self.lifecycle.move(Phase.RECEIVING, update)
         logger.info(
@@ -279,7 +299,9 @@ class Receiver:
             version,
             len(manifest),
             manifest.total_bytes / 1e6,
-            f" as a delta of {plan.total_bytes / 1e6:.1f} MB ({plan.patches} patches)" if base_fingerprint else "",
+            f" as a delta of {plan.total_bytes / 1e6:.1f} MB ({plan.patches} patches)"
+            if base_fingerprint
+            else (f" as a LoRA adapter (rank {adapter.rank}) of base {adapter.base_fingerprint}" if adapter else ""),
         )
         return update
 
@@ -296,6 +318,19 @@ class Receiver:
         """
         if nbytes <= self._max_bytes and self.lifecycle.phase not in (Phase.RECEIVING, Phase.COMMITTING):
             await self.delta_base.reserve(nbytes)
+
+    async def prepare_adapter(self, adapter: AdapterConfig) -> None:
+        """Copies the committed full version as the base `adapter` merges into, if it is that base and no
+        copy is held yet, and reserves a buffer for the merged version; `begin` refuses the adapter if
+        its base is still not held after this."""
+        await self.settle()
+        served = self.lifecycle.served
+        if self.lifecycle.phase in RESTING and self.adapters.wants_copy(adapter, served):
+            source = self.delta_base.committed_bytes(served.fingerprint)
+            if source is not None and self.delta_base.manifest is not None:
+                await self.adapters.keep(source, self.delta_base.manifest, served.fingerprint)
+        if self.adapters.manifest is not None:
+            await self.reserve(self.adapters.manifest.total_bytes)
 
     def stream_opened(self, update_id: str) -> Incoming:
         """A PushChunks stream starts feeding `update_id`; an interrupted update resumes."""
@@ -324,7 +359,7 @@ class Receiver:
         update = self.lifecycle.current(update_id)
 
         def opened() -> VersionFileReader:
-            if update.plan.patches or update.base_fingerprint:
+            if update.plan.patches or update.base_fingerprint or update.adapter:
                 raise SharedMemoryRefused("a shared-memory file carries a full version only")
             return open_reader(self.shared_memory_dir, name, update.wire_bytes)
 
@@ -387,11 +422,11 @@ class Receiver:
         started = time.perf_counter()
         update.close_file()  # what is not in staging by now never will be
         try:
-            returned = await self._verify_and_load(update, checksums, fingerprint)
+            staging, manifest, returned = await self._verify_and_load(update, checksums, fingerprint)
         except (IncompleteUpdate, NonFiniteWeights, BadManifest) as error:
             logger.warning("update %s refused at commit: %s", update.id, error)
             metrics.Rollout.updates.labels("refused").inc()
-            self.delta_base.put_back(update.staging)  # holds (part of) the refused version
+            self._put_back(update)  # holds (part of) the refused version
             self.lifecycle.move(self._resting_phase())
             raise
         except BaseException:
@@ -402,15 +437,18 @@ class Receiver:
         previous = self.lifecycle.served.fingerprint
         self._high_water = update.version
         self.delta_base.committed(
-            update.staging,
-            update.manifest,
+            staging,
+            manifest,
             returned,
             previous=previous,
             fingerprint=update.manifest.fingerprint,
             base=update.base_fingerprint,
-            changed=update.verifier.changed,
+            changed=update.verifier.changed if update.adapter is None else [None] * len(manifest),
         )
-        self.lifecycle.serve(update.version, update.manifest.fingerprint)
+        if update.adapter is None:
+            self.adapters.full_committed(update.manifest.fingerprint)
+        adapter_of = update.adapter.base_fingerprint if update.adapter else ""
+        self.lifecycle.serve(update.version, update.manifest.fingerprint, adapter_of=adapter_of)
         seconds = time.perf_counter() - started
         metrics.Rollout.updates.labels("committed").inc()
         metrics.Rollout.sync_seconds.observe(time.monotonic() - update.started)
@@ -431,7 +469,7 @@ class Receiver:
         logger.warning("update %s (version %d) aborted: %s", update.id, update.version, reason)
         metrics.Rollout.updates.labels("aborted").inc()
         update.close_file()
-        self.delta_base.put_back(update.staging)  # partly written
+        self._put_back(update)  # partly written
         self.lifecycle.move(self._resting_phase())
 
     def reap(self) -> None:
@@ -448,20 +486,24 @@ class Receiver:
         base_fingerprint: str,
         *,
         resumable: bool = True,
+        adapter: AdapterConfig | None = None,
     ) -> None:
         """Drops an interrupted update this announcement will not resume, so the spare is free before `settle`."""
         held = self.lifecycle.held
         if held is None or self.lifecycle.phase is not Phase.INTERRUPTED:
             return
-        if not resume.resumes(held, version, manifest, chunk_bytes, plan, base_fingerprint, resumable=resumable):
+        if not resume.resumes(
+            held, version, manifest, chunk_bytes, plan, base_fingerprint, resumable=resumable, adapter=adapter
+        ):
             self.abort(held.id, f"{held.interrupted}; dropped: version {version} began")
 
     # -- helpers ------------------------------------------------------------------------------
 
     async def _verify_and_load(
         self, update: Incoming, checksums: Sequence[str], fingerprint: str
-    ) -> torch.Tensor | None:
-        """Checks that the staged bytes are the announced version, then loads them; returns the spare.
+    ) -> tuple[torch.Tensor, Manifest, torch.Tensor | None]:
+        """Checks that the staged bytes are the announced version, then loads them (an adapter merged into
+        its base); returns the buffer and layout loaded, and the spare.
 
         The checks read the whole model (hashing chunks that came out of order or in a resumed run, and
         NaN scans): in a thread, so the event loop goes on serving meanwhile. Nothing else touches a
@@ -470,13 +512,19 @@ class Receiver:
         await asyncio.to_thread(update.verify, checksums, fingerprint, self._specs)
         if self.reject_nonfinite:
             await asyncio.to_thread(check_finite, update.manifest, update.staging)
+        staging, manifest = update.staging, update.manifest
+        if update.adapter is not None:
+            base = self.lifecycle.served.base_fingerprint
+            staging = self.delta_base.take(self.adapters.check(update.adapter, base).total_bytes)
+            merge = self.adapters.merge
+            manifest = await asyncio.to_thread(merge, update.adapter, update.manifest, update.staging, staging)
         try:
             if self.booting:
                 assert self._boot is not None
-                await self.engine.offer_at_boot(update.staging, update.manifest, update.version)
+                await self.engine.offer_at_boot(staging, manifest, update.version)
                 logger.info("update %s: verified; loading version %d once the engine is up", update.id, update.version)
                 await asyncio.shield(self._boot)
-            return await self.engine.load(update.staging, update.manifest, update.version)
+            return staging, manifest, await self.engine.load(staging, manifest, update.version)
         except BadManifest:
             raise  # refused before the engine touched its weights
         except InstalledMismatch as error:
@@ -486,6 +534,11 @@ class Receiver:
             failure = f"loading version {update.version} into the engine failed: {error}"
             self._failed(failure, exc_info=True)
             raise EngineUnavailable(failure) from error
+
+    def _put_back(self, update: Incoming) -> None:
+        """Returns an update's staging buffer as the spare; an adapter's is its own, never the spare."""
+        if update.adapter is None:
+            self.delta_base.put_back(update.staging)
 
     def _failed(self, detail: str, *, exc_info: bool = False) -> None:
         """The engine holds no version it can vouch for: FAILED, serving nothing, until a later commit."""

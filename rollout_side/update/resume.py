@@ -21,6 +21,7 @@ from rollout_side.update.incoming import Incoming
 from rollout_side.update.lifecycle import Lifecycle, Phase
 from rollout_side.update.reaper import overdue
 from weightsync import metrics
+from weightsync.adapter import AdapterConfig
 from weightsync.delta import TransferPlan
 from weightsync.errors import AlreadyCommitted, BusyError
 from weightsync.manifest import Manifest
@@ -56,10 +57,11 @@ def resumes(
     base_fingerprint: str,
     *,
     resumable: bool,
+    adapter: AdapterConfig | None = None,
 ) -> bool:
     """Whether an announcement takes over the `held` update rather than replacing it."""
     full = plan or TransferPlan.full(manifest)
-    return resumable and held.resumes(version, manifest, chunk_bytes, full, base_fingerprint)
+    return resumable and held.resumes(version, manifest, chunk_bytes, full, base_fingerprint, adapter)
 
 
 def stream_opened(lifecycle: Lifecycle[Incoming], update_id: str) -> Incoming:

@@ -1,4 +1,5 @@
-"""What a rollout serves: the one record of the served version, its fingerprint and the last failure.
+"""What a rollout serves: the one record of the served version, its fingerprint (and, for a LoRA adapter, its
+base's) and the last failure.
 
 The lifecycle holds it (`Lifecycle.served`) and changes it only together with the phase it implies
 (`Lifecycle.serve`, `Lifecycle.fail`), so the answers below never disagree with the phase. Generate's
@@ -22,15 +23,20 @@ class Served:
     version: int = 0
     fingerprint: str = ""
     failure: str = ""
+    base_fingerprint: str = ""  # the full version served, or the base the served LoRA adapter is merged into
+    adapter_version: int = 0  # `version` when it is a LoRA adapter (merged into its base); 0: a full version
 
     @property
     def ready(self) -> bool:
         """Whether a complete, committed version is served."""
         return self.version > 0
 
-    def committed(self, version: int, fingerprint: str) -> None:
+    def committed(self, version: int, fingerprint: str, *, adapter_of: str = "") -> None:
+        """`version` serves; `adapter_of` names the base when it is a LoRA adapter merged into that base."""
         self.version, self.fingerprint, self.failure = version, fingerprint, ""
+        self.base_fingerprint, self.adapter_version = adapter_of or fingerprint, version if adapter_of else 0
 
     def failed(self, failure: str) -> None:
         """The engine's weights are no version's: nothing is served until a later load succeeds."""
         self.version, self.fingerprint, self.failure = 0, "", failure
+        self.base_fingerprint, self.adapter_version = "", 0
