@@ -43,8 +43,11 @@ class AdapterBase:
 
     def wants_copy(self, config: AdapterConfig, served: Served) -> bool:
         """Whether to copy the committed version as the base of `config`: it is that base, served as pushed."""
-        return self.copied != config.base_fingerprint and not served.adapter_version and served.ready and (
-            served.fingerprint == config.base_fingerprint
+        return (
+            self.copied != config.base_fingerprint
+            and not served.adapter_version
+            and served.ready
+            and (served.fingerprint == config.base_fingerprint)
         )
 
     async def keep(self, source: torch.Tensor, manifest: Manifest, fingerprint: str) -> None:
@@ -55,7 +58,7 @@ class AdapterBase:
         logger.info("kept a copy of base %s (%.1f MB) for LoRA adapters", fingerprint, copy.numel() / 1e6)
 
     def check(self, config: AdapterConfig, base: str) -> Manifest:
-        """The base's layout, if `config`'s base is the one held; AdapterBaseMismatch if not (`base`: the one served)."""
+        """The base layout, if `config` names the base held; AdapterBaseMismatch if not (`base`: the one served)."""
         if self.manifest is None or self.buffer is None or self.copied != config.base_fingerprint:
             held = f"base {base}" if base else "no base model"
             if base == config.base_fingerprint:

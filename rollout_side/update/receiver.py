@@ -259,7 +259,9 @@ class Receiver:
         else:
             check_adapter(self._specs, adapter, manifest)
             if plan is not None or base_fingerprint or checksums_at_commit:
-                raise BadManifest("an adapter comes whole with its checksums: no plan, delta base or checksums_at_commit")
+                raise BadManifest(
+                    "an adapter comes whole with its checksums: no plan, delta base or checksums_at_commit"
+                )
             self.adapters.check(adapter, self.lifecycle.served.base_fingerprint)
         check_announcement(manifest, checksums_at_commit, fingerprint, base_fingerprint, plan)
         if fingerprint and fingerprint != manifest.fingerprint:
@@ -275,7 +277,11 @@ class Receiver:
             served = self.lifecycle.served
             self.delta_base.check_base(base_fingerprint, served.fingerprint, served.version, manifest)
         # An adapter is small and never the engine's to read: plain memory, not the spare.
-        staging = torch.empty(manifest.total_bytes, dtype=torch.uint8) if adapter else self.delta_base.take(manifest.total_bytes)
+        staging = (
+            torch.empty(manifest.total_bytes, dtype=torch.uint8)
+            if adapter
+            else self.delta_base.take(manifest.total_bytes)
+        )
         staged = tensor_bytes(staging)
         patches = memoryview(bytearray(sum(t.wire_bytes for t in plan.transfers if t.encoding == Encoding.PATCH)))
         update = Incoming(
