@@ -215,7 +215,7 @@ class Publisher:
             config = AdapterConfig.from_peft(config, tensors, base)
         elif config.base_fingerprint != base:
             config = dataclasses.replace(config, base_fingerprint=base)
-        manifest = manifest_of_state(tensors)
+        manifest = manifest_of_state(tensors, piece_bytes=self._pieces)
         with self._lock:
             results = self._push_to(self.rollouts, Outgoing.full(version, manifest, list(tensors.values()), config))
             self._record(results, full=False)

@@ -15,7 +15,7 @@ from trainer_side.publisher import Publisher
 from weightsync import wire
 from weightsync.adapter import AdapterConfig
 from weightsync.errors import Reason
-from weightsync.manifest import manifest_of_state
+from weightsync.manifest import PIECE_BYTES, manifest_of_state
 from weightsync.v1 import weightsync_pb2 as pb
 
 import raw
@@ -103,7 +103,7 @@ def test_an_interrupted_adapter_push_is_resumed(  # type: ignore[no-untyped-def]
     """A trainer that died midway leaves the adapter update held; the next push of it sends only the rest."""
     _, base = based
     adapter, chunk = adapters[0], 16 << 10
-    tensors, manifest = raw.prepare(adapter.state)
+    tensors, manifest = raw.prepare(adapter.state, PIECE_BYTES)  # the checksum kind a default push announces
     config = AdapterConfig.from_peft(adapter.config, adapter.state, base)
     begun = rollout.weight_sync.BeginUpdate(
         pb.BeginUpdateRequest(
