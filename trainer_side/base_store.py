@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer_side.outgoing import Outgoing
+from trainer_side.outgoing import Outgoing, wire_copies
 from weightsync.delta import (
     Encoding,
     TensorDiff,
@@ -51,7 +51,6 @@ from weightsync.manifest import (
     build_manifest,
     entry_checksum,
     tensor_bytes,
-    wire_tensors,
 )
 from weightsync.memory import prefaulted_buffer
 
@@ -104,7 +103,7 @@ class BaseStore:
     def prepare(self, state: Mapping[str, torch.Tensor], version: int, rollouts: Sequence[str]) -> PushPlan:
         """Plans the push of `state` as `version` to `rollouts`, and makes it the base (written while the
         chunks stream). Every `prepare` must be followed by `finish(plan)`, whatever the push's outcome."""
-        tensors = dict(wire_tensors(state))  # a delta diffs whole tensors, and keeps them as the next base
+        tensors = wire_copies(state)  # a delta diffs whole tensors, and keeps them as the next base
         holders = self.holders(rollouts)
         if holders:
             manifest, diffs = self.scan(tensors)  # checksums and diffs in one pass

@@ -16,10 +16,14 @@ class ChunkWindow:
 
     Chunks are produced lazily by whichever reader is ahead; a reader that gets `window` chunks
     ahead of the slowest waits. A reader that fails leaves, so it never holds the others back.
+
+    If making a chunk fails (a tensor that cannot be encoded), the failure is kept in `failure` and every
+    reader ends, not just the one that happened to make it: each rollout's push then fails with its cause.
     """
 
     def __init__(self, source: Iterator[bytes], *, consumers: int, window: int) -> None:
         self._source = source
+        self.failure: Exception | None = None
         self._window = window
         self._cond = threading.Condition()
         self._chunks: dict[int, bytes] = {}
@@ -87,7 +91,10 @@ class ChunkWindow:
                 if self._exhausted:
                     return None
                 if self._produced - min(self._positions.values()) < self._window:
-                    chunk = next(self._source, None)
+                    try:
+                        chunk = next(self._source, None)
+                    except Exception as error:  # noqa: BLE001 - kept for every reader's push to report
+                        self.failure, chunk = error, None
                     if chunk is None:
                         self._exhausted = True
                         continue

@@ -9,7 +9,7 @@ bf16 (and copied off the GPU) one at a time as their chunks go out (`Outgoing.st
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import overload
 
 import torch
@@ -17,10 +17,19 @@ import torch
 from weightsync import wire
 from weightsync.adapter import AdapterConfig
 from weightsync.delta import TransferPlan
-from weightsync.manifest import Manifest, StreamingChecksums, tensor_bytes, to_wire, wire_layout
+from weightsync.manifest import Manifest, StreamingChecksums, tensor_bytes, to_wire, wire_layout, wire_sources
 from weightsync.v1 import weightsync_pb2 as pb
 
-__all__ = ["Outgoing", "Payloads", "WirePayloads"]
+__all__ = ["EncodeError", "Outgoing", "Payloads", "WirePayloads", "wire_copies"]
+
+
+class EncodeError(RuntimeError):
+    """A tensor could not be made into its wire bytes (a CUDA out-of-memory copying it, say): the update
+    fails on every rollout it was going to, and the failed results name the tensor and the cause."""
+
+    def __init__(self, name: str, cause: BaseException) -> None:
+        super().__init__(f"tensor {name!r} could not be encoded: {type(cause).__name__}: {cause}")
+        self.name = name
 
 
 class Outgoing:
@@ -66,7 +75,7 @@ class Outgoing:
         `piece_bytes` announces checksums of the combinable kind (weightsync/manifest.py), which reuse the
         chunks' own hashes when it equals the chunk size: for rollouts that take it."""
         layout = wire_layout(sources).with_piece_bytes(piece_bytes)
-        return cls(version, layout, WirePayloads([t for _, t in sources]))
+        return cls(version, layout, WirePayloads([t for _, t in sources], [n for n, _ in sources]))
 
     @property
     def sizes(self) -> list[int]:
@@ -137,6 +146,17 @@ class Outgoing:
             self.complete(sums.checksums)
 
 
+def wire_copies(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each float tensor of `state` as it travels (`wire_tensors`); EncodeError names one that cannot be made."""
+    copies = {}
+    for name, tensor in wire_sources(state):
+        try:
+            copies[name] = to_wire(tensor)
+        except Exception as error:  # any failure to make the bytes fails the push, naming the tensor
+            raise EncodeError(name, error) from error
+    return copies
+
+
 def commit_request(update_id: str, manifest: Manifest, *, pending: bool) -> pb.CommitRequest:
     """The Commit of an update; one begun with checksums pending carries them (and the fingerprint)."""
     if not pending:
@@ -167,11 +187,13 @@ class WirePayloads(Payloads):
 
     The chunk encoder and the shared-memory writer walk tensors in order, so a push of fp32 or GPU
     weights holds one cast (or device-to-host) copy at a time beside the window of encoded chunks,
-    not a cast copy of the whole model. A bf16 CPU tensor is used as it is, without a copy.
+    not a cast copy of the whole model. A bf16 CPU tensor is used as it is, without a copy. A tensor whose
+    cast or copy fails raises EncodeError, named by `names` (its index if none are given).
     """
 
-    def __init__(self, sources: Sequence[torch.Tensor]) -> None:
+    def __init__(self, sources: Sequence[torch.Tensor], names: Sequence[str] = ()) -> None:
         self._sources = sources
+        self.names = names
         self._index = -1
         self._view = memoryview(b"")
 
@@ -185,5 +207,9 @@ class WirePayloads(Payloads):
 
     def payload(self, i: int) -> memoryview:
         if i != self._index:
-            self._index, self._view = i, tensor_bytes(to_wire(self._sources[i]))
+            try:
+                view = tensor_bytes(to_wire(self._sources[i]))
+            except Exception as error:  # any failure to make the bytes fails the update, naming the tensor
+                raise EncodeError(self.names[i] if i < len(self.names) else f"#{i}", error) from error
+            self._index, self._view = i, view
         return self._view

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,11 +29,11 @@ import grpc
 import torch
 
 from trainer_side.base_store import BaseStore
-from trainer_side.chunk_window import ChunkWindow
 from trainer_side.names import renamed
-from trainer_side.outgoing import Outgoing
+from trainer_side.outgoing import EncodeError, Outgoing
 from trainer_side.push_result import PushResult, wants_full
 from trainer_side.rollout_client import RolloutClient
+from trainer_side.session import UpdateSession, new_update_id
 from trainer_side.sharded.collective import Collective, in_collective_job
 from trainer_side.sharded.rank_base import RankBase
 from trainer_side.version_file import VersionFileWriter
@@ -183,7 +182,15 @@ class Publisher:
                 results = self._deliver(Outgoing.streamed(version, wire_sources(state), self._pieces), None, [])
                 self._record(results)
                 return results
-            plan = base.prepare(state, version, self.rollouts)
+            try:
+                plan = base.prepare(state, version, self.rollouts)
+            except EncodeError as error:  # before any BeginUpdate: nothing to abort anywhere
+                results = [
+                    PushResult(address=a, version=version, ok=False, error=f"version {version} not sent: {error}")
+                    for a in self.rollouts
+                ]
+                self._record(results)
+                return results
             try:
                 results = self._deliver(plan.full, plan.delta, plan.holders)
             finally:
@@ -320,7 +327,7 @@ class Publisher:
     def _push_relayed(self, outgoing: Outgoing, full: Outgoing) -> list[PushResult]:
         """Sends to the relay tree's root only; rollouts the relay did not reach get a direct full push."""
         root, downstream = relay_tree(self.rollouts, self.relay_fanout)
-        update_id = f"v{outgoing.version}-{uuid.uuid4().hex[:12]}"
+        update_id = new_update_id(outgoing.version)
         [result] = self._push_to([root], outgoing, relay_to=downstream, update_id=update_id)
         fingerprint = outgoing.manifest.fingerprint if outgoing.manifest is not None else ""
         reached = {
@@ -338,8 +345,8 @@ class Publisher:
         missed = [a for a in subtree_addresses(downstream) if a not in reached]
         if missed:
             logger.warning("relay missed %s; pushing to them directly", ", ".join(missed))
-            for address in missed:  # a relay that died mid-stream may have left them holding the update open
-                self._clients[address].abort(update_id)
+            # A relay that died mid-stream may have left them holding the update open.
+            UpdateSession({a: self._clients[a] for a in missed}, outgoing, update_id=update_id).abort()
             reached |= {r.address: r for r in self._push_to(missed, full)}
         return [result, *(reached[a] for a in self.rollouts[1:])]
 
@@ -350,7 +357,8 @@ class Publisher:
         relay_to: Sequence[pb.RelayTarget] = (),
         update_id: str = "",
     ) -> list[PushResult]:
-        update_id = update_id or f"v{outgoing.version}-{uuid.uuid4().hex[:12]}"
+        session = UpdateSession({a: self._clients[a] for a in targets}, outgoing, update_id=update_id)
+        update_id = session.update_id
         messages: Iterator[bytes] | None = outgoing.chunks(update_id, self.chunk_bytes)
         shared_file = ""
         if self._shared is not None and not outgoing.is_delta and not relay_to:
@@ -360,7 +368,7 @@ class Publisher:
                 self._in_file = None
                 self._shared.resize(outgoing.wire_bytes)  # before BeginUpdate: rollouts check the size then
                 messages = self._write_file(outgoing, update_id)
-        window = ChunkWindow(messages, consumers=len(targets), window=self.window) if messages is not None else None
+        window = session.share(messages, consumers=len(targets), window=self.window) if messages is not None else None
         logger.info(
             "push %s: version %d, %d tensors, %.1f MB%s to %d rollout(s)%s%s",
             update_id,
@@ -376,8 +384,7 @@ class Publisher:
             futures = [
                 pool.submit(
                     self._clients[address].push,
-                    outgoing,
-                    update_id,
+                    session,
                     chunk_bytes=self.chunk_bytes,
                     window=window,
                     slot=i,
@@ -388,7 +395,7 @@ class Publisher:
                 )
                 for i, address in enumerate(targets)
             ]
-            return [f.result() for f in futures]
+            return session.end([f.result() for f in futures])
 
     def _write_file(self, outgoing: Outgoing, update_id: str) -> Iterator[bytes]:
         """Writes `outgoing` into the shared-memory file, saying after every block how much is written."""

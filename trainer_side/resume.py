@@ -37,7 +37,7 @@ def own_chunks(outgoing: Outgoing, update_id: str, chunk_bytes: int) -> Iterator
     own = Outgoing(
         outgoing.version,
         outgoing.announced,
-        WirePayloads(payloads.sources) if isinstance(payloads, WirePayloads) else payloads,
+        WirePayloads(payloads.sources, payloads.names) if isinstance(payloads, WirePayloads) else payloads,
         plan=outgoing.plan,
         base_fingerprint=outgoing.base_fingerprint,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 from tqdm import tqdm
@@ -31,6 +32,9 @@ from weightsync.errors import Reason, metadata_of, reason_of
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 from weightsync.wire import chunk_count
+
+if TYPE_CHECKING:
+    from trainer_side.session import UpdateSession
 
 __all__ = ["PushResult", "RolloutClient", "describe", "wants_full"]
 
@@ -82,8 +86,7 @@ class RolloutClient:
 
     def push(
         self,
-        outgoing: Outgoing,
-        update_id: str,
+        session: UpdateSession,
         *,
         chunk_bytes: int,
         window: ChunkWindow | None,
@@ -93,11 +96,13 @@ class RolloutClient:
         relay_to: Sequence[pb.RelayTarget] = (),
         shared_file: str = "",
     ) -> PushResult:
-        """One update: its chunks from `window` (this rollout reads at `slot`); with `shared_file`, the
-        rollout reads that file instead, as far as `window`'s messages say it is written, or all of it at
-        once without a window. `progress` None shows a bar only on a terminal.
+        """This rollout's part of `session`: its chunks from `window` (this rollout reads at `slot`); with
+        `shared_file`, the rollout reads that file instead, as far as `window`'s messages say it is written,
+        or all of it at once without a window. `progress` None shows a bar only on a terminal.
 
-        After a cut connection (chunks only), reconnects up to `retries` times and resumes the update."""
+        After a cut connection (chunks only), reconnects up to `retries` times and resumes the update. An
+        update the trainer could not make the bytes of (the window's `failure`) is aborted here."""
+        outgoing, update_id = session.outgoing, session.update_id
         started = time.perf_counter()
         bar = tqdm(
             total=outgoing.wire_bytes,
@@ -123,13 +128,17 @@ class RolloutClient:
                     )
                     sent += sent_now
                     break
+                except _NotSent as unsent:
+                    self.abort(update_id)
+                    why = f"version {outgoing.version} not sent: {unsent.cause}"
+                    return session.failed(self.address, why, seconds=time.perf_counter() - started)
                 except _Attempt as failed:
                     if first and window is not None:
                         window.leave(slot)  # the others go on without us; a reconnection reads its own chunks
                     error = failed.error
                     reason = error.reason if isinstance(error, _Refused) else reason_of(error)
                     if reason is Reason.ALREADY_COMMITTED:
-                        return self._already(outgoing, failed.error, time.perf_counter() - started)
+                        return self._already(session, failed.error, time.perf_counter() - started)
                     if reason is Reason.CHECKSUM_MISMATCH and failed.held and not afresh and not outgoing.is_delta:
                         # The held chunks were another run's bytes of this version and layout: the rollout
                         # refused them at commit and dropped the update, so it begins again from nothing.
@@ -156,32 +165,17 @@ class RolloutClient:
                         continue
                     if (failed.accepted or not first) and not transport:
                         self.abort(update_id)  # refused midway: stop it holding the rollout; cut: keep it for a resume
-                    return self.failed(outgoing, describe(error), code=_code(error), reason=reason)
+                    return session.failed(self.address, describe(error), code=_code(error), reason=reason)
         finally:
             if window is not None:
                 window.leave(slot)
             bar.close()
-        seconds = time.perf_counter() - started
-        manifest = outgoing.manifest
-        assert manifest is not None  # _attempt committed: the checksums are known
-        if answer.weight_version != outgoing.version or answer.fingerprint != manifest.fingerprint:
-            return self.failed(
-                outgoing,
-                f"rollout committed version {answer.weight_version} with fingerprint {answer.fingerprint}, "
-                f"expected {outgoing.version} with {manifest.fingerprint}",
-                reason=Reason.FINGERPRINT_MISMATCH,
-                seconds=seconds,
-            )
-        return PushResult(
-            address=self.address,
-            version=outgoing.version,
-            ok=True,
-            fingerprint=answer.fingerprint,
-            seconds=seconds,
+        return session.committed(
+            self.address,
+            answer,
+            seconds=time.perf_counter() - started,
             bytes_sent=sent,
-            swap_seconds=answer.swap_seconds,
             relayed=tuple(answer.relayed),
-            delta=outgoing.is_delta,
             held_bytes=held,
             reconnects=reconnects,
         )
@@ -232,6 +226,8 @@ class RolloutClient:
                 if held:
                     window.skip(slot, mask)
                 sent = self.stream(window, slot, streams, bar)
+                if window.failure is not None:  # every reader ended early: the update cannot complete
+                    raise _NotSent(window.failure)
             manifest = outgoing.manifest  # complete now: every chunk (or the whole file) has gone out
             if manifest is None:
                 raise RuntimeError("the update's bytes went out, yet its checksums are still pending")
@@ -240,13 +236,17 @@ class RolloutClient:
             raise _Attempt(error, accepted=accepted, held=held) from error
         return answer, sent, held
 
-    def _already(self, outgoing: Outgoing, error: grpc.RpcError, seconds: float) -> PushResult:
+    def _already(self, session: UpdateSession, error: grpc.RpcError, seconds: float) -> PushResult:
         """ALREADY_COMMITTED: ok if the rollout's fingerprint is ours, else the version is stale there."""
+        outgoing = session.outgoing
         theirs = metadata_of(error).get("fingerprint", "")
         manifest = outgoing.manifest
         if manifest is None:  # checksums pending: hash our bytes (without sending them) to compare
-            for _ in own_chunks(outgoing, "", 1 << 20):
-                pass
+            try:
+                for _ in own_chunks(outgoing, "", 1 << 20):
+                    pass
+            except Exception as cause:  # noqa: BLE001 - a tensor that cannot be encoded: say so, as a push does
+                return session.failed(self.address, f"version {outgoing.version} not sent: {cause}", seconds=seconds)
             manifest = outgoing.manifest
         assert manifest is not None
         if theirs and theirs == manifest.fingerprint:
@@ -259,33 +259,12 @@ class RolloutClient:
                 delta=outgoing.is_delta,
                 already=True,
             )
-        return self.failed(
-            outgoing,
+        return session.failed(
+            self.address,
             f"version {outgoing.version} is committed there with fingerprint {theirs or '(unknown)'}, "
             f"not ours ({manifest.fingerprint}); push a newer version",
             code=grpc.StatusCode.FAILED_PRECONDITION,
             reason=Reason.STALE_VERSION,
-            seconds=seconds,
-        )
-
-    def failed(
-        self,
-        outgoing: Outgoing,
-        error: str,
-        *,
-        code: grpc.StatusCode | None = None,
-        reason: Reason | None = None,
-        seconds: float = 0.0,
-    ) -> PushResult:
-        """A failed push of `outgoing` to this rollout (the collective publisher reports its refusals so too)."""
-        return PushResult(
-            address=self.address,
-            version=outgoing.version,
-            ok=False,
-            error=error,
-            delta=outgoing.is_delta,
-            code=code,
-            reason=reason,
             seconds=seconds,
         )
 
@@ -373,6 +352,14 @@ class RolloutClient:
 
     def close(self) -> None:
         self._channel.close()
+
+
+class _NotSent(Exception):
+    """The trainer could not make this update's bytes (`cause`, e.g. a tensor that failed to encode)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class _Refused(grpc.RpcError):

@@ -6,10 +6,12 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
@@ -166,6 +168,43 @@ def test_a_push_waits_for_a_rollout_that_comes_back(loop_thread: LoopThread, mod
     finally:
         second.channel.close()
         loop_thread.run(second.server.stop(grace=0))
+
+
+class _OutOfMemoryOnCopy(torch.Tensor):
+    """A weight whose copy to the CPU fails, as a CUDA tensor's does when memory runs out mid-push."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.Tensor.to:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_tensor_that_fails_to_encode_fails_the_push_on_every_rollout(model_dir: Path, trained_state) -> None:  # type: ignore[no-untyped-def]
+    """Mid-push (chunks of the tensors before it went out), plain and relayed: a failed result per rollout
+    naming the tensor and the cause, every rollout idle right after, the previous version still served."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        rollouts = list(pool.map(lambda _: RolloutProcess(model_dir), range(2)))
+    addresses = [r.address for r in rollouts]
+    name = "model.layers.1.mlp.down_proj.weight"
+    broken = {**trained_state, name: trained_state[name].as_subclass(_OutOfMemoryOnCopy)}
+    try:
+        with Publisher(addresses, progress=False) as publisher:
+            assert all(r.ok for r in publisher.push(trained_state, 1))
+        for relay in (0, 1):
+            with Publisher(addresses, progress=False, relay_fanout=relay) as publisher:
+                results = publisher.push(broken, 2)
+            assert [r.address for r in results] == addresses
+            for result in results:
+                assert not result.ok and result.version == 2, result
+                assert f"tensor {name!r} could not be encoded: OutOfMemoryError: CUDA out of memory" in result.error
+            for address in addresses:
+                now = status(address)
+                assert now.state != pb.ROLLOUT_STATE_RECEIVING and not now.update_id, (relay, now)
+                assert now.weight_version == 1 and generate(address).weight_version == 1
+    finally:
+        for r in rollouts:
+            r.kill()
 
 
 def test_graceful_shutdown_finishes_in_flight_generate(model_dir: Path, trained_state) -> None:  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import weakref
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -71,6 +72,20 @@ def test_shared_reader_stops_every_stream_when_one_fails() -> None:
     next(second)
     first.close()  # a stream that ends without finishing: the rollout's slot is left
     assert list(second) == []
+
+
+def test_a_chunk_that_fails_to_be_made_ends_every_reader_and_is_kept() -> None:
+    """Not only the reader that happened to make it: every rollout's push must see why its stream ended."""
+
+    def source() -> Iterator[bytes]:
+        yield from (bytes([i]) for i in range(5))
+        raise MemoryError("out of memory casting tensor 'w'")
+
+    window = ChunkWindow(source(), consumers=2, window=8)
+    first, second = window.reader(0), window.reader(1)
+    assert list(first) == [bytes([i]) for i in range(5)]  # no exception out of a gRPC request iterator
+    assert list(second) == [bytes([i]) for i in range(5)]
+    assert isinstance(window.failure, MemoryError) and "tensor 'w'" in str(window.failure)
 
 
 def test_prefaulted_buffer_is_a_writable_flat_buffer() -> None:

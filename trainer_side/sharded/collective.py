@@ -1,4 +1,7 @@
-"""Collective push: every rank of a torch.distributed job sends its own shards, as streams of one update.
+"""Collective push, its orchestration: every rank of a torch.distributed job sends its own shards, as
+streams of one update. This module runs the steps and makes the ranks agree (gloo, with a deadline);
+which rank sends which bytes is trainer_side/sharded/placement.py, the calls to the rollouts
+trainer_side/sharded/transport.py (through the push's UpdateSession, trainer_side/session.py).
 
 Every rank constructs the Publisher alike and calls `push(state, version)` with its own state dict
 (DTensors welcome). The version's layout and manifest are those of the unsharded state. Each rank owns
@@ -38,31 +41,26 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
-import grpc
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from tqdm import tqdm
 
-from trainer_side.chunk_window import ChunkWindow
-from trainer_side.outgoing import Outgoing, WirePayloads, commit_request
-from trainer_side.push_result import PushResult, describe, failure, wants_full
-from trainer_side.resume import chunk_size, held_indices, held_mask
+from trainer_side.outgoing import Outgoing
+from trainer_side.push_result import PushResult, wants_full
 from trainer_side.rollout_client import RolloutClient
+from trainer_side.session import UpdateSession
 from trainer_side.sharded.chunks import Digest, PieceMover
 from trainer_side.sharded.delta import DeltaPayloads, DeltaPlan, LocalDiff, Summary, diff_rows, plan_delta
-from trainer_side.sharded.plan import Piece, Span, chunk_owners, combine, spans_of
+from trainer_side.sharded.placement import Shards, check_names, layout_of, sharded_sources, shards_of
+from trainer_side.sharded.plan import Piece, chunk_owners, combine
 from trainer_side.sharded.rank_base import RankBase
+from trainer_side.sharded.transport import commit_all, held_bytes, stream_chunks
 from weightsync.errors import Reason
-from weightsync.manifest import Manifest, to_wire, wire_layout
+from weightsync.manifest import to_wire
 
 __all__ = ["Collective", "in_collective_job"]
 
@@ -162,11 +160,13 @@ class Collective:
     ) -> list[PushResult]:
         """One update of `outgoing` to `clients`, each rank sending its `chunks`; the same results on every rank."""
         addresses, version = list(clients), outgoing.version
-        update_id = f"v{version}-{uuid.uuid4().hex[:12]}" if self.rank == 0 else ""
+        session = UpdateSession(clients, outgoing)  # rank 0's update id, broadcast below, is every rank's
         try:
-            update_id, (failed, held) = self._from_rank0(
-                lambda: (update_id, self._begin(clients, outgoing, update_id, chunk_bytes, len(chunks)))
+            request = outgoing.request(chunk_bytes, session.update_id)
+            session.update_id, (failed, held) = self._from_rank0(
+                lambda: (session.update_id, session.begin(request, len(chunks), self.timeout))
             )
+            update_id = session.update_id
             accepted = [a for a in addresses if a not in failed]
             digests: list[Digest] = []  # (flat start, size, tensor, xxh3_64) of each piece sent
             hashing = outgoing.pending  # a delta's checksums are known: its chunks are not pieces of them
@@ -175,7 +175,7 @@ class Collective:
             def stream() -> tuple[dict[str, str], list[Digest], int]:
                 own = [i for i, pieces in enumerate(chunks) if pieces[0].span.rank == self.rank]
                 skips = {a: bytearray(mask[i] for i in own) for a, mask in held.items()}  # by this rank's chunks
-                sent, errors = self._stream(clients, accepted, messages, window, streams, skips)
+                sent, errors = stream_chunks(session, accepted, messages, window, streams, skips)
                 if accepted:
                     for _ in messages:  # this rank's streams ended early: still hand other ranks their pieces
                         pass
@@ -184,25 +184,23 @@ class Collective:
             gathered = self._agree(stream)
         except Exception as error:  # noqa: BLE001 - any failure (a rank died, a timeout, a bad state) fails all ranks
             if self.rank == 0:
-                for client in clients.values():
-                    client.abort(update_id)
+                session.abort()
             return self._failed(addresses, version, error)
         results: list[PushResult] | None = None
         if self.rank == 0:
             try:
-                results = self._commit(clients, outgoing, update_id, failed, gathered, started)
+                results = commit_all(session, failed, gathered, started, self.timeout)
                 results = [
-                    replace(r, held_bytes=_held_bytes(held[r.address], outgoing.wire_bytes, chunk_bytes))
+                    replace(r, held_bytes=held_bytes(held[r.address], outgoing.wire_bytes, chunk_bytes))
                     if r.address in held
                     else r
                     for r in results
                 ]
             except Exception as error:  # noqa: BLE001 - e.g. the ranks' pieces do not cover the layout: commit nothing
                 logger.error("collective push of version %d: not committed: %s", version, error)
-                for client in clients.values():
-                    client.abort(update_id)
+                session.abort()
                 why = f"collective push not committed: {type(error).__name__}: {error}"
-                results = [PushResult(address=a, version=version, ok=False, error=why) for a in addresses]
+                results = [session.failed(a, why) for a in addresses]
         try:
             [results] = self._broadcast([results])
         except Exception as error:  # noqa: BLE001 - rank 0 died after the streams; it may have committed
@@ -219,22 +217,18 @@ class Collective:
             why = f"collective push failed on rank {self.rank}: {type(error).__name__}: {error}"
         return [PushResult(address=a, version=version, ok=False, error=why) for a in addresses]
 
-    def _shards(self, state: Mapping[str, torch.Tensor], chunk_bytes: int) -> _Shards:
+    def _shards(self, state: Mapping[str, torch.Tensor], chunk_bytes: int) -> Shards:
         """The full layout, this rank's rows of it, and which rank sends which chunk (agreed by every rank)."""
-        names = [name for name, _ in _sources(state)] if self.rank == 0 else None
+        names = [name for name, _ in sharded_sources(state)] if self.rank == 0 else None
         [names] = self._broadcast([names])
         assert names is not None
-        self._agree(lambda: _check_names(state, names))  # before any DTensor collective that would wait on us
-        layout, local = self._layout(state, names)
+        self._agree(lambda: check_names(state, names))  # before any DTensor collective that would wait on us
+        layout, local = layout_of(state, names, self.rank)
         rows = self._agree(lambda: [(i, first, count) for i, (first, count, _) in local.items()])
-        spans = spans_of(layout, rows)
-        chunks = chunk_owners(spans, layout.total_bytes, chunk_bytes)
-        payloads = WirePayloads([local[i][2] if i in local else _EMPTY for i in range(len(layout))])
-        key = (tuple((e.name, e.shape) for e in layout), tuple(s for s in spans if s.rank == self.rank))
-        return _Shards(layout, local, spans, chunks, payloads, key, chunk_bytes)
+        return shards_of(layout, local, rows, self.rank, chunk_bytes)
 
     def _plan_delta(
-        self, shards: _Shards, base: RankBase, addresses: Sequence[str], version: int, window: int
+        self, shards: Shards, base: RankBase, addresses: Sequence[str], version: int, window: int
     ) -> tuple[tuple[Outgoing, DeltaPlan, list[str]] | None, dict[int, LocalDiff]]:
         """Agrees on a delta for the rollouts that hold the base, if every rank has a base of this layout:
         each rank diffs its rows; the patch layout and the new version's checksums come from every rank's."""
@@ -263,158 +257,6 @@ class Collective:
         manifest = announced.with_checksums(combine(announced, [d for ds in pieces for d in ds]))
         outgoing = Outgoing(version, manifest, (), plan=plan.plan, base_fingerprint=fingerprint)
         return (outgoing, plan, holders), diffs
-
-    def _layout(
-        self, state: Mapping[str, torch.Tensor], names: Sequence[str]
-    ) -> tuple[Manifest, dict[int, tuple[int, int, torch.Tensor]]]:
-        """The full layout (rank 0's choice of tensors) and this rank's (first row, rows, local tensor) of each."""
-        local: dict[int, tuple[int, int, torch.Tensor]] = {}
-        shapes = []
-        for i, name in enumerate(names):
-            tensor = state[name]
-            shapes.append((name, torch.empty(tensor.shape, dtype=torch.bfloat16, device="meta")))
-            held = self._local(tensor)
-            if held is not None:
-                local[i] = held
-        return wire_layout(shapes), local
-
-    def _local(self, tensor: torch.Tensor) -> tuple[int, int, torch.Tensor] | None:
-        """This rank's contiguous rows of `tensor` (first row, count, the rows), or None if it sends none."""
-        dim0 = tensor.shape[0] if tensor.dim() else 1
-        if not isinstance(tensor, DTensor):
-            return (0, dim0, tensor) if self.rank == 0 else None
-        mesh = tensor.device_mesh
-        if mesh.ndim != 1:  # gathered whole, one tensor at a time; rank 0 sends it
-            full = tensor.full_tensor()
-            return (0, dim0, full) if self.rank == 0 else None
-        placement = tensor.placements[0]
-        if placement.is_replicate():
-            return (0, dim0, tensor.to_local()) if mesh.get_local_rank() == 0 else None
-        if type(placement) is not Shard or placement.dim != 0 or not tensor.dim():
-            tensor = tensor.redistribute(mesh, [Shard(0)])
-        rows = tensor.to_local()
-        _, offset = compute_local_shape_and_global_offset(tensor.shape, mesh, tensor.placements)
-        return (offset[0], rows.shape[0], rows) if rows.shape[0] else None
-
-    def _begin(
-        self, clients: Mapping[str, RolloutClient], outgoing: Outgoing, update_id: str, chunk_bytes: int, chunks: int
-    ) -> tuple[dict[str, PushResult], dict[str, bytearray]]:
-        """BeginUpdate on every rollout (rank 0); returns the refusals, and the chunks each rollout holds of an
-        interrupted run of this update (a mask: 1 where held), which it resumes: those are not sent again."""
-        request = outgoing.request(chunk_bytes, update_id)
-        held: dict[str, bytearray] = {}
-
-        def begin(client: RolloutClient) -> PushResult | None:
-            try:
-                began = client.begin(request, timeout=self.timeout)
-            except grpc.RpcError as error:
-                return failure(client.address, outgoing.version, describe(error), error)
-            if began.held_chunks:
-                held[client.address] = held_mask(began.held_chunks, chunks)
-                logger.info(
-                    "%s: resuming update %s, %d chunks held there", client.address, update_id, sum(held[client.address])
-                )
-            if outgoing.is_delta and began.chunk_count != chunks:  # a rollout from before delta sync: full chunks
-                client.abort(update_id)
-                why = f"the rollout expects {began.chunk_count} chunks: it does not take deltas"
-                return client.failed(outgoing, why, reason=Reason.FULL_VERSION_NEEDED)
-            return None
-
-        with ThreadPoolExecutor(max_workers=len(clients)) as pool:
-            answers = dict(zip(clients, pool.map(begin, clients.values()), strict=True))
-        return {a: r for a, r in answers.items() if r is not None}, {
-            a: m for a, m in held.items() if answers[a] is None
-        }
-
-    def _stream(
-        self,
-        clients: Mapping[str, RolloutClient],
-        accepted: Sequence[str],
-        messages: Iterator[bytes],
-        window: int,
-        streams: int,
-        held: Mapping[str, bytearray],
-    ) -> tuple[int, dict[str, str]]:
-        """This rank's chunks to every accepted rollout at once, but those it `held` (a mask over this rank's
-        chunks); returns bytes per rollout and each failure."""
-        if not accepted:
-            return 0, {}
-        shared = ChunkWindow(messages, consumers=len(accepted), window=window)
-        for slot, address in enumerate(accepted):
-            if address in held:
-                shared.skip(slot, held[address])
-
-        def send(slot: int, address: str) -> tuple[int, str]:
-            bar = tqdm(disable=True)
-            try:
-                return clients[address].stream(shared, slot, streams, bar), ""
-            except grpc.RpcError as error:
-                return 0, describe(error)
-            finally:
-                shared.leave(slot)
-
-        with ThreadPoolExecutor(max_workers=len(accepted)) as pool:
-            answers = list(pool.map(send, range(len(accepted)), accepted))
-        return max(n for n, _ in answers), {a: why for a, (_, why) in zip(accepted, answers, strict=True) if why}
-
-    def _commit(
-        self,
-        clients: Mapping[str, RolloutClient],
-        outgoing: Outgoing,
-        update_id: str,
-        failed: Mapping[str, PushResult],
-        gathered: Sequence[tuple[dict[str, str], list[Digest], int]],
-        started: float,
-    ) -> list[PushResult]:
-        """Rank 0: the checksums from every rank's pieces, then Commit where every rank's streams went through."""
-        sent = sum(n for _, _, n in gathered)
-        version = outgoing.version
-        errors = {
-            address: [f"rank {r}: {e[address]}" for r, (e, _, _) in enumerate(gathered) if address in e]
-            for address in clients
-        }
-        pending = outgoing.pending
-        if not pending:
-            assert outgoing.manifest is not None
-            manifest = outgoing.manifest
-        elif all(address in failed or errors[address] for address in clients):
-            manifest = outgoing.announced  # nothing to commit: the pieces need not be complete
-        else:
-            manifest = outgoing.complete(combine(outgoing.announced, [d for _, ds, _ in gathered for d in ds]))
-
-        def commit(address: str) -> PushResult:
-            if address in failed:
-                return failed[address]
-            client = clients[address]
-            if errors[address]:
-                client.abort(update_id)
-                return PushResult(address=address, version=version, ok=False, error="; ".join(errors[address]))
-            try:
-                answer = client.commit(commit_request(update_id, manifest, pending=pending), timeout=self.timeout)
-            except grpc.RpcError as error:
-                client.abort(update_id)
-                return failure(address, version, describe(error), error)
-            if answer.weight_version != version or answer.fingerprint != manifest.fingerprint:
-                return PushResult(
-                    address=address,
-                    version=version,
-                    ok=False,
-                    error=f"rollout committed version {answer.weight_version} with fingerprint {answer.fingerprint}, "
-                    f"expected {version} with {manifest.fingerprint}",
-                    reason=Reason.FINGERPRINT_MISMATCH,
-                )
-            return PushResult(
-                address=address,
-                version=version,
-                ok=True,
-                fingerprint=answer.fingerprint,
-                seconds=time.perf_counter() - started,
-                bytes_sent=sent,
-                swap_seconds=answer.swap_seconds,
-            )
-
-        with ThreadPoolExecutor(max_workers=len(clients)) as pool:
-            return list(pool.map(commit, clients))
 
     def _agree(self, local: Callable[[], T]) -> list[T]:
         """Runs this rank's `local` step and gathers every rank's result; raises on every rank if any rank's
@@ -454,54 +296,8 @@ class Collective:
         return values
 
 
-_EMPTY = torch.empty(0, dtype=torch.bfloat16)
 T = TypeVar("T")
 
 
 class CollectiveFailure(RuntimeError):
     """A step failed on some rank: every rank raises this, naming the ranks and why."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Shards:
-    """What every rank knows of a state dict's layout, and this rank's part of it."""
-
-    layout: Manifest
-    local: dict[int, tuple[int, int, torch.Tensor]]  # tensor -> (first row, rows, this rank's rows)
-    spans: list[Span]
-    chunks: list[list[Piece]]
-    payloads: WirePayloads
-    key: Hashable  # what a delta base must have been kept for
-    chunk_bytes: int
-
-
-def _held_bytes(mask: bytearray, total: int, chunk_bytes: int) -> int:
-    return sum(chunk_size(i, total, chunk_bytes) for i in held_indices(mask))
-
-
-def _check_names(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
-    missing = [n for n in names if n not in state]
-    if missing:
-        raise KeyError(f"this rank's state dict lacks {len(missing)} tensor(s) rank 0 has, e.g. {missing[0]!r}")
-
-
-def _sources(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    """The float tensors of a (possibly sharded) state dict that go on the wire; an alias (tied weights) once.
-
-    Once also because the combinable checksum depends on where a tensor sits in the layout: two copies of
-    tied bytes would carry different checksums, which a rollout that checks tied tensors refuses."""
-    seen: set[tuple[object, ...]] = set()
-    out = []
-    for name, tensor in state.items():
-        if not tensor.is_floating_point():
-            continue
-        held = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-        if not held.numel():
-            key: tuple[object, ...] = (id(tensor),)
-        else:  # tied weights: two names (and, under FSDP2, two DTensors) over the same local storage
-            key = (held.untyped_storage().data_ptr(), held.storage_offset(), held.shape, held.stride())
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        out.append((name, tensor))
-    return sorted(out, key=lambda item: item[0])  # the layout `wire_sources` gives: the same fingerprint
