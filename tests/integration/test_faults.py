@@ -181,7 +181,7 @@ class _OutOfMemoryOnCopy(torch.Tensor):
 
 
 def test_a_tensor_that_fails_to_encode_fails_the_push_on_every_rollout(model_dir: Path, trained_state) -> None:  # type: ignore[no-untyped-def]
-    """Mid-push (chunks of the tensors before it went out), plain and relayed: a failed result per rollout
+    """Mid-push (chunks of the tensors before it went out), plain, relayed and delta: a failed result per rollout
     naming the tensor and the cause, every rollout idle right after, the previous version still served."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         rollouts = list(pool.map(lambda _: RolloutProcess(model_dir), range(2)))
@@ -191,8 +191,8 @@ def test_a_tensor_that_fails_to_encode_fails_the_push_on_every_rollout(model_dir
     try:
         with Publisher(addresses, progress=False) as publisher:
             assert all(r.ok for r in publisher.push(trained_state, 1))
-        for relay in (0, 1):
-            with Publisher(addresses, progress=False, relay_fanout=relay) as publisher:
+        for options in ({}, {"relay_fanout": 1}, {"delta": True}):  # delta: the base's copy fails, before any begin
+            with Publisher(addresses, progress=False, **options) as publisher:  # type: ignore[arg-type]
                 results = publisher.push(broken, 2)
             assert [r.address for r in results] == addresses
             for result in results:
@@ -200,7 +200,7 @@ def test_a_tensor_that_fails_to_encode_fails_the_push_on_every_rollout(model_dir
                 assert f"tensor {name!r} could not be encoded: OutOfMemoryError: CUDA out of memory" in result.error
             for address in addresses:
                 now = status(address)
-                assert now.state != pb.ROLLOUT_STATE_RECEIVING and not now.update_id, (relay, now)
+                assert now.state != pb.ROLLOUT_STATE_RECEIVING and not now.update_id, (options, now)
                 assert now.weight_version == 1 and generate(address).weight_version == 1
     finally:
         for r in rollouts:
