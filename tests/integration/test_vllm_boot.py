@@ -335,7 +335,7 @@ def test_a_version_larger_than_dev_shm_is_refused_cleanly_and_the_previous_one_s
 
             with grpc.insecure_channel(address) as channel:
                 status = pb_grpc.WeightSyncStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
-                assert (status.weight_version, status.state) == (1, pb.ROLLOUT_STATE_IDLE)
+                assert (status.weight_version, status.state) == (1, pb.ROLLOUT_STATE_SERVING)
                 model = reference_model(model_dir, trained_state)
                 ids = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
                 request = pb.GenerateRequest(prompt_token_ids=ids, max_tokens=12)
