@@ -211,10 +211,12 @@ class Publisher:
 
         `adapter_state` is PEFT's (`get_peft_model_state_dict(model)`, or adapter_model.safetensors), `config`
         its adapter_config.json fields (or an AdapterConfig), and `base_fingerprint` the full version it
-        applies to: by default the last one this publisher pushed. A rollout that holds another base
-        refuses with ADAPTER_BASE_MISMATCH; push the base (`push`) to it, then the adapter again.
+        applies to: by default the AdapterConfig's, else the last full version this publisher pushed. A
+        rollout that holds another base refuses with ADAPTER_BASE_MISMATCH; push the base (`push`) to it,
+        then the adapter again.
         """
-        base = base_fingerprint or self._pushed_base
+        named = config.base_fingerprint if isinstance(config, AdapterConfig) else ""
+        base = base_fingerprint or named or self._pushed_base
         if not base:
             raise ValueError("no base fingerprint: pass base_fingerprint, or push the base model with this publisher")
         tensors = dict(wire_tensors(adapter_state))

@@ -6,10 +6,14 @@ must answer exactly what transformers + PEFT (merged) answer with the same base 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from peft import LoraConfig
+from safetensors.torch import save_file
 
 from trainer_side.publisher import Publisher
 from weightsync import wire
@@ -131,3 +135,22 @@ def test_generate_during_adapter_swaps_answers_as_the_version_it_claims(  # type
     seen, wrong = swap_under_load(based[0], rollout.generate, adapters, 2, tokenizer)
     assert not wrong, wrong[:3]
     assert len(set(seen)) >= 4, "the answers should span several versions"
+
+
+def test_push_adapter_command(rollout: Rollout, based, adapters: list[Adapter], tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`push --adapter DIR` takes what PEFT's save_pretrained writes; `status` names the base under it."""
+    _, base = based
+    LoraConfig(**{k: adapters[0].config[k] for k in ("r", "lora_alpha", "target_modules")}).save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in adapters[0].state.items()}, tmp_path / "adapter_model.safetensors")
+    trainer = [sys.executable, "-m", "trainer_side"]
+    push = ["push", "--adapter", str(tmp_path), "--base-fingerprint", base, "--version", "2"]
+    pushed = subprocess.run(
+        [*trainer, *push, "--rollouts", rollout.address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    assert answers(rollout.generate, tokenizer) == {p: (adapters[0].reference[p], 2) for p in PROMPTS}
+    shown = subprocess.run([*trainer, "status", "--rollouts", rollout.address], capture_output=True, text=True)
+    assert f"adapter on base {base}" in shown.stdout, shown.stdout
