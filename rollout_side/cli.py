@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from rollout_side.engines.base import SWAP_POLICIES, Engine
+from rollout_side.engines.base import LOGPROBS_MODES, SWAP_POLICIES, Engine
 from rollout_side.engines.vllm_prewarm import OWNER_ENV
 from rollout_side.transport.auth import ServerSecurity
 from weightsync.checkpoint import checkpoint_files
@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests in flight at a weight swap: drain (wait for them; default), abort (end them, finish_reason "
         '"abort"), continue (go on with the new version, each token tagged with its version; on vllm the HTTP '
         "face's requests drain)",
+    )
+    serve.add_argument(
+        "--logprobs-mode",
+        choices=LOGPROBS_MODES,
+        default="raw_logprobs",
+        help="what logprobs hold, on Generate and the HTTP face, as vLLM's flag: raw_logprobs (the model's own "
+        "distribution; default) or processed_logprobs (after repetition penalty, temperature, min_p, top_k, "
+        "top_p: the distribution sampled from, what RL's importance weights compare with the trainer's)",
     )
     # vLLM's chat parsers on the HTTP face, named as `vllm serve` names them.
     serve.add_argument(
@@ -211,7 +219,9 @@ def _engine(args: argparse.Namespace) -> Engine:
     if args.engine == "torch":
         from rollout_side.engines.torch_engine import TorchEngine
 
-        return TorchEngine(args.model, device=args.device, swap_policy=args.swap_policy)
+        return TorchEngine(
+            args.model, device=args.device, swap_policy=args.swap_policy, logprobs_mode=args.logprobs_mode
+        )
     from rollout_side.engines.vllm_engine import VllmEngine
 
     return VllmEngine(
@@ -221,6 +231,7 @@ def _engine(args: argparse.Namespace) -> Engine:
         tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_space_gib=args.kv_cache_gib,
         swap_policy=args.swap_policy,
+        logprobs_mode=args.logprobs_mode,
     )
 
 

@@ -16,9 +16,12 @@ if TYPE_CHECKING:
     from rollout_side.engines.installed import Verification
     from weightsync.manifest import Manifest
 
-__all__ = ["SWAP_POLICIES", "Completion", "Engine", "ParamSpec", "Sampling", "join_pieces"]
+__all__ = ["LOGPROBS_MODES", "SWAP_POLICIES", "Completion", "Engine", "ParamSpec", "Sampling", "join_pieces"]
 
 SWAP_POLICIES = ("drain", "abort", "continue")
+# Which distribution logprobs come from, with vLLM's --logprobs-mode names: the model's raw one (vLLM's
+# default), or the one the token was sampled from, after penalties, temperature, min_p, top_k, top_p.
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -39,11 +42,14 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     # vLLM's SamplingParams names and meanings. logprobs: None = none; k >= 0 = the sampled token's
-    # logprob plus the k best alternatives, all from the raw model distribution (before temperature/top_p).
+    # logprob plus the k best alternatives, from the distribution the engine's logprobs_mode names.
     logprobs: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    top_k: int = 0  # 0: every token
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -58,7 +64,7 @@ class Completion:
     text: str
     weight_version: int
     finish_reason: str
-    # One per token when Sampling.logprobs is set: the raw log-softmax of the sampled token.
+    # One per token when Sampling.logprobs is set: the sampled token's log-probability (engine's logprobs_mode).
     logprobs: list[float] | None = None
     # One per token when Sampling.logprobs > 0: {token id: logprob} of the best alternatives, best first.
     top_logprobs: list[dict[int, float]] | None = None
@@ -90,6 +96,8 @@ class Engine(ABC):
     # Read the weights back after every load and hold them to the manifest's checksums before the version
     # serves (installed.py); a mismatch fails the load with InstalledMismatch. Off: --no-verify-installed.
     verify_installed: bool = True
+    # LOGPROBS_MODES: what Completion.logprobs hold (vLLM's --logprobs-mode).
+    logprobs_mode: str = "raw_logprobs"
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = model_dir

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import threading
 import time
 import typing
@@ -21,7 +22,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from rollout_side.engines import installed
-from rollout_side.engines.base import SWAP_POLICIES, Completion, Engine, ParamSpec, Sampling, join_pieces
+from rollout_side.engines.base import (
+    LOGPROBS_MODES,
+    SWAP_POLICIES,
+    Completion,
+    Engine,
+    ParamSpec,
+    Sampling,
+    join_pieces,
+)
 from rollout_side.update.compat import meta_param_specs, model_param_specs
 from weightsync.checkpoint import load_checkpoint
 from weightsync.errors import InstalledMismatch
@@ -46,11 +55,22 @@ class TorchEngine(Engine):
 
     name = "torch"
 
-    def __init__(self, model_dir: Path, *, device: str = "cpu", seed: int = 0, swap_policy: str = "drain") -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "cpu",
+        seed: int = 0,
+        swap_policy: str = "drain",
+        logprobs_mode: str = "raw_logprobs",
+    ) -> None:
         super().__init__(model_dir)
         if swap_policy not in SWAP_POLICIES:
             raise ValueError(f"swap_policy must be one of {', '.join(SWAP_POLICIES)}, not {swap_policy!r}")
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, not {logprobs_mode!r}")
         self.swap_policy = swap_policy
+        self.logprobs_mode = logprobs_mode
         self.device = torch.device(device)
         self.seed = seed
         # abort/continue: a load waiting for the worker thread; the running request performs it at its
@@ -251,9 +271,11 @@ class TorchEngine(Engine):
                         ids = torch.tensor([prompt_ids + emitted], device=self.device)
                 out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
                 past = out.past_key_values
-                logits = out.logits[0, -1].float()
-                token = _pick(logits, sampling, generator)
-                logprobs, top = _logprobs(logits, token, sampling.logprobs)
+                raw = out.logits[0, -1].float()
+                processed = _processed(raw, sampling, prompt_ids + emitted)
+                token = _pick(processed, sampling, generator)
+                logged = processed if self.logprobs_mode == "processed_logprobs" else raw
+                logprobs, top = _logprobs(logged, token, sampling.logprobs)
                 emitted.append(token)
                 finish = "stop" if token in stops else ""
                 text = ""
@@ -311,7 +333,7 @@ def _flatten_parameters(model: torch.nn.Module) -> torch.Tensor | None:
 def _logprobs(
     logits: torch.Tensor, token: int, k: int | None
 ) -> tuple[list[float] | None, list[dict[int, float]] | None]:
-    """The sampled token's raw log-softmax and the k best alternatives' (vLLM's default raw_logprobs)."""
+    """The sampled token's log-softmax of `logits` and the k best alternatives' (raw or processed logits)."""
     if k is None:
         return None, None
     logp = torch.log_softmax(logits, dim=-1)
@@ -327,15 +349,34 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+def _processed(logits: torch.Tensor, sampling: Sampling, seen: list[int]) -> torch.Tensor:
+    """The logits a token is picked from, in the order of vLLM's sampler: the repetition penalty on tokens
+    `seen` (prompt and output), then for sampling temperature, min_p, top_k and top_p (dropped tokens -inf)."""
+    penalty = sampling.repetition_penalty
+    if penalty and penalty != 1.0 and seen:
+        index = torch.tensor(sorted(set(seen)), device=logits.device)
+        hit = logits[index]
+        logits = logits.index_put((index,), torch.where(hit > 0, hit / penalty, hit * penalty))
+    if sampling.temperature <= 0:
+        return logits
+    logits = logits / sampling.temperature
+    if sampling.min_p > 0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < sampling.min_p * probs.max(), -math.inf)
+    if 0 < sampling.top_k < logits.numel():
+        logits = logits.masked_fill(logits < torch.topk(logits, sampling.top_k).values[-1], -math.inf)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(torch.softmax(logits, dim=-1), descending=True)
+        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= sampling.top_p
+        logits = logits.index_put((order[drop],), torch.tensor(-math.inf, device=logits.device))
+    return logits
+
+
 def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """Greedy (argmax) at temperature 0, else a draw from the softmax of the processed `logits`."""
     if sampling.temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
 def _eos_ids(model: PreTrainedModel) -> list[int]:

@@ -93,10 +93,16 @@ class VllmEngine(Engine):
         dtype: torch.dtype = torch.bfloat16,
         engine_kwargs: Mapping[str, Any] | None = None,
         swap_policy: str = "drain",
+        logprobs_mode: str = "raw_logprobs",
     ) -> None:
         super().__init__(Path(model_dir))
         self._gate = Gate(swap_policy)  # refuses an unknown policy
+        from rollout_side.engines.base import LOGPROBS_MODES
+
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, not {logprobs_mode!r}")
         self.swap_policy = swap_policy
+        self.logprobs_mode = logprobs_mode
         if kv_cache_space_gib is None and gpu_memory_utilization is None and _on_cpu():
             # vLLM's CPU default reserves 90% of RAM for the KV cache; tests and trainers need it too.
             kv_cache_space_gib = CPU_DEFAULT_KV_GIB
@@ -115,6 +121,7 @@ class VllmEngine(Engine):
             "enforce_eager": True,
             "disable_log_stats": True,
             "worker_extension_cls": WORKER_EXTENSION,
+            "logprobs_mode": logprobs_mode,
             "gpu_memory_utilization": gpu_memory_utilization,
             "kv_cache_memory_bytes": None if kv_cache_space_gib is None else int(kv_cache_space_gib * GIB),
         }

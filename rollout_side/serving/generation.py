@@ -81,12 +81,15 @@ class GenerationRequest:
     seed: int | None = None
     min_weight_version: int = 0
     wait_for_version: bool = False
-    logprobs: bool = False  # the sampled tokens' logprobs (raw model distribution, as vLLM's default)
+    logprobs: bool = False  # the sampled tokens' logprobs (the engine's logprobs_mode: raw by default, as vLLM)
     top_logprobs: int = 0  # also the k best alternatives per token (implies logprobs)
     n: int = 0  # completions per prompt, 0: 1; completion i samples with seed + i (as vLLM does)
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    top_k: int = 0  # 0 or -1: every token
+    min_p: float = 0.0
+    repetition_penalty: float = 0.0  # 0: 1.0 (off)
 
 
 class VersionGate:
@@ -205,6 +208,8 @@ class Generation:
             raise BadRequest(f"top_logprobs {request.top_logprobs} exceeds {MAX_TOP_LOGPROBS}")
         if request.n > MAX_N:
             raise BadRequest(f"n {request.n} exceeds this rollout's limit {MAX_N}")
+        if request.top_k < -1 or not 0 <= request.min_p <= 1 or request.repetition_penalty < 0:
+            raise BadRequest("top_k must be -1, 0 or more; min_p within [0, 1]; repetition_penalty positive")
         prompt_ids = await self.prompt_ids(request)  # last: the only check that costs more than a comparison
         sampling = Sampling(
             # Both engines stop at the model's length (finish_reason "length"), as vLLM does.
@@ -216,6 +221,9 @@ class Generation:
             stop=tuple(request.stop),
             stop_token_ids=tuple(request.stop_token_ids),
             ignore_eos=request.ignore_eos,
+            top_k=max(request.top_k, 0),
+            min_p=request.min_p,
+            repetition_penalty=request.repetition_penalty or 1.0,
         )
         return prompt_ids, sampling
 
@@ -248,8 +256,9 @@ class Generation:
 
 def check_numbers(request: GenerationRequest) -> None:
     """Refuses (BadRequest) NaN or infinite sampling values, which no engine can sample with."""
-    if not math.isfinite(request.temperature) or not math.isfinite(request.top_p):
-        raise BadRequest("temperature and top_p must be finite numbers")
+    numbers = (request.temperature, request.top_p, request.min_p, request.repetition_penalty)
+    if not all(math.isfinite(x) for x in numbers):
+        raise BadRequest("temperature, top_p, min_p and repetition_penalty must be finite numbers")
 
 
 def _too_long(tokens: int, limit: int) -> BadRequest:

@@ -9,7 +9,10 @@ probes) and GET /health (liveness).
 What the rollout adds to the OpenAI shapes: every response carries `weight_version` (top-level integer,
 the lowest of its choices') and an `x-weight-version` header; every choice its own `weight_version`, its
 `token_ids` (and `token_weight_versions` when the swap policy continue made it span versions); requests
-may carry `min_weight_version` and `wait_for_version`.
+may carry `min_weight_version` and `wait_for_version`. vLLM's RL conventions work as in `vllm serve`:
+`return_token_ids` (choices carry `prompt_token_ids` too), `return_tokens_as_token_ids` (logprobs' tokens
+as "token_id:<id>"), `return_weight_versions` (vLLM 0.33: each choice's `weight_versions`, spans
+[{"version", "start", "end"}] of its tokens), and the sampling extras top_k, min_p, repetition_penalty.
 Before the first commit every generation endpoint answers 503 with an OpenAI-style error body
 ({"error": {"message", "type", "param", "code"}}, code = the weightsync Reason) and `Retry-After`.
 When the rollout has a Generate token (--generate-token-file) every /v1 endpoint wants it as
@@ -44,6 +47,7 @@ from rollout_side.serving.generation import Generation, GenerationRequest, inter
 from rollout_side.serving.openai_limits import check_chat, check_completion, check_model, read_json
 from rollout_side.serving.openai_schema import (
     RETRY_AFTER_SECONDS,
+    Conventions,
     HttpError,
     _chat_logprobs,
     _completion_logprobs,
@@ -163,19 +167,23 @@ class OpenAIFace:
         )
         requests = [_with_prompt(base, prompt) for prompt in prompts]
         await self._off_loop(lambda: self.tokenizer)
+        conventions = Conventions.of(body)
         if body.get("stream"):
             return await self._stream(request, requests, body, chat=False)
         groups = await self._run(request, requests)
+        token_text = self._token_text_as(conventions)
+        prompts_ids = await self._prompts_ids(requests, conventions)
         choices = []
         for p, outs in enumerate(groups):
+            prompt_ids = prompts_ids[p] if prompts_ids else None
             for i, out in enumerate(outs):
                 choice = {
                     "index": p * len(outs) + i,
                     "text": out.text,
-                    "logprobs": _completion_logprobs(out, self._token_text) if logprobs is not None else None,
+                    "logprobs": _completion_logprobs(out, token_text) if logprobs is not None else None,
                     "finish_reason": out.finish_reason,
                 }
-                choices.append(choice | _extras(out))
+                choices.append(choice | _extras(out, conventions, prompt_ids))
         usage = _usage_numbers(await self._prompt_tokens(requests), _completion_tokens(groups))
         result = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         return self._json(result | {"model": self.model, "choices": choices, "usage": usage}, _lowest(groups))
@@ -196,21 +204,25 @@ class OpenAIFace:
             max_tokens_field=("max_completion_tokens", "max_tokens"),
         )
         requests = [_with_prompt(base, ids)]
+        conventions = Conventions.of(body)
         if body.get("stream"):
             return await self._stream(request, requests, body, chat=True)
         [outs] = await self._run(request, requests)
+        token_text = self._token_text_as(conventions)
         choices = [
             {
                 "index": i,
                 "message": {"role": "assistant", "content": out.text},
-                "logprobs": {"content": _chat_logprobs(out, self._token_text)} if base.logprobs else None,
+                "logprobs": {"content": _chat_logprobs(out, token_text)} if base.logprobs else None,
                 "finish_reason": out.finish_reason,
             }
-            | _extras(out)
+            | _extras(out, conventions)
             for i, out in enumerate(outs)
         ]
         usage = _usage_numbers(await self._prompt_tokens(requests), _completion_tokens([outs]))
         result = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time())}
+        if conventions.token_ids:  # as vLLM's chat response: the prompt's ids once, top-level
+            result["prompt_token_ids"] = list(requests[0].prompt_token_ids)
         return self._json(result | {"model": self.model, "choices": choices, "usage": usage}, _lowest([outs]))
 
     # -- requests ---------------------------------------------------------------------------------
@@ -248,17 +260,21 @@ class OpenAIFace:
         version = first[1].weight_version
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         stream_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        conventions = Conventions.of(body)
+        prompts_ids = await self._prompts_ids(requests, conventions)
         events = _events(
             merged,
             first,
             requests,
             model=self.model,
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-            token_text=self._token_text,
+            token_text=self._token_text_as(conventions),
             count_prompt_tokens=lambda: self._prompt_tokens(requests),
             stream_id=stream_id,
             chat=chat,
             include_usage=include_usage,
+            conventions=conventions,
+            prompt_ids_of=lambda index: prompts_ids[index // n],
         )
         return StreamingResponse(events, media_type="text/event-stream", headers={"x-weight-version": str(version)})
 
@@ -288,6 +304,19 @@ class OpenAIFace:
 
     def _token_text(self, token: int) -> str:
         return str(self.tokenizer.decode([token]))
+
+    def _token_text_as(self, conventions: Conventions) -> Callable[[int], str]:
+        """How logprobs name a token: its text, or "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
+        return (lambda token: f"token_id:{token}") if conventions.tokens_as_ids else self._token_text
+
+    async def _prompts_ids(self, requests: list[GenerationRequest], conventions: Conventions) -> list[list[int]]:
+        """With return_token_ids, each prompt's token ids as the engine saw them (text tokenized by the
+        engine's rule, on the tokenizer's thread); else none."""
+        if not conventions.token_ids:
+            return []
+        return list(
+            await self._off_loop(lambda: [list(r.prompt_token_ids) or self.engine.tokenize(r.prompt) for r in requests])
+        )
 
     def _json(self, payload: dict[str, Any], version: int) -> JSONResponse:
         return JSONResponse(payload | {"weight_version": version}, headers={"x-weight-version": str(version)})

@@ -46,6 +46,8 @@ MAX_CHOICES = MAX_N
 MAX_JSON_DEPTH = 64
 MAX_STOP_STRINGS = 64
 INT64 = (-(1 << 63), (1 << 63) - 1)  # seeds, as vLLM bounds them
+INT32_MAX = (1 << 31) - 1  # top_k is int32 on the wire
+MAX_REPETITION_PENALTY = 100.0  # vLLM takes any positive value; past a few it only forbids repeating
 
 Check = Callable[[str, Any], None]
 
@@ -187,6 +189,13 @@ COMMON_FIELDS: dict[str, Check] = {
     "stream_options": stream_options,
     "min_weight_version": integer(0, MAX_VERSION),
     "wait_for_version": boolean,
+    # vLLM's sampling extras and RL conventions (TRL's VLLMClient sends them).
+    "top_k": integer(-1, INT32_MAX),
+    "min_p": number(0.0, 1.0),
+    "repetition_penalty": number(0.0, MAX_REPETITION_PENALTY),
+    "return_token_ids": boolean,
+    "return_tokens_as_token_ids": boolean,
+    "return_weight_versions": boolean,
 }
 COMPLETION_FIELDS: dict[str, Check] = COMMON_FIELDS | {
     "logprobs": integer(0, MAX_TOP_LOGPROBS),

@@ -3,7 +3,9 @@ without a server: request bodies parsed and checked, responses and errors shaped
 
 Parsing turns a /v1/completions or /v1/chat/completions body into GenerationRequests (prompt as text or
 token ids, one or a list; the sampling fields and vLLM's extras), refusing a malformed one with a 400
-before any work. Shaping builds the choices' extras (`token_ids`, `token_weight_versions`), logprobs in
+before any work. Shaping builds the choices' extras (`token_ids`; vLLM's conventions `prompt_token_ids`
+with return_token_ids, `weight_versions` spans with return_weight_versions, "token_id:<id>" tokens with
+return_tokens_as_token_ids; `token_weight_versions`, the older alias of the spans), logprobs in
 the completions and chat forms, usage, server-sent events, and the OpenAI-style error body
 ({"error": {"message", "type", "param", "code"}}) a WeightSyncError maps to (Google's gRPC-to-HTTP
 status mapping, `Retry-After` on a 503).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -22,8 +25,9 @@ from starlette.responses import JSONResponse
 from rollout_side.engines.base import Completion
 from rollout_side.serving.generation import GenerationRequest
 from weightsync.errors import WeightSyncError
+from weightsync.spans import version_spans
 
-__all__ = ["ERROR_TYPE", "HTTP_STATUS", "RETRY_AFTER_SECONDS", "HttpError", "bad"]
+__all__ = ["ERROR_TYPE", "HTTP_STATUS", "RETRY_AFTER_SECONDS", "Conventions", "HttpError", "bad", "weight_versions"]
 
 RETRY_AFTER_SECONDS = 5
 # Google's mapping of gRPC codes to HTTP statuses (google.rpc.Code), for errors the core raises.
@@ -74,6 +78,28 @@ class HttpError(Exception):
 
 def bad(message: str) -> HttpError:
     return HttpError(400, message, "BAD_REQUEST")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Conventions:
+    """vLLM's per-request output switches (what TRL's VLLMClient asks for), read from a request body."""
+
+    token_ids: bool = False  # return_token_ids: prompt_token_ids too (choices carry token_ids always)
+    tokens_as_ids: bool = False  # return_tokens_as_token_ids: logprobs' tokens as "token_id:<id>"
+    weight_versions: bool = False  # return_weight_versions: each choice's [{"version", "start", "end"}]
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> Conventions:
+        return cls(
+            token_ids=bool(body.get("return_token_ids")),
+            tokens_as_ids=bool(body.get("return_tokens_as_token_ids")),
+            weight_versions=bool(body.get("return_weight_versions")),
+        )
+
+
+def weight_versions(versions: Sequence[int], offset: int = 0) -> list[dict[str, int]]:
+    """vLLM 0.33's `weight_versions` of a choice: spans [start, end) of its tokens, one per version."""
+    return [span.json() for span in version_spans(versions, offset)]
 
 
 # -- requests ---------------------------------------------------------------------------------------
@@ -152,6 +178,7 @@ def _request(
     temperature = _float(body, "temperature", 1.0)  # the OpenAI API's default
     top_p = _float(body, "top_p", 1.0)
     seed = _int(body, "seed", None)
+    top_k = _int(body, "top_k", 0) or 0
     return GenerationRequest(
         # Chat answers may use the whole context by default, as vLLM's do; completions default to 16.
         max_tokens=max_tokens or (max_tokens_limit if chat else 16),
@@ -166,6 +193,9 @@ def _request(
         stop=stop,
         stop_token_ids=[int(t) for t in body.get("stop_token_ids") or []],
         ignore_eos=bool(body.get("ignore_eos", False)),
+        top_k=top_k,
+        min_p=_float(body, "min_p", 0.0),
+        repetition_penalty=_float(body, "repetition_penalty", 1.0),
     )
 
 
@@ -181,10 +211,15 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _extras(out: Completion) -> dict[str, Any]:
+def _extras(out: Completion, conventions: Conventions, prompt_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """A choice's rollout fields: its own version (a multi-prompt request's prompts may run on different
-    versions), its token ids, and per-token versions when the swap policy continue made it span two."""
+    versions), its token ids, and per-token versions when the swap policy continue made it span two;
+    `prompt_ids` (a completions choice's prompt) with return_token_ids, version spans if asked for."""
     extra: dict[str, Any] = {"weight_version": out.weight_version, "token_ids": out.token_ids}
+    if conventions.token_ids and prompt_ids is not None:
+        extra["prompt_token_ids"] = list(prompt_ids)
+    if conventions.weight_versions:
+        extra["weight_versions"] = weight_versions(out.token_versions or [out.weight_version] * len(out.token_ids))
     if out.token_versions:
         extra["token_weight_versions"] = out.token_versions
     return extra
@@ -201,11 +236,16 @@ def _completion_logprobs(out: Completion, token_text: Callable[[int], str]) -> d
     for text in texts:
         offsets.append(at)
         at += len(text)
-    top = [{token_text(t): lp for t, lp in alt.items()} for alt in out.top_logprobs or []]
+    # As vLLM's: per token, the sampled token's logprob and the k best alternatives' (k = 0 included).
+    alternatives = out.top_logprobs or [{} for _ in out.token_ids]
+    top = [
+        {text: lp} | {token_text(t): alp for t, alp in alt.items()}
+        for text, lp, alt in zip(texts, out.logprobs or [], alternatives, strict=False)
+    ]
     return {
         "tokens": texts,
         "token_logprobs": list(out.logprobs or []),
-        "top_logprobs": top or None,
+        "top_logprobs": top,
         "text_offset": offsets,
     }
 
@@ -234,8 +274,14 @@ async def _events(
     stream_id: str,
     chat: bool,
     include_usage: bool,
+    conventions: Conventions,
+    prompt_ids_of: Callable[[int], list[int]],
 ) -> AsyncIterator[str]:
-    """The server-sent events of merged streams, from the `first` piece; stop strings are held back until cut."""
+    """The server-sent events of merged streams, from the `first` piece; stop strings are held back until cut.
+
+    As vLLM's with return_token_ids, a choice's first chunk carries its `prompt_token_ids` (of choice index
+    i: `prompt_ids_of(i)`); a chunk's `weight_versions` spans count tokens from the choice's first.
+    """
     created = int(time.time())
     base = {"id": stream_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created}
     base["model"] = model
@@ -251,7 +297,9 @@ async def _events(
             if chat and index not in sent:
                 role = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 yield _sse(base | {"choices": [role], "weight_version": piece.weight_version})
+            first_of_choice = index not in tokens
             ids = tokens.setdefault(index, [])
+            offset = len(ids)
             ids += piece.token_ids
             text = decode(ids)
             if piece.finish_reason:
@@ -272,6 +320,10 @@ async def _events(
                 choice["logprobs"] = _completion_logprobs(piece, token_text) if want_logprobs else None
             choice["token_ids"] = piece.token_ids
             choice["weight_version"] = piece.weight_version
+            if conventions.token_ids and first_of_choice:
+                choice["prompt_token_ids"] = prompt_ids_of(index)
+            if conventions.weight_versions:
+                choice["weight_versions"] = weight_versions([piece.weight_version] * len(piece.token_ids), offset)
             if delta or piece.token_ids or piece.finish_reason:
                 yield _sse(base | {"choices": [choice], "weight_version": piece.weight_version})
             pending = await anext(merged, None)

@@ -8,7 +8,9 @@ every vLLM request it makes (GatedEngineClient), so a swap drains (or, under the
 these requests like Generate's and no response straddles two versions (under the swap policy continue
 they drain: vLLM's response shapes cannot say which version produced which token). The response then
 gets the rollout's `weight_version`: on every choice the version its prompt ran on, top-level (and in the
-`x-weight-version` header) the lowest of them; every SSE chunk carries its choices' versions too.
+`x-weight-version` header) the lowest of them; every SSE chunk carries its choices' versions too. vLLM 0.32
+knows return_token_ids and return_tokens_as_token_ids; `return_weight_versions` (vLLM 0.33) is added
+here: each choice's `weight_versions` is one span over its tokens (these requests drain at a swap).
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ class Versions:
     OpenAIServingCompletion); a chat request has one prompt (its n choices are one engine request).
     """
 
-    def __init__(self, n: int, *, per_prompt: bool) -> None:
+    def __init__(self, n: int, *, per_prompt: bool, spans: bool = False) -> None:
         self.n = max(n, 1)
         self.per_prompt = per_prompt
+        self.spans = spans  # return_weight_versions: tag choices with spans of their token_ids too
         self.by_prompt: dict[int, int] = {}
+        self._emitted: dict[int, int] = {}  # streaming: tokens sent so far, by choice index
 
     def admitted(self, request_id: str, version: int) -> None:
         tail = request_id.rsplit("-", 1)[-1]
@@ -59,8 +63,19 @@ class Versions:
         for choice in choices:
             if isinstance(choice, dict) and isinstance(choice.get("index"), int):
                 choice["weight_version"] = self.of_choice(choice["index"], fallback)
+                if self.spans:
+                    self._span(choice)
         tagged = [c["weight_version"] for c in choices if isinstance(c, dict) and "weight_version" in c]
         return payload | {"weight_version": min(tagged, default=self.lowest(fallback))}
+
+    def _span(self, choice: dict[str, Any]) -> None:
+        """vLLM 0.33's `weight_versions` of a choice (or of a stream chunk's tokens, counted from the first)."""
+        from rollout_side.serving.openai_schema import weight_versions
+
+        tokens = choice.get("token_ids") or []
+        start = self._emitted.get(choice["index"], 0)
+        self._emitted[choice["index"]] = start + len(tokens)
+        choice["weight_versions"] = weight_versions([choice["weight_version"]] * len(tokens), start)
 
 
 _VERSIONS: contextvars.ContextVar[Versions | None] = contextvars.ContextVar("weightsync_versions", default=None)
@@ -202,13 +217,17 @@ class VllmOpenAI:
 
         from rollout_side.serving.openai_schema import HttpError
 
+        spans = bool(body.get("return_weight_versions"))
         body = {k: v for k, v in body.items() if k not in ("min_weight_version", "wait_for_version")}
+        body.pop("return_weight_versions", None)  # vLLM 0.33's; answered here (Versions.tag)
         body.setdefault("return_token_ids", True)  # as the rollout's own face does: choices carry token_ids
+        if spans:
+            body["return_token_ids"] = True  # the spans count the choices' token_ids
         try:
             parsed = model.model_validate(body)
         except ValidationError as error:
             raise HttpError(400, f"invalid request: {error}", "BAD_REQUEST") from None
-        versions = Versions(parsed.n or 1, per_prompt=model.__name__ == "CompletionRequest")
+        versions = Versions(parsed.n or 1, per_prompt=model.__name__ == "CompletionRequest", spans=spans)
         token = _VERSIONS.set(versions)
         try:
             try:

@@ -62,6 +62,9 @@ def _request(request: pb.GenerateRequest) -> GenerationRequest:
         stop=list(request.stop),
         stop_token_ids=list(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
+        top_k=request.top_k,
+        min_p=request.min_p,
+        repetition_penalty=request.repetition_penalty,
     )
 
 
