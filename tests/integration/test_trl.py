@@ -175,7 +175,7 @@ def test_trls_vllm_client_gets_grpcs_tokens_and_spans_cover_every_token(
     assert got["completion_ids"] == [outs[0].token_ids for outs in expected]
     assert [len(row) for row in got["logprobs"]] == [len(ids) for ids in got["completion_ids"]]
 
-    body = {"model": "tiny", "prompt": prompts, "n": 2, "max_tokens": 10, "temperature": 1.0, "seed": 3}
+    body = {"prompt": prompts, "n": 2, "max_tokens": 10, "temperature": 1.0, "seed": 3}
     body |= {"return_token_ids": True, "return_weight_versions": True}
     answer = httpx.post(served.base_url + "/v1/completions", json=body, timeout=120).json()
     assert len(answer["choices"]) == 4
