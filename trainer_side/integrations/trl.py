@@ -168,7 +168,7 @@ def _merged_peft_state(model: Any) -> dict[str, torch.Tensor]:
     model.merge_adapter()
     try:
         state = {}
-        for name, param in model.named_parameters():
+        for name, param in model.named_parameters(remove_duplicate=False):  # tied names too, as state_dict()
             if prefix in name or "original_module" in name:
                 continue
             name = name.removeprefix("base_model.model.").replace(".base_layer", "")
