@@ -23,13 +23,7 @@ from rollout_side.engines.vllm_engine import VllmEngine
 from rollout_side.server import create_server
 from rollout_side.update.receiver import Receiver
 
-# Never yet run to the end here: vLLM's multiprocess executor spawns TP workers that import
-# transformers.image_utils, which wants torchvision (the Makefile uninstalls it), so the workers die at start
-# (2026-12-07). Unskip once the venv lets a spawned worker import vLLM's config.
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skip(reason="TP workers fail to import torchvision in this venv (see the comment above)"),
-]
+pytestmark = pytest.mark.vllm
 TP = 2
 
 
