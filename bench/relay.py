@@ -9,12 +9,14 @@ bench/results/relay.json. Needs root for the namespaces; says why and exits 2 wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.netsim import Cluster, unavailable_reason
@@ -57,62 +59,43 @@ def run(*, rollouts: int = 4, rate: str = "200mbit", size: str = "64MiB", runs: 
     from safetensors.torch import save_file
 
     from bench.models import make_model, model_bytes, random_state
-    from rollout_side.process import serve_command
 
     work = Path(tempfile.mkdtemp(prefix="ws-relay-"))
     model = make_model(size, work) if size != "tiny" else ROOT / "models" / "tiny"
     state = random_state(model)
     checkpoint = work / "checkpoint.safetensors"
     save_file(state, checkpoint)
-    with Cluster(rollouts + 1, rate) as cluster:
-        addresses = [f"{a}:{PORT}" for a in cluster.addresses[1:]]
-        servers = [
-            subprocess.Popen(
-                cluster.command(
-                    i + 1,
-                    serve_command(model, host=cluster.addresses[i + 1], port=PORT, args=["--log-level", "WARNING"]),
-                ),
-                cwd=ROOT,
-            )
-            for i in range(rollouts)
-        ]
-        try:
-            _wait_for(cluster, addresses)
-            driver = subprocess.run(
-                cluster.command(
-                    0,
-                    [
-                        sys.executable,
-                        "-m",
-                        "bench.relay",
-                        "--driver",
-                        str(checkpoint),
-                        "--rollouts",
-                        ",".join(addresses),
-                        "--runs",
-                        str(runs),
-                    ],
-                ),
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=1800,
-            )
-            if driver.returncode != 0:
-                raise RuntimeError(f"driver failed: {driver.stderr[-2000:]}")
-            figures = json.loads(driver.stdout.strip().splitlines()[-1])
-            status = subprocess.run(
-                cluster.command(0, [sys.executable, "-m", "trainer_side", "status", "--rollouts", ",".join(addresses)]),
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-        finally:
-            for server in servers:
-                server.terminate()
-            for server in servers:
-                server.wait(60)
+    with Cluster(rollouts + 1, rate) as cluster, serving(cluster, model, rollouts) as addresses:
+        driver = subprocess.run(
+            cluster.command(
+                0,
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.relay",
+                    "--driver",
+                    str(checkpoint),
+                    "--rollouts",
+                    ",".join(addresses),
+                    "--runs",
+                    str(runs),
+                ],
+            ),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        if driver.returncode != 0:
+            raise RuntimeError(f"driver failed: {driver.stderr[-2000:]}")
+        figures = json.loads(driver.stdout.strip().splitlines()[-1])
+        status = subprocess.run(
+            cluster.command(0, [sys.executable, "-m", "trainer_side", "status", "--rollouts", ",".join(addresses)]),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     one = figures["one"]["median_s"]
     return {
         "rollouts": rollouts,
@@ -123,6 +106,29 @@ def run(*, rollouts: int = 4, rate: str = "200mbit", size: str = "64MiB", runs: 
         "direct_over_one": figures["direct"]["median_s"] / one,
         "status": status.stdout,
     }
+
+
+@contextlib.contextmanager
+def serving(cluster: Cluster, model: Path, count: int) -> Iterator[list[str]]:
+    """Rollouts on hosts 1..count of `cluster`, up and answering; yields their addresses, stops them after."""
+    from rollout_side.process import serve_command
+
+    addresses = [f"{a}:{PORT}" for a in cluster.addresses[1 : count + 1]]
+    argv = ["--log-level", "WARNING"]
+    servers = [
+        subprocess.Popen(
+            cluster.command(i + 1, serve_command(model, host=cluster.addresses[i + 1], port=PORT, args=argv)), cwd=ROOT
+        )
+        for i in range(count)
+    ]
+    try:
+        _wait_for(cluster, addresses)
+        yield addresses
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(60)
 
 
 def _wait_for(cluster: Cluster, addresses: list[str], timeout: float = 300) -> None:

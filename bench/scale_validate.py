@@ -34,7 +34,6 @@ from bench.scale import RESULTS, measured_rates
 from bench.scale_model import GIB, Fleet, Rate, Rates, predict
 
 ROOT = Path(__file__).resolve().parents[1]
-PORT = 50051
 TOLERANCE = 0.25
 SIZE = "64MiB"
 MARKERS = ("<!-- scale-validation:begin -->", "<!-- scale-validation:end -->")
@@ -221,46 +220,26 @@ def _chains(model: Path, state: dict[str, torch.Tensor], cap: str, runs: int) ->
     """Relay chains of 1-4 rollouts in a simulated cluster whose every link is capped at `cap`."""
     from safetensors.torch import save_file
 
-    from rollout_side.process import serve_command
+    from bench.relay import serving
 
     checkpoint = model / "checkpoint.safetensors"
     if not checkpoint.exists():
         save_file(state, checkpoint)
-    with Cluster(5, cap) as cluster:
-        addresses = [f"{a}:{PORT}" for a in cluster.addresses[1:]]
-        servers = [
-            subprocess.Popen(
-                cluster.command(
-                    i + 1,
-                    serve_command(model, host=cluster.addresses[i + 1], port=PORT, args=["--log-level", "WARNING"]),
-                ),
-                cwd=ROOT,
-            )
-            for i in range(4)
+    with Cluster(5, cap) as cluster, serving(cluster, model, 4) as addresses:
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.scale_validate",
+            "--driver",
+            str(checkpoint),
+            "--rollouts",
+            ",".join(addresses),
         ]
-        try:
-            from bench.relay import _wait_for
-
-            _wait_for(cluster, addresses)
-            argv = [
-                sys.executable,
-                "-m",
-                "bench.scale_validate",
-                "--driver",
-                str(checkpoint),
-                "--rollouts",
-                ",".join(addresses),
-            ]
-            driver = subprocess.run(
-                cluster.command(0, [*argv, "--runs", str(runs)]), cwd=ROOT, capture_output=True, text=True, timeout=1800
-            )
-            if driver.returncode != 0:
-                raise RuntimeError(f"driver failed: {driver.stderr[-2000:]}")
-        finally:
-            for server in servers:
-                server.terminate()
-            for server in servers:
-                server.wait(60)
+        driver = subprocess.run(
+            cluster.command(0, [*argv, "--runs", str(runs)]), cwd=ROOT, capture_output=True, text=True, timeout=1800
+        )
+        if driver.returncode != 0:
+            raise RuntimeError(f"driver failed: {driver.stderr[-2000:]}")
     chains: dict[str, Any] = json.loads(driver.stdout.strip().splitlines()[-1])
     for n, entry in chains.items():
         full, delta = statistics.median(entry["full"]), statistics.median(entry["delta"])
