@@ -101,7 +101,6 @@ class VllmEngine(Engine):
 
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, not {logprobs_mode!r}")
-        self.swap_policy = swap_policy
         self.logprobs_mode = logprobs_mode
         if kv_cache_space_gib is None and gpu_memory_utilization is None and _on_cpu():
             # vLLM's CPU default reserves 90% of RAM for the KV cache; tests and trainers need it too.
@@ -131,6 +130,15 @@ class VllmEngine(Engine):
         self._shm = ShmStaging()
         self._handoff: vllm_loader.Handoff | None = None  # open from boot until the first load
         self.load_format = ""  # what vLLM booted with: "weightsync" (vllm_loader.py), "dummy" or "safetensors"
+
+    @property
+    def swap_policy(self) -> str:
+        """drain, abort or continue: the gate (vllm_gate.py) applies it; this is the one place it is kept."""
+        return self._gate.swap_policy
+
+    @swap_policy.setter
+    def swap_policy(self, policy: str) -> None:
+        self._gate.swap_policy = policy
 
     async def prepare(self) -> None:
         started = time.perf_counter()

@@ -342,7 +342,7 @@ def test_an_abandoned_generate_frees_the_vllm_engine(vllm_served: Rollout, loop_
 
     def in_flight() -> int:
         async def count() -> int:
-            return engine._inflight + llm.output_processor.get_num_unfinished_requests()  # type: ignore[attr-defined,no-any-return]
+            return engine._gate._inflight + llm.output_processor.get_num_unfinished_requests()  # type: ignore[attr-defined,no-any-return]
 
         return loop_thread.run(count())
 

@@ -228,7 +228,7 @@ def test_swap_policy_with_a_long_generation_in_flight(
     try:
         state2 = perturbed(trained_state)
         prompt = ids_of(tokenizer, "the cat sat")
-        messages, push_seconds, generation_seconds = long_generation_with_push(rollout, prompt, state2)
+        messages, _push_seconds, _generation_seconds = long_generation_with_push(rollout, prompt, state2)
         tokens = [t for m in messages for t in m.token_ids]
         versions = [m.weight_version for m in messages for _ in m.token_ids]
         finish = messages[-1].finish_reason
@@ -238,7 +238,8 @@ def test_swap_policy_with_a_long_generation_in_flight(
         elif policy == "abort":  # ended promptly at the swap, the tokens so far all from version 1
             assert finish == "abort" and 0 < len(tokens) < LONG and set(versions) == {1}
             assert tokens == v1_tokens[: len(tokens)]
-            assert push_seconds < generation_seconds
+            # Ended by the swap (finish "abort", fewer than LONG tokens): the push did not wait for it. No
+            # timing: the load and installed-weight check after the swap are the push's alone.
         else:  # went on with version 2; each token matches its version's reference
             assert finish == "length" and len(tokens) == LONG
             switch = versions.index(2)
