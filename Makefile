@@ -52,7 +52,7 @@ $(WEIGHTS): scripts/build_tiny_weights.py $(MODEL_STAMP)
 weights: $(WEIGHTS)  ## write models/tiny/model.safetensors (seeded bf16 weights) for `push` and `serve --weights`
 
 test: $(STUBS) $(MODEL_STAMP) clients  ## run the test suite (what CI runs)
-	$(BIN)/python -m pytest -m "not gpu" -q
+	$(BIN)/python -m pytest -m "not gpu" -q --durations=30
 
 soak: $(STUBS) $(MODEL_STAMP)  ## Generate under load while pushes commit, for SOAK_SECONDS (300)
 	SOAK_SECONDS=$${SOAK_SECONDS:-300} SOAK_REPORT=bench/results/soak.json $(BIN)/python -m pytest tests/soak -q -s

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "experimental" in TRL 1.16
+# TRL sets VLLM_LOGGING_LEVEL=ERROR on import unless set; rollouts started from here inherit it
+# and would log nothing of vLLM's boot. INFO is vLLM's own default.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
 
 from datasets import Dataset
 from transformers import AutoTokenizer

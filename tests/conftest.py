@@ -140,10 +140,3 @@ def reference_model(model_dir: Path, state: dict[str, torch.Tensor]):  # type: i
     model = new_model(model_dir)
     model.load_state_dict(state)
     return model.to(torch.bfloat16).eval()
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """TRL's tests run last: after TRL has run in this process, a vLLM rollout that a later test starts
-    logs none of EngineCore's lines (test_vllm_boot waits for them). Restoring os.environ did not help;
-    the cause is not found yet (closing note of 2026-12-07)."""
-    items.sort(key=lambda item: item.nodeid.startswith("tests/integration/test_trl.py"))
