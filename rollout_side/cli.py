@@ -290,6 +290,7 @@ async def serve(args: argparse.Namespace) -> None:
                 tool_call_parser=args.tool_call_parser,
                 enable_auto_tool_choice=args.enable_auto_tool_choice,
                 reasoning_parser=args.reasoning_parser,
+                read_back=rollout.receiver.read_back,
             )
         except OSError as error:
             with contextlib.suppress(Exception):

@@ -6,12 +6,14 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import torch
 
 from trainer_side.publisher import Publisher
 from trainer_side.train import new_model
 from weightsync.errors import Reason, reason_of
+from weightsync.manifest import manifest_of_state
 from weightsync.v1 import weightsync_pb2 as pb
 
 from conftest import Rollout, assert_gated
@@ -88,3 +90,26 @@ def assert_refused_naming(rollout: Rollout, state: dict[str, torch.Tensor], vers
     with pytest.raises(grpc.RpcError) as info:  # nothing to re-check: nothing is served
         verification(rollout, verify=True)
     assert reason_of(info.value) == Reason.NO_WEIGHTS
+
+
+def weight_checker(base_url: str, body: dict[str, object]) -> dict[str, object]:
+    """POST /weight_checker (vLLM's RL-server shape) on a rollout's HTTP face: the 200 answer's body."""
+    answer = httpx.post(base_url + "/weight_checker", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    out: dict[str, object] = answer.json()
+    return out
+
+
+def assert_weight_checker_agrees(base_url: str, state: dict[str, torch.Tensor], version: int) -> dict[str, str]:
+    """/weight_checker's checksums are the trainer's digests of `state`; compare finds a changed and an extra key.
+
+    Returns the trainer's digests (tensor name -> checksum), as vLLM's baseline."""
+    trainer = {e.name: e.checksum for e in manifest_of_state(state)}
+    got = weight_checker(base_url, {"action": "checksum"})
+    assert (got["checksums"], got["verified"], got["weight_version"]) == (trainer, True, version)
+    same = weight_checker(base_url, {"action": "compare", "baseline": trainer})
+    assert (same["match"], same["mismatches"]) == (True, [])
+    changed = trainer | {"model.norm.weight": trainer["model.embed_tokens.weight"], "not.a.tensor": "x"}
+    differs = weight_checker(base_url, {"action": "compare", "baseline": changed})
+    assert (differs["match"], differs["mismatches"]) == (False, ["model.norm.weight", "not.a.tensor"])
+    return trainer

@@ -23,15 +23,24 @@ def prepare(state: Mapping[str, torch.Tensor], piece_bytes: int = 0) -> tuple[li
 
 
 def begin(
-    stub: pb_grpc.WeightSyncStub, version: int, manifest: Manifest, *, chunk_bytes: int = CHUNK, update_id: str = ""
+    stub: pb_grpc.WeightSyncStub,
+    version: int,
+    manifest: Manifest,
+    *,
+    chunk_bytes: int = CHUNK,
+    update_id: str = "",
+    pending: bool = False,
 ) -> pb.BeginUpdateResponse:
+    """BeginUpdate; `pending` announces the layout with checksums at commit, as a Publisher without delta does."""
+    announced = manifest.with_piece_bytes(manifest.piece_bytes) if pending else manifest
     return stub.BeginUpdate(
         pb.BeginUpdateRequest(
             version=version,
-            manifest=wire.manifest_to_proto(manifest),
+            manifest=wire.manifest_to_proto(announced),
             chunk_bytes=chunk_bytes,
-            fingerprint=manifest.fingerprint,
+            fingerprint="" if pending else manifest.fingerprint,
             update_id=update_id,
+            checksums_at_commit=pending,
         ),
         timeout=30,
     )

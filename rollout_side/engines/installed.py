@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +52,9 @@ class Verification:
     seconds: float
     mismatched: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()  # in the manifest, not found in the engine
+    # What was read: tensor name -> checksum as the engine holds it (the HTTP /weight_checker's answer).
+    # Where workers disagree, each worker's own as "name@workerN"; a tensor not found has no entry.
+    digests: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -88,6 +91,13 @@ def compare(manifest: Manifest, version: int, per_worker: Sequence[Sequence[str]
     workers = len(per_worker)
     mismatched: list[str] = []
     missing: list[str] = []
+    digests: dict[str, str] = {}
+    for index, entry in enumerate(manifest):
+        held = [sums[index] for sums in per_worker]
+        if len(set(held)) == 1:
+            digests.update({entry.name: held[0]} if held[0] else {})
+        else:
+            digests.update({f"{entry.name}@worker{rank}": got for rank, got in enumerate(held) if got})
     for rank, sums in enumerate(per_worker):
         where = f"@worker{rank}" if workers > 1 else ""
         for entry, got in zip(manifest, sums, strict=True):
@@ -103,6 +113,7 @@ def compare(manifest: Manifest, version: int, per_worker: Sequence[Sequence[str]
         seconds=time.perf_counter() - started,
         mismatched=tuple(mismatched),
         missing=tuple(missing),
+        digests=digests,
     )
 
 

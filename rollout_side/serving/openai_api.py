@@ -4,7 +4,8 @@
 (prompt as text or token ids, one or a list), POST /v1/chat/completions (the tokenizer's chat template),
 both streamed (server-sent events) or not, with logprobs, n, stop and vLLM's extra sampling fields
 (seed, stop_token_ids, ignore_eos); GET /ready (503 until a version is committed, for HTTP readiness
-probes) and GET /health (liveness).
+probes) and GET /health (liveness); POST /weight_checker, vLLM's RL server's digests of the installed
+weights (weight_checker.py).
 
 What the rollout adds to the OpenAI shapes: every response carries `weight_version` (top-level integer,
 the lowest of its choices') and an `x-weight-version` header; every choice its own `weight_version`, its
@@ -43,8 +44,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from rollout_side.engines.base import Completion
+from rollout_side.engines.installed import Verification
+from rollout_side.serving import weight_checker
 from rollout_side.serving.generation import Generation, GenerationRequest, interleave
-from rollout_side.serving.openai_limits import check_chat, check_completion, check_model, read_json
+from rollout_side.serving.openai_limits import (
+    check_chat,
+    check_completion,
+    check_model,
+    check_weight_checker,
+    read_json,
+)
 from rollout_side.serving.openai_schema import (
     RETRY_AFTER_SECONDS,
     Conventions,
@@ -73,6 +82,9 @@ __all__ = ["HttpServer", "create_app", "start_http"]
 
 logger = logging.getLogger(__name__)
 
+# Reads back the installed weights and holds them to the committed version (Receiver.read_back).
+ReadBack = Callable[[], Awaitable[Verification]]
+
 
 class OpenAIFace:
     """The endpoints, over one Generation core; `model` is the id /v1/models lists and requests may name."""
@@ -85,8 +97,10 @@ class OpenAIFace:
         generate_token: str | None = None,
         vllm_serving: bool = True,
         parsers: ChatParsers | None = None,
+        read_back: ReadBack | None = None,
     ) -> None:
         self.generation = generation
+        self._read_back = read_back
         self.parsers = parsers
         self.engine = generation.engine
         self.model = model
@@ -148,6 +162,16 @@ class OpenAIFace:
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "alive", "weight_version": self.generation.gate.served.version})
+
+    async def weight_checker(self, request: Request) -> Response:
+        """vLLM's /weight_checker: a fresh read-back of the installed weights, as digests or compared."""
+        self._authorize(request)
+        body = await read_json(request)
+        action = check_weight_checker(body)
+        if self._read_back is None:
+            raise HttpError(404, "this rollout does not read its weights back over HTTP", "NOT_FOUND")
+        verification = await self._read_back()
+        return self._json(weight_checker.answer(verification, action, body.get("baseline")), verification.version)
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
@@ -338,11 +362,18 @@ def create_app(
     generate_token: str | None = None,
     vllm_serving: bool = True,
     parsers: ChatParsers | None = None,
+    read_back: ReadBack | None = None,
 ) -> Starlette:
     """The app; `vllm_serving` False makes the vLLM engine answer through the rollout's own code too;
-    `parsers` are vLLM's tool-call and reasoning parsers for its chat endpoint (the vLLM engine only)."""
+    `parsers` are vLLM's tool-call and reasoning parsers for its chat endpoint (the vLLM engine only);
+    `read_back` answers /weight_checker (without it, 404)."""
     face = OpenAIFace(
-        generation, model=model, generate_token=generate_token, vllm_serving=vllm_serving, parsers=parsers
+        generation,
+        model=model,
+        generate_token=generate_token,
+        vllm_serving=vllm_serving,
+        parsers=parsers,
+        read_back=read_back,
     )
 
     def handle(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -365,6 +396,7 @@ def create_app(
         Route("/v1/chat/completions", handle(face.chat_completions), methods=["POST"]),
         Route("/ready", handle(face.ready), methods=["GET"]),
         Route("/health", handle(face.health), methods=["GET"]),
+        Route("/weight_checker", handle(face.weight_checker), methods=["POST"]),
     ]
     return Starlette(routes=routes)
 
@@ -453,10 +485,12 @@ async def start_http(
     tool_call_parser: str | None = None,
     enable_auto_tool_choice: bool = False,
     reasoning_parser: str | None = None,
+    read_back: ReadBack | None = None,
 ) -> HttpServer:
     """Serves the OpenAI-compatible API on host:port (0: any free port) until `stop()`; OSError if it cannot bind.
 
-    The parser arguments are `vllm serve`'s flags of the same names (vLLM engine only; see vllm_openai.py).
+    The parser arguments are `vllm serve`'s flags of the same names (vLLM engine only; see vllm_openai.py);
+    `read_back` (the rollout's Receiver.read_back) answers /weight_checker.
     """
     import uvicorn
 
@@ -466,7 +500,9 @@ async def start_http(
         enable_auto_tool_choice=enable_auto_tool_choice,
         reasoning_parser=reasoning_parser,
     )
-    app = create_app(generation, model=model, generate_token=token, vllm_serving=vllm_serving, parsers=parsers)
+    app = create_app(
+        generation, model=model, generate_token=token, vllm_serving=vllm_serving, parsers=parsers, read_back=read_back
+    )
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

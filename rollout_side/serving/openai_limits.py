@@ -34,6 +34,7 @@ __all__ = [
     "check_chat",
     "check_completion",
     "check_model",
+    "check_weight_checker",
     "parse_json",
     "read_json",
 ]
@@ -272,3 +273,24 @@ def check_model(body: Mapping[str, Any], served: str) -> None:
     model = body.get("model")
     if model and model != served:
         raise HttpError(404, f"The model {json.dumps(model[:256])} does not exist.", "NOT_FOUND")
+
+
+# vLLM's /weight_checker actions a rollout answers (weight_checker.py); its "reset" zeroes every weight.
+WEIGHT_CHECKER_ACTIONS = ("checksum", "compare")
+
+
+def check_weight_checker(body: Mapping[str, Any]) -> str:
+    """A /weight_checker body as vLLM's RL server takes it (`action`, and `baseline` for compare): its action."""
+    action = body.get("action")
+    if action == "reset":
+        raise bad("action 'reset' (zero every weight) is not offered: a rollout serves only weights it can vouch for")
+    if action not in WEIGHT_CHECKER_ACTIONS:
+        raise bad("action must be 'checksum' or 'compare'")
+    baseline = body.get("baseline")
+    if baseline is not None and (
+        not isinstance(baseline, dict) or not all(isinstance(digest, str) for digest in baseline.values())
+    ):
+        raise bad("baseline must be an object of tensor names to checksums (strings)")
+    if action == "compare" and baseline is None:
+        raise bad("action 'compare' requires a 'baseline' object")
+    return str(action)

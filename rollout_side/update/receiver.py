@@ -571,6 +571,16 @@ class Receiver:
                 self._failed(f"on-demand verification: {error}")
             raise
 
+    async def read_back(self) -> Verification:
+        """verify_installed, returning a failed read-back rather than raising it (the HTTP /weight_checker
+        reports the digests either way; a mismatch withdraws the version all the same)."""
+        try:
+            return await self.verify_installed()
+        except InstalledMismatch:
+            if self.engine.verification is None:
+                raise
+            return self.engine.verification
+
     def _or_abort(self, update: Incoming, step: Callable[[], T]) -> T:
         """Runs `step`; a refusal from it aborts the whole update before it reaches the caller."""
         try:

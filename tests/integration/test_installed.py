@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rollout_side.engines.installed import FAILPOINTS_ENV
+from rollout_side.serving.openai_api import start_http
 from trainer_side.publisher import Publisher
 from weightsync.v1 import weightsync_pb2 as pb
 
@@ -20,9 +21,11 @@ from conftest import ROOT, LoopThread, Rollout, assert_gated, start_rollout
 from installed import (
     assert_refused_naming,
     assert_verified,
+    assert_weight_checker_agrees,
     seeded_state,
     three_pushes_verified,
     verification,
+    weight_checker,
 )
 
 
@@ -76,6 +79,33 @@ def test_a_tensor_changed_after_commit_fails_status_verify(rollout: Rollout, mod
     status = verification(rollout)
     assert status.state == pb.ROLLOUT_STATE_FAILED and status.weight_version == 0
     assert_gated(rollout)
+
+
+def test_weight_checker_answers_the_trainers_digests_and_sees_a_changed_tensor(
+    rollout: Rollout, model_dir: Path
+) -> None:
+    """vLLM's /weight_checker over HTTP: checksum and compare over the read-back GetStatus(verify) does."""
+    http = rollout.loop.run(
+        start_http(
+            rollout.server.generation, host="127.0.0.1", port=0, model="tiny", read_back=rollout.receiver.read_back
+        )
+    )
+    base_url = f"http://127.0.0.1:{http.port}"
+    try:
+        state = seeded_state(model_dir)
+        with Publisher([rollout.address], progress=False) as publisher:
+            (result,) = publisher.push(state, 1)
+        assert result.ok, result.line()
+        trainer = assert_weight_checker_agrees(base_url, state, 1)
+        param = dict(rollout.receiver.engine.model.named_parameters())["model.norm.weight"]  # type: ignore[attr-defined]
+        with torch.no_grad():
+            param.data[0] += 1
+        changed = weight_checker(base_url, {"action": "compare", "baseline": trainer})
+        assert (changed["match"], changed["mismatches"], changed["verified"]) == (False, ["model.norm.weight"], False)
+        assert verification(rollout).state == pb.ROLLOUT_STATE_FAILED  # as status --verify: the version is withdrawn
+        assert_gated(rollout)
+    finally:
+        rollout.loop.run(http.stop())
 
 
 def status_verify(rollout: Rollout) -> subprocess.CompletedProcess[str]:
