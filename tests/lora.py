@@ -78,44 +78,69 @@ def make_adapter(model_dir: Path, base_state: dict[str, torch.Tensor], tokenizer
     return Adapter(state=state, config=config.to_dict(), reference=reference)
 
 
-def answers(stub: pb_grpc.GenerateStub, tokenizer) -> dict[str, tuple[list[int], int]]:  # type: ignore[no-untyped-def]
-    """Each prompt's greedy tokens and the version that produced them."""
+def replies(stub: pb_grpc.GenerateStub, tokenizer) -> dict[str, pb.GenerateResponse]:  # type: ignore[no-untyped-def]
+    """Each prompt's greedy Generate reply."""
     out = {}
     for prompt in PROMPTS:
         request = pb.GenerateRequest(prompt_token_ids=prompt_ids(tokenizer, prompt), max_tokens=MAX_TOKENS)
-        reply = stub.Generate(request, timeout=60)
-        out[prompt] = (list(reply.token_ids), reply.weight_version)
+        out[prompt] = stub.Generate(request, timeout=60)
     return out
 
 
-def swap_under_load(
-    publisher: Publisher, stub: pb_grpc.GenerateStub, adapters: list[Adapter], first: int, tokenizer, rounds: int = 2
-) -> tuple[list[int], list[tuple[str, int, list[int]]]]:  # type: ignore[no-untyped-def]
-    """Pushes the adapters in turn as versions first, first + 1, ... while two clients ask all along.
+def answers(stub: pb_grpc.GenerateStub, tokenizer) -> dict[str, tuple[list[int], int]]:  # type: ignore[no-untyped-def]
+    """Each prompt's greedy tokens and the version that produced them."""
+    return {p: (list(reply.token_ids), reply.weight_version) for p, reply in replies(stub, tokenizer).items()}
 
-    Returns every version that answered and the answers whose tokens are not that version's reference.
+
+def swap_under_load(  # type: ignore[no-untyped-def]
+    publisher: Publisher,
+    stub: pb_grpc.GenerateStub,
+    adapters: list[Adapter],
+    first: int,
+    tokenizer,
+    base: tuple[dict[str, torch.Tensor], dict[str, list[int]], str],
+    rounds: int = 2,
+) -> tuple[list[int], list[tuple[str, int, list[int], int, str]]]:
+    """Pushes the adapters in turn as versions first, first + 1, ... (and `base`, the served base's state,
+    its answers and fingerprint, once more as a full version midway) while two clients ask all along.
+
+    Returns every version that answered and the answers whose tokens, adapter version or base fingerprint
+    are not that version's.
     """
-    references: dict[int, dict[str, list[int]]] = {}
+    base_state, plain, fingerprint = base
+    expected: dict[int, tuple[dict[str, list[int]], int]] = {}  # version -> (answers, adapter version)
     stop, seen, wrong = threading.Event(), [], []
 
     def ask() -> None:
         while not stop.is_set():
-            for prompt, (tokens, version) in answers(stub, tokenizer).items():
+            for prompt, reply in replies(stub, tokenizer).items():
+                version, tokens = reply.weight_version, list(reply.token_ids)
                 seen.append(version)
-                if tokens != references[version][prompt]:
-                    wrong.append((prompt, version, tokens))
+                reference, adapter_version = expected[version]
+                if (tokens, reply.adapter_version, reply.base_fingerprint) != (
+                    reference[prompt],
+                    adapter_version,
+                    fingerprint,
+                ):
+                    wrong.append((prompt, version, tokens, reply.adapter_version, reply.base_fingerprint))
 
-    references[first] = adapters[0].reference
+    expected[first] = (adapters[0].reference, first)
     assert publisher.push_adapter(adapters[0].state, adapters[0].config, first)[0].ok
     threads = [threading.Thread(target=ask) for _ in range(2)]
     for t in threads:
         t.start()
     try:
         version = first
-        for adapter in (adapters[1:] + adapters[:1]) * rounds:
+        pushes: list[Adapter | None] = (adapters[1:] + adapters[:1]) * rounds
+        pushes.insert(len(pushes) // 2, None)  # the base as a full version: adapter version 0
+        for adapter in pushes:
             version += 1
-            references[version] = adapter.reference
-            [result] = publisher.push_adapter(adapter.state, adapter.config, version)
+            if adapter is None:
+                expected[version] = (plain, 0)
+                [result] = publisher.push(base_state, version)
+            else:
+                expected[version] = (adapter.reference, version)
+                [result] = publisher.push_adapter(adapter.state, adapter.config, version)
             assert result.ok, result.line()
     finally:
         stop.set()

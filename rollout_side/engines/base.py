@@ -71,6 +71,10 @@ class Completion:
     # Swap policy continue only: one version per token when the tokens span versions (weight_version
     # is then the first token's); empty when weight_version produced every token.
     token_versions: list[int] = field(default_factory=list)
+    # What weight_version is (Served.lineage): the full version it is or whose base the LoRA adapter it is
+    # was merged into, and its adapter version (0: a full version). Filled by Generation, not by engines.
+    base_fingerprint: str = ""
+    adapter_version: int = 0
 
 
 class Engine(ABC):

@@ -159,7 +159,7 @@ class Generation:
         prompt_ids, sampling = await self.admit(request, timeout)
         out = await self.engine.generate(prompt_ids, sampling)
         metrics.Rollout.observe_generate(out.weight_version, time.perf_counter() - started)
-        return out
+        return self.traced(out)
 
     async def generate_stream(
         self, request: GenerationRequest, timeout: float | None = None
@@ -170,7 +170,7 @@ class Generation:
         async for out in self.engine.generate_stream(prompt_ids, sampling):
             if out.finish_reason:
                 metrics.Rollout.observe_generate(out.weight_version, time.perf_counter() - started)
-            yield out
+            yield self.traced(out)
 
     async def generate_n(self, request: GenerationRequest, timeout: float | None = None) -> list[Completion]:
         """All `request.n` completions, in index order, run concurrently on the engine."""
@@ -179,7 +179,7 @@ class Generation:
         outs = await asyncio.gather(*(self.engine.generate(prompt_ids, s) for s in _each(sampling, request.n)))
         for out in outs:
             metrics.Rollout.observe_generate(out.weight_version, time.perf_counter() - started)
-        return list(outs)
+        return [self.traced(out) for out in outs]
 
     async def generate_stream_n(
         self, request: GenerationRequest, timeout: float | None = None
@@ -192,7 +192,15 @@ class Generation:
             async for index, out in pieces:
                 if out.finish_reason:
                     metrics.Rollout.observe_generate(out.weight_version, time.perf_counter() - started)
-                yield index, out
+                yield index, self.traced(out)
+
+    def traced(self, out: Completion) -> Completion:
+        """`out` saying what its version is (Served.lineage): the base fingerprint and adapter version of the
+        version that produced its tokens (the first token's), whatever is served by the time it is answered."""
+        lineage = self.gate.served.lineage(out.weight_version)
+        return dataclasses.replace(
+            out, base_fingerprint=lineage.base_fingerprint, adapter_version=lineage.adapter_version
+        )
 
     async def admit(self, request: GenerationRequest, timeout: float | None) -> tuple[list[int], Sampling]:
         """Refuses a request no committed version can answer, or a malformed one; returns prompt ids and sampling."""

@@ -220,9 +220,16 @@ def _extras(out: Completion, conventions: Conventions, prompt_ids: Sequence[int]
         extra["prompt_token_ids"] = list(prompt_ids)
     if conventions.weight_versions:
         extra["weight_versions"] = weight_versions(out.token_versions or [out.weight_version] * len(out.token_ids))
+        extra |= lineage(out)
     if out.token_versions:
         extra["token_weight_versions"] = out.token_versions
     return extra
+
+
+def lineage(out: Completion) -> dict[str, Any]:
+    """With return_weight_versions: what `weight_version` is (a LoRA adapter version and its base, or a full
+    version: adapter_version 0), as Generate's replies say it."""
+    return {"base_fingerprint": out.base_fingerprint, "adapter_version": out.adapter_version}
 
 
 def _usage_numbers(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -324,6 +331,7 @@ async def _events(
                 choice["prompt_token_ids"] = prompt_ids_of(index)
             if conventions.weight_versions:
                 choice["weight_versions"] = weight_versions([piece.weight_version] * len(piece.token_ids), offset)
+                choice |= lineage(piece)
             if delta or piece.token_ids or piece.finish_reason:
                 yield _sse(base | {"choices": [choice], "weight_version": piece.weight_version})
             pending = await anext(merged, None)

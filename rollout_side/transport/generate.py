@@ -36,6 +36,8 @@ class GenerateServicer(pb_grpc.GenerateServicer):  # type: ignore[misc]  # gener
             top_logprobs=first.top_logprobs,
             token_weight_versions=first.token_weight_versions,
             completions=completions,
+            base_fingerprint=first.base_fingerprint,
+            adapter_version=first.adapter_version,
         )
 
     @grpc_stream_errors
@@ -77,11 +79,13 @@ def _completion(index: int, out: Completion) -> pb.GenerateCompletion:
 
 
 def _tokens(out: Completion) -> dict[str, Any]:
-    """The fields a completion and a stream piece share: tokens, text, version, finish, logprobs."""
+    """The fields a completion and a stream piece share: tokens, text, version (and what it is), finish, logprobs."""
     return {
         "token_ids": out.token_ids,
         "text": out.text,
         "weight_version": out.weight_version,
+        "base_fingerprint": out.base_fingerprint,
+        "adapter_version": out.adapter_version,
         "finish_reason": out.finish_reason,
         "logprobs": out.logprobs or (),
         "top_logprobs": _top(out),

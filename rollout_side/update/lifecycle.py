@@ -161,6 +161,10 @@ class Lifecycle(Generic[S]):
         self.served.committed(version, fingerprint, adapter_of=adapter_of)
         self.move(Phase.SERVING)
 
+    def loading(self, version: int, fingerprint: str, *, adapter_of: str = "") -> None:
+        """The engine is about to load `version`: its lineage is known from now on (`Served.lineage`)."""
+        self.served.loading(version, fingerprint, adapter_of=adapter_of)
+
     def fail(self, failure: str) -> None:
         """A load failed midway: the engine holds no version's weights, nothing is served (FAILED)."""
         self.check(Phase.FAILED)

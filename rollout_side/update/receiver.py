@@ -524,6 +524,8 @@ class Receiver:
             staging = self.delta_base.take(self.adapters.check(update.adapter, base).total_bytes)
             merge = self.adapters.merge
             manifest = await asyncio.to_thread(merge, update.adapter, update.manifest, update.staging, staging)
+        adapter_of = update.adapter.base_fingerprint if update.adapter else ""
+        self.lifecycle.loading(update.version, update.manifest.fingerprint, adapter_of=adapter_of)
         try:
             if self.booting:
                 assert self._boot is not None

@@ -11,10 +11,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from peft import LoraConfig
 from safetensors.torch import save_file
 
+from rollout_side.serving.openai_api import start_http
 from trainer_side.publisher import Publisher
 from weightsync import wire
 from weightsync.adapter import AdapterConfig
@@ -24,7 +26,7 @@ from weightsync.v1 import weightsync_pb2 as pb
 
 import raw
 from conftest import Rollout
-from lora import PROMPTS, Adapter, answers, swap_under_load, three_adapters
+from lora import MAX_TOKENS, PROMPTS, Adapter, answers, prompt_ids, swap_under_load, three_adapters
 from proxy import Proxy
 
 
@@ -75,6 +77,33 @@ def test_three_adapter_versions_answer_as_transformers_plus_peft(  # type: ignor
     assert answers(rollout.generate, tokenizer) == {p: (plain[p], 5) for p in PROMPTS}
     now = status(rollout)
     assert (now.adapter_version, now.base_fingerprint) == (0, base)
+
+
+def test_every_reply_says_the_adapter_version_and_base_that_answered(  # type: ignore[no-untyped-def]
+    rollout: Rollout, based, adapters: list[Adapter], tokenizer
+) -> None:
+    """Generate, each of its n completions, GenerateStream's messages and the HTTP face (with
+    return_weight_versions) name the adapter version and its base, or adapter version 0 for a full one."""
+    publisher, base = based
+    ids = prompt_ids(tokenizer, PROMPTS[0])
+    request = pb.GenerateRequest(prompt_token_ids=ids, max_tokens=MAX_TOKENS, n=2)
+    http = rollout.loop.run(start_http(rollout.server.generation, host="127.0.0.1", port=0, model="tiny"))
+    url = f"http://127.0.0.1:{http.port}/v1/completions"
+    body = {"model": "tiny", "prompt": ids, "max_tokens": MAX_TOKENS, "return_weight_versions": True}
+    try:
+        for version, adapter_version in ((1, 0), (2, 2)):
+            if version == 2:
+                assert publisher.push_adapter(adapters[0].state, adapters[0].config, 2)[0].ok
+            reply = rollout.generate.Generate(request, timeout=60)
+            said = {(reply.weight_version, reply.adapter_version, reply.base_fingerprint)}
+            said |= {(c.weight_version, c.adapter_version, c.base_fingerprint) for c in reply.completions}
+            stream = rollout.generate.GenerateStream(pb.GenerateStreamRequest(request=request), timeout=60)
+            said |= {(m.weight_version, m.adapter_version, m.base_fingerprint) for m in stream}
+            [choice] = httpx.post(url, json=body, timeout=60).json()["choices"]
+            said.add((choice["weight_version"], choice["adapter_version"], choice["base_fingerprint"]))
+            assert said == {(version, adapter_version, base)}
+    finally:
+        rollout.loop.run(http.stop())
 
 
 def test_an_adapter_for_another_base_is_refused_and_generate_keeps_serving(  # type: ignore[no-untyped-def]
@@ -130,9 +159,11 @@ def test_an_interrupted_adapter_push_is_resumed(  # type: ignore[no-untyped-def]
 
 
 def test_generate_during_adapter_swaps_answers_as_the_version_it_claims(  # type: ignore[no-untyped-def]
-    rollout: Rollout, based, adapters: list[Adapter], tokenizer
+    rollout: Rollout, based, adapters: list[Adapter], plain, tokenizer, trained_state
 ) -> None:
-    seen, wrong = swap_under_load(based[0], rollout.generate, adapters, 2, tokenizer)
+    """Every answer's tokens, adapter version and base fingerprint are those of the version it claims."""
+    publisher, base = based
+    seen, wrong = swap_under_load(publisher, rollout.generate, adapters, 2, tokenizer, (trained_state, plain, base))
     assert not wrong, wrong[:3]
     assert len(set(seen)) >= 4, "the answers should span several versions"
 

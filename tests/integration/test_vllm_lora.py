@@ -33,8 +33,13 @@ def vllm_rollout(loop_thread: LoopThread, model_dir: Path) -> Iterator[Rollout]:
 
 
 @pytest.fixture(scope="module")
-def adapters(model_dir: Path, trained_state, tokenizer) -> list[Adapter]:  # type: ignore[no-untyped-def]
-    return three_adapters(model_dir, trained_state, tokenizer)[1]
+def made(model_dir: Path, trained_state, tokenizer) -> tuple[dict[str, list[int]], list[Adapter]]:  # type: ignore[no-untyped-def]
+    return three_adapters(model_dir, trained_state, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def adapters(made) -> list[Adapter]:  # type: ignore[no-untyped-def]
+    return made[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +63,13 @@ def test_three_adapter_versions_answer_as_transformers_plus_peft(  # type: ignor
 
 
 def test_generate_during_adapter_swaps_answers_as_the_version_it_claims(  # type: ignore[no-untyped-def]
-    adapters: list[Adapter], vllm_rollout: Rollout, publisher: Publisher, tokenizer
+    made, vllm_rollout: Rollout, publisher: Publisher, tokenizer, trained_state
 ) -> None:
-    first = vllm_rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=10).weight_version + 1
-    seen, wrong = swap_under_load(publisher, vllm_rollout.generate, adapters, first, tokenizer)
+    """Every answer's tokens, adapter version and base fingerprint are those of the version it claims."""
+    status = vllm_rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=10)
+    plain, adapters = made
+    base = (trained_state, plain, status.base_fingerprint)
+    first = status.weight_version + 1
+    seen, wrong = swap_under_load(publisher, vllm_rollout.generate, adapters, first, tokenizer, base)
     assert not wrong, wrong[:3]
     assert len(set(seen)) >= 4, "the answers should span several versions"
