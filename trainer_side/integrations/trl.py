@@ -7,8 +7,10 @@ required to come from that version, with the trainer's sampling settings and per
 rollout that dies is skipped with a warning, and training goes on while one is left.
 
 Supported: one training process (no DeepSpeed ZeRO-3, no FSDP; refused with a message), plain models and
-PEFT models (the adapter merged into the pushed weights, as TRL's vLLM path does). `push_policy` is the
-one place the weights leave the trainer.
+PEFT models. A PEFT LoRA policy travels as its adapter (docs/lora.md): the base once, as a full version,
+again only when its weights changed or a rollout lost it, then each step's adapter as a version of its own;
+a PEFT setup weightsync cannot merge exactly (DoRA, modules_to_save, ...) is pushed merged, as TRL's vLLM
+path does. `push_policy` is the one place the weights leave the trainer.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ import torch
 from trl.data_utils import is_conversational
 
 from trainer_side.publisher import Publisher, PushResult
+from weightsync.adapter import AdapterConfig
+from weightsync.errors import Reason
 from weightsync.generate_client import GenerateClient, Generated, NoRolloutLeft
+from weightsync.manifest import manifest_of_state
 
 __all__ = ["Push", "WeightsyncRollout", "policy_state"]
 
@@ -35,7 +40,7 @@ logger = logging.getLogger(__name__)
 class Push:
     """One push of the policy: the version, how long it took, which rollouts took it."""
 
-    version: int
+    version: int  # the version completions come from (a PEFT policy's adapter version)
     step: int  # the trainer's global_step when it was pushed
     seconds: float
     committed: tuple[str, ...]
@@ -67,6 +72,10 @@ class WeightsyncRollout:
         self.max_staleness = max_staleness
         self.pushes: list[Push] = []  # every push, in order
         self.version = 0  # the version pushed last
+        # A PEFT policy's base as the rollouts hold it: its fingerprint, and the base weights' (address,
+        # in-place write count) when it was taken, which tells cheaply whether the base may have changed.
+        self.base_fingerprint = ""
+        self._base_seen: tuple[tuple[int, int], ...] = ()
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
         """TRL's rollout_func: one completion per entry of `prompts` (a prompt repeated k times is one
@@ -100,21 +109,56 @@ class WeightsyncRollout:
         }
 
     def sync(self, trainer: Any) -> Push | None:
-        """Pushes the policy as version `global_step + 1` unless that step was pushed already."""
+        """Pushes the policy as version `global_step + 1` unless that step was pushed already (or later: a
+        PEFT policy's base push takes a version of its own, and versions only move forward)."""
         step = int(trainer.state.global_step)
         if self.pushes and self.pushes[-1].step == step:
             return None
         started = time.perf_counter()
-        results = self.push_policy(trainer, step + 1)
+        results = self.push_policy(trainer, max(step + 1, self.version + 1))
         committed = self._keep_committed(results)
-        push = Push(version=step + 1, step=step, seconds=time.perf_counter() - started, committed=committed)
+        version = max(r.version for r in results)
+        push = Push(version=version, step=step, seconds=time.perf_counter() - started, committed=committed)
         self.pushes.append(push)
         self.version = push.version
         return push
 
     def push_policy(self, trainer: Any, version: int) -> list[PushResult]:
-        """Pushes the trainer's policy as `version`: the one place the weights leave the trainer."""
-        return self.publisher.push(policy_state(trainer), version)
+        """Pushes the trainer's policy as `version` (a PEFT LoRA policy: its adapter, as `version` or later
+        when its base goes first): the one place the weights leave the trainer."""
+        model = policy(trainer)
+        config = lora_config(model)
+        if config is None:
+            return self.publisher.push(policy_state(trainer), version)
+        return self._push_adapter(model, config, version)
+
+    def _push_adapter(self, model: Any, config: dict[str, Any], version: int) -> list[PushResult]:
+        """The adapter as `version`, after the base (as `version`, the adapter then one later) if the rollouts
+        may not hold it: the first push, a base whose weights were written since, a rollout that lost it."""
+        from peft import get_peft_model_state_dict
+
+        adapter = get_peft_model_state_dict(model)
+        for _ in range(2):
+            if self._base_changed(model):
+                base = peft_base_state(model)
+                fingerprint = manifest_of_state(base).fingerprint
+                if fingerprint != self.base_fingerprint:
+                    self._keep_committed(self.publisher.push(base, version))
+                    self.base_fingerprint, version = fingerprint, version + 1
+            results = self.publisher.push_adapter(adapter, config, version, base_fingerprint=self.base_fingerprint)
+            if not any(r.reason is Reason.ADAPTER_BASE_MISMATCH for r in results):
+                return results
+            # A rollout holds another base or none (it restarted): the base goes to every rollout again.
+            self.base_fingerprint, self._base_seen, version = "", (), version + 1
+        return results
+
+    def _base_changed(self, model: Any) -> bool:
+        """Whether the base weights may differ from those last pushed: replaced, or written in place since
+        (torch counts in-place writes per tensor); only then is the base hashed again."""
+        seen = tuple((p.data_ptr(), p._version) for name, p in model.named_parameters() if model.prefix not in name)
+        changed = seen != self._base_seen or not self.base_fingerprint
+        self._base_seen = seen
+        return changed
 
     def _keep_committed(self, results: list[PushResult]) -> tuple[str, ...]:
         """Drops the rollouts that did not take the version (warning for each); the addresses that did."""
@@ -148,6 +192,23 @@ def policy_state(trainer: Any) -> dict[str, torch.Tensor]:
         NotImplementedError: a setup this integration does not push from yet (several processes, DeepSpeed
             ZeRO-3, FSDP).
     """
+    model = policy(trainer)
+    if is_peft(model):
+        model.merge_adapter()
+        try:
+            return peft_base_state(model)  # merged: the policy's weights
+        finally:
+            model.unmerge_adapter()
+    return dict(model.state_dict())
+
+
+def policy(trainer: Any) -> Any:
+    """The trainer's model, unwrapped as TRL does.
+
+    Raises:
+        NotImplementedError: a setup this integration does not push from yet (several processes, DeepSpeed
+            ZeRO-3, FSDP).
+    """
     accelerator = trainer.accelerator
     if accelerator.num_processes > 1:
         raise NotImplementedError(
@@ -156,26 +217,40 @@ def policy_state(trainer: Any) -> dict[str, torch.Tensor]:
         )
     if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
         raise NotImplementedError("WeightsyncRollout does not push from DeepSpeed or FSDP models yet")
-    model = accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_adapter") and hasattr(model, "peft_config"):
-        return _merged_peft_state(model)
-    return dict(model.state_dict())
+    return accelerator.unwrap_model(trainer.model)
 
 
-def _merged_peft_state(model: Any) -> dict[str, torch.Tensor]:
-    """A PEFT model's weights with the adapter merged in, under the base model's names (as TRL's vLLM sync)."""
-    prefix = model.prefix  # "lora_" for LoRA: the adapter's own tensors
-    model.merge_adapter()
+def is_peft(model: Any) -> bool:
+    return hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
+
+
+def lora_config(model: Any) -> dict[str, Any] | None:
+    """A PEFT model's active adapter_config.json fields, if weightsync can push it as an adapter; else None
+    (a plain model, or a PEFT setup a rollout could not merge exactly: it is pushed merged)."""
+    if not is_peft(model):
+        return None
+    config: dict[str, Any] = model.peft_config[model.active_adapter].to_dict()
     try:
-        state = {}
-        for name, param in model.named_parameters(remove_duplicate=False):  # tied names too, as state_dict()
-            if prefix in name or "original_module" in name:
-                continue
-            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-            state[name.replace("modules_to_save.default.", "")] = param.detach().clone()
-        return state
-    finally:
-        model.unmerge_adapter()
+        AdapterConfig.from_peft(config, (), base_fingerprint="")
+    except (ValueError, KeyError) as error:
+        logger.warning("pushing the PEFT policy merged, not as its adapter: %s", error)
+        return None
+    return config
+
+
+def peft_base_state(model: Any) -> dict[str, torch.Tensor]:
+    """A PEFT model's base-model weights under the base model's names (merged in, if the adapter is merged:
+    as TRL's vLLM sync takes them); the adapter's own tensors left out."""
+    prefix = model.prefix  # "lora_" for LoRA: the adapter's own tensors
+    state: dict[str, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}  # tied names share one copy, so they go on the wire once, as tied
+    for name, param in model.named_parameters(remove_duplicate=False):  # tied names too, as state_dict()
+        if prefix in name or "original_module" in name:
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        copy = copies.setdefault(id(param), param.detach().clone())
+        state[name.replace("modules_to_save.default.", "")] = copy
+    return state
 
 
 def tokenize(prompts: list[Any], trainer: Any) -> list[list[int]]:
