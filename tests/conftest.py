@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from collections.abc import Coroutine, Iterator
@@ -27,6 +28,10 @@ from weightsync.v1 import weightsync_pb2 as pb  # noqa: E402
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc  # noqa: E402
 
 T = TypeVar("T")
+
+# TRL's import sets VLLM_LOGGING_LEVEL=ERROR unless set, and every vLLM rollout a test starts inherits it:
+# none of vLLM's boot lines would be logged (boot tests wait for them). INFO is vLLM's own default.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,6 @@ import pytest
 import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "experimental" in TRL 1.16
-# TRL sets VLLM_LOGGING_LEVEL=ERROR on import unless set; rollouts started from here inherit it
-# and would log nothing of vLLM's boot. INFO is vLLM's own default.
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
 pytest.importorskip("trl", reason="TRL is not installed: `pip install -e .[trl]` (make venv installs it)")
 
 from datasets import Dataset
