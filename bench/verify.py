@@ -8,8 +8,10 @@ check on and off (`serve --no-verify-installed`), each configuration in its own 
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -58,7 +60,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "verify.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ws-bench-verify-"))
-    rows = {}
+    # The machine as the run found it: on a shared box the load average explains the spread between runs.
+    machine = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "runs": args.runs,
+        "load_average_before": list(os.getloadavg()),
+    }
+    rows: dict[str, object] = {}
     print("| model | push | verification | verification / push | swap pause, verified | swap pause, off |")
     print("|---|---:|---:|---:|---:|---:|")
     for size in args.sizes:
@@ -73,8 +82,9 @@ def main() -> None:
             f"{on['swap_s'] * 1e3:.1f} ms | {off['swap_s'] * 1e3:.1f} ms |"
         )
         del state
+    machine["load_average_after"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    args.out.write_text(json.dumps({"machine": machine} | rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from rollout_side.engines.base import (
 from rollout_side.update.compat import meta_param_specs, model_param_specs
 from weightsync.checkpoint import load_checkpoint
 from weightsync.errors import InstalledMismatch
-from weightsync.manifest import Manifest
+from weightsync.manifest import Manifest, TensorEntry
 from weightsync.memory import prefaulted_buffer
 
 __all__ = ["TorchEngine"]
@@ -182,14 +182,15 @@ class TorchEngine(Engine):
         """On the worker thread: hashes every parameter named in `manifest` as the model holds it."""
         assert self.model is not None
         started = time.perf_counter()
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        sums = []
-        for entry in manifest:
+        params: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
+
+        def held(entry: TensorEntry) -> torch.Tensor | None:
             param = params.get(entry.name)
             if param is None or tuple(param.shape) != entry.shape or param.dtype != entry.dtype:
-                sums.append("")  # not found as sent: a failure, never a skip
-            else:
-                sums.append(installed.sum_of(param, entry.offset, manifest.piece_bytes))
+                return None  # not found as sent: a failure, never a skip
+            return param
+
+        sums = installed.sums_of(((held(e), e.offset) for e in manifest), manifest.piece_bytes)
         self.verification = installed.compare(manifest, version, [sums], started)
         if not self.verification.ok:
             raise self.verification.error()
