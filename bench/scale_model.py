@@ -63,7 +63,8 @@ class Rates:
 @dataclass(frozen=True, kw_only=True)
 class Fleet:
     """One deployment. `nic_gbit` None: no link cap (loopback); `shared_cores`: every process of the fleet
-    shares that many cores (this machine), else each host has `cores` of its own."""
+    shares that many cores (this machine: the cores a run could get, measured, when other work shares them),
+    else each host has `cores` of its own."""
 
     model_bytes: float
     trainer_ranks: int
@@ -73,7 +74,7 @@ class Fleet:
     rollout_hosts: int = 1
     nic_gbit: float | None = None
     cores: int = 96
-    shared_cores: int | None = None
+    shared_cores: float | None = None
     relay_fanout: int = 0  # 0: the trainer sends to every rollout; k: a relay tree of fan-out k (1 = a chain)
     design: Design = "process"
     adapter_ratio: float = 0.0  # adapter bytes / model bytes, for kind="adapter"
@@ -153,21 +154,26 @@ def predict(fleet: Fleet, rates: Rates, kind: Kind = "full") -> Prediction:
 
     if f.shared_cores is not None:  # every process competes for the same cores: total CPU / cores
         total = f.trainer_ranks * encode + f.rollouts * workers * receive
-        phases.append(Phase("all CPU on shared cores", total / f.shared_cores, f"{f.shared_cores} shared cores", True))
+        cores = f"{f.shared_cores:.2g} shared cores"
+        phases.append(Phase("all CPU on shared cores", total / f.shared_cores, cores, True))
 
-    # After the last byte: a relay chain drains, a delta is applied, the weights load and swap.
-    if relayed:
-        hop = rates.relay_hop_s.value + (f.chunk_bytes / link if link else 0.0)  # store and forward of a chunk
-        phases.append(Phase("relay drain", _depth(f.rollouts - 1, f.relay_fanout) * hop, "relay depth", False))
-    if kind == "delta":
-        phases.append(Phase("apply patches", whole / workers * rates.cpu_per_byte("apply_cpu"), "rollout CPU", False))
+    # After the last byte: a delta is applied, the weights load and swap, and a relay chain drains.
     shard = whole / f.gpus_per_rollout
+    commit: list[Phase] = []
+    if kind == "delta":
+        commit.append(Phase("apply patches", whole / workers * rates.cpu_per_byte("apply_cpu"), "rollout CPU", False))
     if f.gpu:
         load = shard / (rates.h2d_gbps.value * 1e9)
         if f.design == "process":  # the receiving process hands every worker its shard through host memory
             load += shard / (rates.handoff_gbps.value * 1e9)
-        phases.append(Phase("load to GPUs", load, "host-to-GPU copy", False))
-    phases.append(Phase("swap", shard / GIB * rates.swap_s.value + rates.fixed_s.value, "swap + round trips", False))
+        commit.append(Phase("load to GPUs", load, "host-to-GPU copy", False))
+    commit.append(Phase("swap", shard / GIB * rates.swap_s.value + rates.fixed_s.value, "swap + round trips", False))
+    phases += commit
+    if relayed:
+        # A relay passes Commit on only once its own commit is done (rollout_side/update/core.py), so every hop
+        # below the root adds its apply, load and swap, besides storing and forwarding one chunk.
+        hop = rates.relay_hop_s.value + (f.chunk_bytes / link if link else 0.0) + sum(p.seconds for p in commit)
+        phases.append(Phase("relay drain", _depth(f.rollouts - 1, f.relay_fanout) * hop, "relay depth", False))
     return Prediction(fleet, kind, phases)
 
 

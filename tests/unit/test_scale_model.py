@@ -72,6 +72,15 @@ def test_a_relay_chain_sends_once_and_adds_a_hop_each() -> None:
     assert p.seconds == pytest.approx(3.0 + 1.5)
 
 
+def test_each_relay_hop_waits_for_its_parent_to_commit() -> None:
+    """A relay passes Commit on once its own commit is done: a chain's drain adds every hop's swap and round trips."""
+    f = Fleet(model_bytes=GIB, trainer_ranks=1, rollouts=4, rollout_hosts=4, relay_fanout=1, gpu=False)
+    p = predict(f, rates(relay_hop_s=0.0, swap_s=0.25, fixed_s=0.05))
+    swap = next(x for x in p.phases if x.name == "swap")
+    assert swap.seconds == pytest.approx(0.3)  # 1 GiB x 0.25 s/GiB + 0.05 s
+    assert next(x for x in p.phases if x.name == "relay drain").seconds == pytest.approx(3 * 0.3)
+
+
 def test_a_delta_sends_its_ratio_and_diffs_and_applies_the_whole_model() -> None:
     f = Fleet(model_bytes=100 * GIB, trainer_ranks=1, gpu=False)
     p = predict(f, rates(), "delta")
