@@ -782,3 +782,34 @@ async def test_a_refused_begin_keeps_the_interrupted_update() -> None:
     await refused(Reason.TOO_LARGE, lambda: receiver.begin(3, manifest_of_state(fake_state(3)), 1024))
     assert receiver.lifecycle.phase is Phase.INTERRUPTED and receiver.lifecycle.held is update
     assert announce(receiver, 2).held_chunks() == [(0, 1)]  # still there to resume
+
+
+class AnswersDuringLoad(FakeEngine):
+    """Answers one request after its weights switched and before its load returns, as an engine whose
+    read-back of the installed weights runs after the swap does: the version is not committed yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generation: Generation | None = None
+        self.answered: list[Any] = []
+
+    async def load(self, staging: Any, manifest: Manifest, version: int) -> Any:
+        spare = await super().load(staging, manifest, version)
+        if self.generation is not None:
+            request = GenerationRequest(prompt_token_ids=[1], max_tokens=1)
+            self.answered.append(await self.generation.generate(request))
+        return spare
+
+
+@run
+async def test_a_reply_names_the_base_and_adapter_version_of_its_own_version_even_before_it_commits() -> None:
+    """What a reply says its version is comes from that version's record, not from what is served when it
+    is answered (here: still the previous version)."""
+    engine = AnswersDuringLoad()
+    receiver, _ = await booted(engine)
+    first = await push(receiver, 1)
+    engine.generation = generation(receiver)
+    second = await push(receiver, 2)
+    [during] = engine.answered
+    assert (during.weight_version, during.base_fingerprint, during.adapter_version) == (2, second, 0)
+    assert receiver.lifecycle.served.lineage(1).base_fingerprint == first  # kept for replies still to come
