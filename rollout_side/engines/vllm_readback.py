@@ -17,12 +17,12 @@ Every rank runs the same collectives in the same order: the names come from one 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from rollout_side.engines.installed import ReadBackEntry, sum_of
+from rollout_side.engines.installed import ReadBackEntry, sums_of
 
 __all__ = ["installed_param", "read_back"]
 
@@ -38,13 +38,15 @@ FUSED: dict[str, tuple[str, str | int]] = {
 
 def read_back(model: torch.nn.Module, entries: Sequence[ReadBackEntry], piece_bytes: int) -> list[str]:
     """Each entry's checksum as this worker's model holds it ("" where the model has no such tensor)."""
-    sums = []
-    with torch.inference_mode():
-        for name, offset, size in entries:
+
+    def held() -> Iterator[tuple[torch.Tensor | None, int]]:
+        for name, offset, size in entries:  # on this thread, in order: every rank runs the same collectives
             tensor = installed_tensor(model, name)
             fits = tensor is not None and tensor.numel() * tensor.element_size() == size
-            sums.append(sum_of(tensor, offset, piece_bytes) if fits and tensor is not None else "")
-    return sums
+            yield (tensor if fits else None), offset
+
+    with torch.inference_mode():
+        return sums_of(held(), piece_bytes)
 
 
 def installed_param(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str, str | int | None] | None:
