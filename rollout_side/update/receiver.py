@@ -116,6 +116,7 @@ class Receiver:
         self._commits: set[asyncio.Task[tuple[int, str, float]]] = set()  # each runs to its end, caller or not
         self._reaper = Reaper(self.reap, min(idle_timeout / 4, 5.0))
         self._boot: asyncio.Task[None] | None = None  # the engine's dummy boot, while and after it runs
+        self._reading_back: asyncio.Task[Verification] | None = None  # the on-demand read-back in flight
         self._specs = engine.param_specs()
         self._max_bytes = max_update_bytes(self._specs)
 
@@ -559,10 +560,19 @@ class Receiver:
     async def verify_installed(self) -> Verification:
         """Reads back what the engine serves and holds it to the committed manifest (`status --verify`).
 
+        Callers asking while a read-back runs share it: one read-back at a time, however many ask (each
+        hashes every weight, so a flood of GetStatus(verify) or /weight_checker would otherwise take the cores).
+
         Raises:
             NoWeights: nothing is served.
             InstalledMismatch: the engine no longer holds the committed version; it then serves nothing.
         """
+        if self._reading_back is None or self._reading_back.done():
+            self._reading_back = asyncio.ensure_future(self._verify_installed())
+            self._reading_back.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved
+        return await asyncio.shield(self._reading_back)  # a caller that leaves does not cancel the others'
+
+    async def _verify_installed(self) -> Verification:
         manifest, version = self.delta_base.manifest, self.lifecycle.served.version
         if manifest is None or not version or self.lifecycle.phase is Phase.COMMITTING:
             raise NoWeights("no committed version is served, so there is nothing to verify")
