@@ -5,8 +5,10 @@ takes AdamW steps (lr 1e-6) on random tokens. After every step the new version g
 to two real rollout processes (torch engine): in full to one (a publisher without delta sync), as a
 delta to the other (a publisher with it); the order alternates. Both must confirm the same fingerprint.
 Then a dense update (every element moved by one bf16 ulp) goes the same way, where delta sync must
-fall back to the full version. Writes bench/results/delta.json: every run's numbers, median/min/max,
-and where the delta's time goes (the trainer's diff, measured alone on the same versions).
+fall back to the full version. Last, a LoRA adapter (rank 16, every projection) is pushed as versions beside
+a full push of the same model (docs/lora.md); `--adapter-only` measures that alone. Writes
+bench/results/delta.json: every run's numbers, median/min/max, and where the delta's time goes (the
+trainer's diff, measured alone on the same versions).
 
 On loopback a full sync moves bytes at memory speed, so a delta cannot be much faster than the passes
 over memory it needs (diff and checksums). Without --quick, the sparse figures are measured again on a
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         default="1gbit,10gbit",
         help="link caps of the simulated cluster to measure on (tc syntax, comma-separated); 'off' skips it",
     )
+    parser.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="only the LoRA adapter push beside a full push (no optimizer steps, no links): a minute, not many",
+    )
     parser.add_argument("--driver", type=Path, help=argparse.SUPPRESS)  # the model folder, inside the cluster
     parser.add_argument("--rollouts", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -78,25 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     args_rollout = ["--log-level", "WARNING"]
     full_rollout = RolloutProcess(model_dir, engine="torch", args=args_rollout)
     delta_rollout = RolloutProcess(model_dir, engine="torch", args=args_rollout)
+    results: dict[str, object] = {"machine": machine()}
     try:
         with (
             Publisher([full_rollout.address], progress=False, timeout=300) as plain,
             Publisher([delta_rollout.address], progress=False, timeout=300, delta=True) as deltas,
         ):
-            sparse = _sparse(trainer, plain, deltas, nbytes, runs, warmup)
-            dense = _dense(trainer, plain, deltas, nbytes, runs)
-            adapter = _adapter(trainer, plain, nbytes, runs)
+            if not args.adapter_only:
+                results["sparse"] = _sparse(trainer, plain, deltas, nbytes, runs, warmup)
+                results["dense"] = _dense(trainer, plain, deltas, nbytes, runs)
+            results["adapter"] = _adapter(trainer, plain, nbytes, runs)
     finally:
         full_rollout.stop()
         delta_rollout.stop()
-    results: dict[str, object] = {
-        "machine": machine(),
-        "config": {"model": SIZE, "bytes": nbytes, "runs": runs, "warmup": warmup, "lr": LR, "optimizer": "AdamW"},
-        "sparse": sparse,
-        "dense": dense,
-        "adapter": adapter,
-    }
-    if not args.quick and args.link != "off":
+    config = {"model": SIZE, "bytes": nbytes, "runs": runs, "warmup": warmup, "lr": LR, "optimizer": "AdamW"}
+    results["config"] = config | {"adapter_only": args.adapter_only}
+    if not args.quick and not args.adapter_only and args.link != "off":
         del trainer
         results["links"] = [_on_a_link(model_dir, rate, runs, warmup) for rate in args.link.split(",")]
     results["seconds"] = time.perf_counter() - started
@@ -448,11 +452,22 @@ def _on_a_link(model_dir: Path, rate: str, runs: int, warmup: int) -> dict[str, 
 
 
 def _print(results: dict[str, object]) -> None:
-    sparse, dense = results["sparse"], results["dense"]
-
     def med(block: object, key: str) -> float:
         return float(block[key]["median"])  # type: ignore[index]
 
+    if "sparse" in results:
+        _print_delta(results, med)
+    adapter = results["adapter"]
+    print(
+        f"LoRA rank 16 on every projection: adapter push {med(adapter, 'adapter_s'):.3f} s "
+        f"(first over a new base {med(adapter, 'first_adapter_s'):.3f} s) vs full push {med(adapter, 'full_s'):.3f} s: "
+        f"{med(adapter, 'speedup'):.1f}x, {100 * med(adapter, 'bytes_ratio'):.2f}% of the bytes; "
+        f"rollout merge+load {med(adapter, 'rollout_merge_load_s'):.3f} s"
+    )
+
+
+def _print_delta(results: dict[str, object], med: Callable[[object, str], float]) -> None:
+    sparse, dense = results["sparse"], results["dense"]
     print(
         f"AdamW lr {LR:g}, {SIZE}: unchanged {100 * med(sparse, 'unchanged'):.3f}%, "
         f"delta wire bytes {100 * med(sparse, 'bytes_ratio'):.2f}% of full (1/{1 / med(sparse, 'bytes_ratio'):.0f}), "
@@ -477,13 +492,6 @@ def _print(results: dict[str, object]) -> None:
         block = dense[f"overhead_{name}"]  # type: ignore[index]
         if block.get("runs"):
             print(f"  {name.replace('_', ' ')}: {100 * block['median']:+.1f}% median of {block['runs']} runs")
-    adapter = results["adapter"]
-    print(
-        f"LoRA rank 16 on every projection: adapter push {med(adapter, 'adapter_s'):.3f} s "
-        f"(first over a new base {med(adapter, 'first_adapter_s'):.3f} s) vs full push {med(adapter, 'full_s'):.3f} s: "
-        f"{med(adapter, 'speedup'):.1f}x, {100 * med(adapter, 'bytes_ratio'):.2f}% of the bytes; "
-        f"rollout merge+load {med(adapter, 'rollout_merge_load_s'):.3f} s"
-    )
 
 
 if __name__ == "__main__":
