@@ -33,6 +33,7 @@ __all__ = [
     "OutOfSharedMemory",
     "Reason",
     "SharedMemoryRefused",
+    "StagedMismatch",
     "StaleVersion",
     "TooLarge",
     "UnknownUpdate",
@@ -213,6 +214,15 @@ class InstalledMismatch(WeightSyncError):
 
     code = grpc.StatusCode.DATA_LOSS
     reason = Reason.INSTALLED_MISMATCH
+
+
+class StagedMismatch(InstalledMismatch, BadManifest):
+    """The bytes an engine was about to install, hashed before its swap, differ from the trainer's checksums.
+
+    Found before the engine touched its weights (the torch engine on CPU: torch_engine.py), so the version
+    served before keeps serving. It is an InstalledMismatch (same reason and metadata, for clients) and a
+    BadManifest, the receiver's mark of a load refused before the engine changed anything (receiver.py).
+    """
 
 
 class NonFiniteWeights(WeightSyncError):

@@ -12,6 +12,7 @@ __all__ = ["Rollout", "Trainer", "record_push", "serve_metrics"]
 logger = logging.getLogger(__name__)
 
 _SYNC_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -25,6 +26,10 @@ class Rollout:
         "weightsync_rollout_sync_seconds", "BeginUpdate to committed, per update", buckets=_SYNC_BUCKETS
     )
     swap_seconds = Histogram("weightsync_rollout_swap_seconds", "Commit request to serving", buckets=_SYNC_BUCKETS)
+    # The stall generation sees: how long a swap held the engine's one generating thread (torch engine).
+    swap_pause_seconds = Histogram(
+        "weightsync_rollout_swap_pause_seconds", "Generation held by a swap, per load", buckets=_PAUSE_BUCKETS
+    )
     weight_version = Gauge("weightsync_rollout_weight_version", "Version served; 0 = none")
     generate_requests = Counter("weightsync_generate_requests", "Generate calls answered, by version", ["version"])
     generate_seconds = Histogram(

@@ -7,8 +7,16 @@ vllm_readback.py) and hashes them as the trainer did; `compare` then names the t
 that the engine never received. Loads that lose weights silently (a name that no longer maps, a skipped
 tensor, a corrupted copy) are caught before the version serves.
 
+The torch engine on CPU installs the staging views themselves as its parameters (zero-copy), so it hashes
+those views before its swap, off the thread that generates, and after the swap only proves that each
+parameter is that very memory (`same_memory`, `sums_held`): the bytes it serves are the bytes hashed. A
+parameter that is other memory is hashed where it lies. What this cannot see is the hashed memory itself
+written between that hash and the swap, or after it: the staging buffer belongs to the engine from `load`
+on and nothing writes to it (a fault there shows at the next `status --verify`, which hashes everything).
+
 `Failpoints` are for tests only: read from WEIGHTSYNC_FAILPOINTS when an engine starts, they make a load
-skip one tensor or flip a byte of one installed tensor, so tests can prove the check sees both.
+skip one tensor, install one with a flipped byte, or flip a byte of one staged tensor before the engine's
+hash, so tests can prove the checks see each.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from weightsync.errors import InstalledMismatch
+from weightsync.errors import InstalledMismatch, StagedMismatch
 from weightsync.manifest import Manifest, entry_checksum, tensor_bytes
 
 __all__ = [
@@ -31,9 +39,12 @@ __all__ = [
     "ReadBackEntry",
     "Verification",
     "compare",
+    "corrupted_copy",
     "flip_byte",
     "read_back_entries",
+    "same_memory",
     "sum_of",
+    "sums_held",
     "sums_of",
 ]
 
@@ -67,18 +78,26 @@ class Verification:
     def ok(self) -> bool:
         return not self.mismatched and not self.missing
 
-    def error(self) -> InstalledMismatch:
-        """The refusal a failed verification becomes."""
+    def error(self, *, staged: bool = False) -> InstalledMismatch:
+        """The refusal a failed verification becomes; `staged`: it ran before the swap (StagedMismatch)."""
         named = [*self.missing, *self.mismatched][:NAMED]
         parts = []
         if self.missing:
             parts.append(f"{len(self.missing)} never received")
         if self.mismatched:
             parts.append(f"{len(self.mismatched)} differ from their checksums")
-        return InstalledMismatch(
-            f"version {self.version} as the engine holds it fails verification ({', '.join(parts)}): "
-            f"{', '.join(named)}{' ...' if len(self.missing) + len(self.mismatched) > NAMED else ''}; "
-            "the rollout serves nothing until a later version verifies",
+        what, then, kind = (
+            ("as staged for the engine", "the version served before keeps serving", StagedMismatch)
+            if staged
+            else (
+                "as the engine holds it",
+                "the rollout serves nothing until a later version verifies",
+                InstalledMismatch,
+            )
+        )
+        return kind(
+            f"version {self.version} {what} fails verification ({', '.join(parts)}): "
+            f"{', '.join(named)}{' ...' if len(self.missing) + len(self.mismatched) > NAMED else ''}; {then}",
             metadata={"tensors": ",".join(named), "version": str(self.version)},
         )
 
@@ -113,6 +132,35 @@ def sums_of(tensors: Iterable[tuple[torch.Tensor | None, int]], piece_bytes: int
             pending.append(_hashing.submit(sum_of, tensor, offset, piece_bytes))
     sums.extend(future.result() for future in pending)
     return sums
+
+
+def same_memory(held: torch.Tensor | None, hashed: torch.Tensor) -> bool:
+    """Whether `held` is the very tensor `hashed` (address, shape, strides, dtype, device): a zero-copy install."""
+    return (
+        held is not None
+        and held.data_ptr() == hashed.data_ptr()
+        and held.shape == hashed.shape
+        and held.stride() == hashed.stride()
+        and held.dtype == hashed.dtype
+        and held.device == hashed.device
+    )
+
+
+def sums_held(
+    manifest: Manifest, held: Sequence[torch.Tensor | None], hashed: Sequence[torch.Tensor], sums: Sequence[str]
+) -> list[str]:
+    """The checksums of what an engine holds (`held`, None: not found as sent), after it installed the `hashed`
+    views themselves, whose `sums` were taken before its swap.
+
+    A tensor held in that very memory keeps its sum without reading a byte; any other is hashed where it lies
+    (skipped, copied elsewhere), so nothing is vouched for that was not hashed as held.
+    """
+    return [
+        digest
+        if same_memory(tensor, view)
+        else ("" if tensor is None else sum_of(tensor, e.offset, manifest.piece_bytes))
+        for e, tensor, view, digest in zip(manifest, held, hashed, sums, strict=True)
+    ]
 
 
 def _ready(value: str) -> Future[str]:
@@ -157,17 +205,25 @@ class Failpoints:
     """Tests only: faults a load injects, from WEIGHTSYNC_FAILPOINTS (comma-separated).
 
     `skip-load[=NAME]`: the load leaves tensor NAME (default: the manifest's first) as it was.
-    `corrupt-installed[=NAME]`: after the load, one byte of tensor NAME as installed is flipped (on the first
-    worker only, where there are several).
+    `corrupt-installed[=NAME]`: the engine ends up holding other bytes for tensor NAME than were verified
+    as staged. Where the load copies (vLLM, torch on CUDA), one byte of the installed copy is flipped (on the
+    first worker only, where there are several). The torch engine on CPU installs the staged memory itself,
+    already hashed before the swap; flipping it there would test nothing the engine guards (see the module
+    docstring), and flipping it before that hash would be caught by the hash, not by the installed check. So
+    it installs a copy with one byte flipped instead: a parameter holding other bytes than were hashed, which
+    only the check after the swap can see.
+    `corrupt-staged[=NAME]`: one byte of tensor NAME in staging is flipped after the receiver's checks,
+    before the engine hashes what it is about to install (torch on CPU): the staged memory changed under it.
     """
 
     skip: str | None = None
     corrupt: str | None = None
+    corrupt_staged: str | None = None
     unknown: tuple[str, ...] = field(default=())
 
     @classmethod
     def from_environ(cls) -> Failpoints:
-        skip = corrupt = None
+        skip = corrupt = corrupt_staged = None
         unknown = []
         for item in filter(None, (s.strip() for s in os.environ.get(FAILPOINTS_ENV, "").split(","))):
             key, _, arg = item.partition("=")
@@ -175,9 +231,11 @@ class Failpoints:
                 skip = arg
             elif key == "corrupt-installed":
                 corrupt = arg
+            elif key == "corrupt-staged":
+                corrupt_staged = arg
             else:
                 unknown.append(item)
-        return cls(skip=skip, corrupt=corrupt, unknown=tuple(unknown))
+        return cls(skip=skip, corrupt=corrupt, corrupt_staged=corrupt_staged, unknown=tuple(unknown))
 
     def skipped(self, names: Sequence[str]) -> str | None:
         """The tensor a load of `names` leaves out, if any."""
@@ -186,6 +244,10 @@ class Failpoints:
     def corrupted(self, names: Sequence[str]) -> str | None:
         """The tensor whose installed copy a load of `names` corrupts, if any."""
         return _target(self.corrupt, names)
+
+    def staged_corrupted(self, names: Sequence[str]) -> str | None:
+        """The tensor whose staged bytes a load of `names` corrupts before the engine hashes them, if any."""
+        return _target(self.corrupt_staged, names)
 
 
 def _target(arg: str | None, names: Sequence[str]) -> str | None:
@@ -198,3 +260,10 @@ def flip_byte(tensor: torch.Tensor) -> None:
     """Flips the lowest bit of the tensor's first byte, in place (the corrupt-installed failpoint)."""
     raw = tensor.data.reshape(-1).view(torch.uint8)
     raw[0] = raw[0] ^ 1
+
+
+def corrupted_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` with flip_byte applied (corrupt-installed where the engine installs staging itself)."""
+    copy = tensor.detach().clone()
+    flip_byte(copy)
+    return copy

@@ -15,6 +15,7 @@ import time
 import typing
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,6 +37,7 @@ from weightsync.checkpoint import load_checkpoint
 from weightsync.errors import InstalledMismatch
 from weightsync.manifest import Manifest, TensorEntry
 from weightsync.memory import prefaulted_buffer
+from weightsync.metrics import Rollout as RolloutMetrics
 
 __all__ = ["TorchEngine"]
 
@@ -45,12 +47,23 @@ P = typing.ParamSpec("P")  # not engines.base.ParamSpec: the arguments _run pass
 R = TypeVar("R")
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Staged:
+    """A CPU load made ready off the worker thread: the views to install, and their checksums if verified."""
+
+    views: list[tuple[str, torch.Tensor]]
+    sums: list[str] | None = None  # None: verification off
+    seconds: float = 0.0  # hashing them took
+
+
 class TorchEngine(Engine):
     """Runs one request at a time on a single worker thread.
 
     The swap runs on that same thread, between requests, so no request ever sees two versions.
-    Parameters become views into the staging buffer that was committed: the swap copies nothing,
-    and the previous buffer goes back to the receiver for the next version.
+    On CPU, parameters become views into the staging buffer that was committed: the swap copies nothing,
+    and the previous buffer goes back to the receiver for the next version. Those views are hashed before
+    the swap, while the old version goes on generating; the swap itself only checks that each parameter
+    is the memory hashed, so verification adds almost nothing to the pause generation sees.
     """
 
     name = "torch"
@@ -115,14 +128,35 @@ class TorchEngine(Engine):
         return prefaulted_buffer(nbytes)
 
     async def load(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
+        staged = await asyncio.to_thread(self._stage, staging, manifest, version) if self.device.type == "cpu" else None
+        swap = functools.partial(self._swap, staging, manifest, version, staged)
         if self.swap_policy == "drain":  # behind every request already queued on the worker thread
-            return await self._run(self._swap, staging, manifest, version)
+            return await self._run(swap)
         done: Future[torch.Tensor | None] = Future()
         with self._pending_lock:
-            self._pending_swap = (functools.partial(self._swap, staging, manifest, version), done)
+            self._pending_swap = (swap, done)
         # Runs it if no request reaches a token boundary first (an idle engine, or only queued requests).
         self._worker.submit(self._run_pending_swap)
         return await asyncio.wrap_future(done)
+
+    def _stage(self, staging: torch.Tensor, manifest: Manifest, version: int) -> _Staged:
+        """Off the worker thread (CPU): the views `_swap` installs, hashed and held to `manifest` when verifying.
+
+        A mismatch raises StagedMismatch before anything changed: the old version keeps serving.
+        """
+        views = list(manifest.views(staging))  # once: a misaligned view is a copy, and the copy is what is hashed
+        if (flipped := self._failpoints.staged_corrupted([name for name, _ in views])) is not None:
+            installed.flip_byte(dict(views)[flipped])
+        if not self.verify_installed:
+            return _Staged(views=views)
+        started = time.perf_counter()
+        sums = installed.sums_of(
+            ((view, e.offset) for e, (_, view) in zip(manifest, views, strict=True)), manifest.piece_bytes
+        )
+        verification = installed.compare(manifest, version, [sums], started)
+        if not verification.ok:
+            raise verification.error(staged=True)
+        return _Staged(views=views, sums=sums, seconds=verification.seconds)
 
     def _run_pending_swap(self) -> bool:
         """On the worker thread: performs the pending swap, if any; True if one ran."""
@@ -137,17 +171,29 @@ class TorchEngine(Engine):
             done.set_exception(error)
         return True
 
-    def _swap(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
+    def _swap(
+        self, staging: torch.Tensor, manifest: Manifest, version: int, staged: _Staged | None
+    ) -> torch.Tensor | None:
+        """On the worker thread: installs `version`, checks it when verifying, and publishes it.
+
+        `staged` (CPU): its views become the parameters; `_check_held` then proves each parameter is the
+        memory `_stage` hashed. Without it (CUDA, untested here) the views are copied into the parameters
+        and every parameter is hashed after, here, in the pause.
+        """
         assert self.model is not None
+        started = time.perf_counter()
         params = dict(self.model.named_parameters(remove_duplicate=False))
         names = [e.name for e in manifest]
         skipped = self._failpoints.skipped(names)
+        corrupted = self._failpoints.corrupted(names)
         try:
             with torch.no_grad():
-                if self.device.type == "cpu":
-                    for name, view in manifest.views(staging):
+                if staged is not None:
+                    for name, view in staged.views:
                         if name != skipped:
                             params[name].data = view
+                    if corrupted is not None:  # other bytes than were hashed: see Failpoints
+                        params[corrupted].data = installed.corrupted_copy(params[corrupted])
                     previous, self._live = self._live, staging
                 else:
                     for name, view in manifest.views(staging):
@@ -155,17 +201,24 @@ class TorchEngine(Engine):
                             params[name].data.copy_(view, non_blocking=True)
                     torch.cuda.synchronize(self.device)
                     previous = staging
-                if (corrupted := self._failpoints.corrupted(names)) is not None:
-                    installed.flip_byte(params[corrupted])
+                    if corrupted is not None:
+                        installed.flip_byte(params[corrupted])
             if self.verify_installed:  # before the version is published: nothing unverified is served
-                self._check_installed(manifest, version)
+                if staged is not None:
+                    self._check_held(manifest, version, staged)
+                else:
+                    self._check_installed(manifest, version)
         except BaseException:
             # Requests run on this thread, so none sees a half swap; after a failed one nothing
             # trustworthy is held. Until then the old version stays published: admission checks
             # on other threads must not see 0 in the middle of a swap that succeeds.
             self._version = 0
             raise
+        finally:
+            pause = time.perf_counter() - started
+            RolloutMetrics.swap_pause_seconds.observe(pause)
         self._version = version
+        logger.info("version %d swapped in: generation paused %.1f ms", version, pause * 1e3)
         return previous
 
     async def verify(self, manifest: Manifest, version: int) -> installed.Verification:
@@ -180,21 +233,39 @@ class TorchEngine(Engine):
 
     def _check_installed(self, manifest: Manifest, version: int) -> installed.Verification:
         """On the worker thread: hashes every parameter named in `manifest` as the model holds it."""
-        assert self.model is not None
         started = time.perf_counter()
+        held = self._held(manifest)
+        sums = installed.sums_of(
+            ((tensor, e.offset) for e, tensor in zip(manifest, held, strict=True)), manifest.piece_bytes
+        )
+        return self._verified(installed.compare(manifest, version, [sums], started))
+
+    def _check_held(self, manifest: Manifest, version: int, staged: _Staged) -> installed.Verification:
+        """On the worker thread, after a CPU swap: each parameter is the view `_stage` hashed, or is hashed here."""
+        assert staged.sums is not None
+        started = time.perf_counter() - staged.seconds  # the verification's time: the hash before the swap and this
+        sums = installed.sums_held(manifest, self._held(manifest), [view for _, view in staged.views], staged.sums)
+        return self._verified(installed.compare(manifest, version, [sums], started))
+
+    def _held(self, manifest: Manifest) -> list[torch.Tensor | None]:
+        """Each parameter named in `manifest` as the model holds it; None: not as sent (a failure, never a skip)."""
+        assert self.model is not None
         params: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
 
         def held(entry: TensorEntry) -> torch.Tensor | None:
             param = params.get(entry.name)
             if param is None or tuple(param.shape) != entry.shape or param.dtype != entry.dtype:
-                return None  # not found as sent: a failure, never a skip
+                return None
             return param
 
-        sums = installed.sums_of(((held(e), e.offset) for e in manifest), manifest.piece_bytes)
-        self.verification = installed.compare(manifest, version, [sums], started)
-        if not self.verification.ok:
-            raise self.verification.error()
-        return self.verification
+        return [held(e) for e in manifest]
+
+    def _verified(self, verification: installed.Verification) -> installed.Verification:
+        """Records a read-back (GetStatus reports it) and raises its InstalledMismatch if it failed."""
+        self.verification = verification
+        if not verification.ok:
+            raise verification.error()
+        return verification
 
     @property
     def weight_version(self) -> int:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollout_side.engines.installed import FAILPOINTS_ENV
+from rollout_side.engines.installed import FAILPOINTS_ENV, Failpoints
 from rollout_side.serving.openai_api import start_http
 from trainer_side.publisher import Publisher
+from weightsync.errors import Reason
 from weightsync.v1 import weightsync_pb2 as pb
 
 from conftest import ROOT, LoopThread, Rollout, assert_gated, start_rollout
@@ -22,6 +23,7 @@ from installed import (
     assert_refused_naming,
     assert_verified,
     assert_weight_checker_agrees,
+    nudged,
     seeded_state,
     three_pushes_verified,
     verification,
@@ -62,6 +64,30 @@ def test_full_delta_full_each_verified_as_installed(rollout: Rollout, model_dir:
 )
 def test_failpoint_fails_the_commit_naming_the_tensor(failing_rollout: Rollout, model_dir: Path, tensor: str) -> None:
     assert_refused_naming(failing_rollout, seeded_state(model_dir), 1, tensor)
+
+
+def test_staged_bytes_that_fail_the_hash_before_the_swap_leave_the_old_version_serving(
+    rollout: Rollout, model_dir: Path
+) -> None:
+    """CPU: the engine hashes what it is about to install before its swap; a mismatch there refuses the commit,
+    naming the tensor, and the version served before goes on answering, with its own tokens."""
+    state = seeded_state(model_dir)
+    with Publisher([rollout.address], progress=False) as publisher:
+        (first,) = publisher.push(state, 1)
+        assert first.ok, first.line()
+        request = pb.GenerateRequest(prompt="the cat sat", max_tokens=8)
+        before = rollout.generate.Generate(request, timeout=30)
+        tensor = "model.layers.1.self_attn.o_proj.weight"
+        # As if set at start (WEIGHTSYNC_FAILPOINTS=corrupt-staged=...), from the second load on.
+        rollout.receiver.engine._failpoints = Failpoints(corrupt_staged=tensor)  # type: ignore[attr-defined]
+        (second,) = publisher.push(nudged(state, ["model.norm.weight"]), 2)
+    assert not second.ok and second.reason == Reason.INSTALLED_MISMATCH, second.line()
+    assert tensor in second.error and "keeps serving" in second.error, second.error
+    status = assert_verified(rollout, 1)  # the old version, as verified when it was committed
+    assert status.state == pb.ROLLOUT_STATE_SERVING
+    after = rollout.generate.Generate(request, timeout=30)
+    assert (after.weight_version, list(after.token_ids)) == (1, list(before.token_ids))
+    assert verification(rollout, verify=True).verification.ok  # the old version's memory is untouched
 
 
 def test_a_tensor_changed_after_commit_fails_status_verify(rollout: Rollout, model_dir: Path) -> None:
