@@ -122,7 +122,7 @@ class OpenAIFace:
         if self._vllm is None:
             from rollout_side.serving.vllm_openai import VllmOpenAI
 
-            self._vllm = VllmOpenAI(self.engine, self.model, self.parsers)  # type: ignore[arg-type]
+            self._vllm = VllmOpenAI(self.engine, self.model, self.generation.gate.served, self.parsers)  # type: ignore[arg-type]
         serve = self._vllm.chat_completions if chat else self._vllm.completions
         response: Response = await serve(body, request, self.engine.weight_version)
         return response

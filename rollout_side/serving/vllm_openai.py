@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from rollout_side.update.served import Served
+
 if TYPE_CHECKING:
     from rollout_side.engines.vllm_engine import VllmEngine
 
@@ -40,10 +42,11 @@ class Versions:
     OpenAIServingCompletion); a chat request has one prompt (its n choices are one engine request).
     """
 
-    def __init__(self, n: int, *, per_prompt: bool, spans: bool = False) -> None:
+    def __init__(self, n: int, *, per_prompt: bool, spans: Served | None = None) -> None:
         self.n = max(n, 1)
         self.per_prompt = per_prompt
-        self.spans = spans  # return_weight_versions: tag choices with spans of their token_ids too
+        # return_weight_versions: tag choices with spans of their token_ids and their version's lineage too
+        self.spans = spans
         self.by_prompt: dict[int, int] = {}
         self._emitted: dict[int, int] = {}  # streaming: tokens sent so far, by choice index
 
@@ -63,19 +66,23 @@ class Versions:
         for choice in choices:
             if isinstance(choice, dict) and isinstance(choice.get("index"), int):
                 choice["weight_version"] = self.of_choice(choice["index"], fallback)
-                if self.spans:
-                    self._span(choice)
+                if self.spans is not None:
+                    self._span(choice, self.spans)
         tagged = [c["weight_version"] for c in choices if isinstance(c, dict) and "weight_version" in c]
         return payload | {"weight_version": min(tagged, default=self.lowest(fallback))}
 
-    def _span(self, choice: dict[str, Any]) -> None:
-        """vLLM 0.33's `weight_versions` of a choice (or of a stream chunk's tokens, counted from the first)."""
+    def _span(self, choice: dict[str, Any], served: Served) -> None:
+        """vLLM 0.33's `weight_versions` of a choice (or of a stream chunk's tokens, counted from the first),
+        and what its version is (a LoRA adapter version and its base, or a full version), as the rollout's
+        own face says it."""
         from rollout_side.serving.openai_schema import weight_versions
 
         tokens = choice.get("token_ids") or []
         start = self._emitted.get(choice["index"], 0)
         self._emitted[choice["index"]] = start + len(tokens)
         choice["weight_versions"] = weight_versions([choice["weight_version"]] * len(tokens), start)
+        lineage = served.lineage(choice["weight_version"])
+        choice |= {"base_fingerprint": lineage.base_fingerprint, "adapter_version": lineage.adapter_version}
 
 
 _VERSIONS: contextvars.ContextVar[Versions | None] = contextvars.ContextVar("weightsync_versions", default=None)
@@ -156,13 +163,14 @@ def parser_problem(model_dir: Path, parsers: ChatParsers) -> str | None:
 class VllmOpenAI:
     """The two generation endpoints through vLLM's serving classes; built once the engine runs."""
 
-    def __init__(self, engine: VllmEngine, model: str, parsers: ChatParsers | None = None) -> None:
+    def __init__(self, engine: VllmEngine, model: str, served: Served, parsers: ChatParsers | None = None) -> None:
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
         from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
         from vllm.entrypoints.openai.models.protocol import BaseModelPath
         from vllm.entrypoints.openai.models.serving import OpenAIServingModels
         from vllm.renderers.online_renderer import OnlineRenderer
 
+        self.served = served
         client: Any = GatedEngineClient(engine)
         paths = [BaseModelPath(name=model, model_path=str(engine.model_dir))]
         models = OpenAIServingModels(engine_client=client, base_model_paths=paths)
@@ -227,7 +235,8 @@ class VllmOpenAI:
             parsed = model.model_validate(body)
         except ValidationError as error:
             raise HttpError(400, f"invalid request: {error}", "BAD_REQUEST") from None
-        versions = Versions(parsed.n or 1, per_prompt=model.__name__ == "CompletionRequest", spans=spans)
+        per_prompt = model.__name__ == "CompletionRequest"
+        versions = Versions(parsed.n or 1, per_prompt=per_prompt, spans=self.served if spans else None)
         token = _VERSIONS.set(versions)
         try:
             try:

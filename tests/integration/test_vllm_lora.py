@@ -6,11 +6,14 @@ the base and loads the result through vLLM's own load_weights, like any full ver
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from rollout_side.serving.openai_api import start_http
 from trainer_side.publisher import Publisher
 from weightsync.v1 import weightsync_pb2 as pb
 
@@ -73,3 +76,29 @@ def test_generate_during_adapter_swaps_answers_as_the_version_it_claims(  # type
     seen, wrong = swap_under_load(publisher, vllm_rollout.generate, adapters, first, tokenizer, base)
     assert not wrong, wrong[:3]
     assert len(set(seen)) >= 4, "the answers should span several versions"
+
+
+def test_vllms_own_http_serving_says_the_adapter_version_and_base(
+    vllm_rollout: Rollout, publisher: Publisher, adapters: list[Adapter]
+) -> None:
+    """Through vLLM's OpenAI serving layer too, return_weight_versions names each choice's adapter and base."""
+    version = vllm_rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=10).weight_version + 1
+    assert publisher.push_adapter(adapters[0].state, adapters[0].config, version)[0].ok
+    status = vllm_rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=10)
+    assert status.adapter_version == status.weight_version == version
+    expected = (status.weight_version, status.adapter_version, status.base_fingerprint)
+    loop = vllm_rollout.loop
+    http = loop.run(start_http(vllm_rollout.server.generation, host="127.0.0.1", port=0, model="tiny"))
+    url = f"http://127.0.0.1:{http.port}/v1/completions"
+    body = {"model": "tiny", "prompt": "the cat", "max_tokens": 4, "return_weight_versions": True}
+    try:
+        [choice] = httpx.post(url, json=body, timeout=60).json()["choices"]
+        said = {(choice["weight_version"], choice["adapter_version"], choice["base_fingerprint"])}
+        with httpx.stream("POST", url, json=body | {"stream": True}, timeout=60) as events:
+            for line in events.iter_lines():
+                if line.startswith("data: {"):
+                    for c in json.loads(line[6:])["choices"]:
+                        said.add((c["weight_version"], c["adapter_version"], c["base_fingerprint"]))
+    finally:
+        loop.run(http.stop())
+    assert said == {expected}
