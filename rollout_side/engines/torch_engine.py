@@ -205,7 +205,7 @@ class TorchEngine(Engine):
                         installed.flip_byte(params[corrupted])
             if self.verify_installed:  # before the version is published: nothing unverified is served
                 if staged is not None:
-                    self._check_held(manifest, version, staged)
+                    self._check_held(manifest, version, staged, params)
                 else:
                     self._check_installed(manifest, version)
         except BaseException:
@@ -234,31 +234,25 @@ class TorchEngine(Engine):
     def _check_installed(self, manifest: Manifest, version: int) -> installed.Verification:
         """On the worker thread: hashes every parameter named in `manifest` as the model holds it."""
         started = time.perf_counter()
-        held = self._held(manifest)
+        assert self.model is not None
+        held = _held(manifest, dict(self.model.named_parameters(remove_duplicate=False)))
         sums = installed.sums_of(
             ((tensor, e.offset) for e, tensor in zip(manifest, held, strict=True)), manifest.piece_bytes
         )
         return self._verified(installed.compare(manifest, version, [sums], started))
 
-    def _check_held(self, manifest: Manifest, version: int, staged: _Staged) -> installed.Verification:
-        """On the worker thread, after a CPU swap: each parameter is the view `_stage` hashed, or is hashed here."""
+    def _check_held(
+        self, manifest: Manifest, version: int, staged: _Staged, params: Mapping[str, torch.Tensor]
+    ) -> installed.Verification:
+        """On the worker thread, after a CPU swap: each parameter is the view `_stage` hashed, or is hashed here.
+
+        `params`: the model's named parameters (tied ones under each name), as `_swap` already listed them.
+        """
         assert staged.sums is not None
         started = time.perf_counter() - staged.seconds  # the verification's time: the hash before the swap and this
-        sums = installed.sums_held(manifest, self._held(manifest), [view for _, view in staged.views], staged.sums)
+        held = _held(manifest, params)
+        sums = installed.sums_held(manifest, held, [view for _, view in staged.views], staged.sums)
         return self._verified(installed.compare(manifest, version, [sums], started))
-
-    def _held(self, manifest: Manifest) -> list[torch.Tensor | None]:
-        """Each parameter named in `manifest` as the model holds it; None: not as sent (a failure, never a skip)."""
-        assert self.model is not None
-        params: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
-
-        def held(entry: TensorEntry) -> torch.Tensor | None:
-            param = params.get(entry.name)
-            if param is None or tuple(param.shape) != entry.shape or param.dtype != entry.dtype:
-                return None
-            return param
-
-        return [held(e) for e in manifest]
 
     def _verified(self, verification: installed.Verification) -> installed.Verification:
         """Records a read-back (GetStatus reports it) and raises its InstalledMismatch if it failed."""
@@ -400,6 +394,18 @@ def _flatten_parameters(model: torch.nn.Module) -> torch.Tensor | None:
             param.data = view
             offset += size
     return flat
+
+
+def _held(manifest: Manifest, params: Mapping[str, torch.Tensor]) -> list[torch.Tensor | None]:
+    """Each parameter named in `manifest` as the model holds it; None: not as sent (a failure, never a skip)."""
+
+    def held(entry: TensorEntry) -> torch.Tensor | None:
+        param = params.get(entry.name)
+        if param is None or tuple(param.shape) != entry.shape or param.dtype != entry.dtype:
+            return None
+        return param
+
+    return [held(e) for e in manifest]
 
 
 def _logprobs(
