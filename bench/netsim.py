@@ -73,7 +73,7 @@ class Cluster:
             # Shape both directions of the host's link: its egress, and the switch port's egress to it.
             for where, dev in ((ns, "eth0"), (self.switch, switch_if)):
                 _run(["tc", "-n", where, "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate,
-                      "burst", f"{_burst_bytes(self.rate)}b", "latency", "100ms"])  # fmt: skip
+                      "burst", f"{burst_bytes(self.rate)}b", "latency", "100ms"])  # fmt: skip
 
     def down(self) -> None:
         for ns in [*self.namespaces, self.switch]:
@@ -100,7 +100,7 @@ def _run(argv: Sequence[str]) -> str:
     return done.stdout
 
 
-def _burst_bytes(rate: str) -> int:
+def burst_bytes(rate: str) -> int:
     """A token bucket deep enough for 2 ms at `rate` (at least 256 KiB): shallower ones undershoot fast links."""
     units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "bit": 1}
     for suffix, scale in units.items():

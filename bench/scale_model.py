@@ -80,6 +80,7 @@ class Fleet:
     adapter_ratio: float = 0.0  # adapter bytes / model bytes, for kind="adapter"
     gpu: bool = True  # False: a CPU engine (this machine), no host-to-GPU load
     chunk_bytes: int = 1 << 20  # a relay forwards a chunk once all of it has arrived
+    link_burst_bytes: int = 0  # what a link passes before its rate applies: the simulated cluster's token bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,21 +128,28 @@ def predict(fleet: Fleet, rates: Rates, kind: Kind = "full") -> Prediction:
     # Trainer: each rank encodes its share once and sends it to every destination; one core per rank.
     encode = per_rank * rates.cpu_per_byte("encode_cpu") + per_rank * destinations * rates.cpu_per_byte("send_cpu")
     if kind == "delta":
-        encode += whole / f.trainer_ranks * rates.cpu_per_byte("diff_cpu")
+        # Every tensor is diffed before the first patch goes out (trainer_side/base_store.py): not streamed.
+        diff = whole / f.trainer_ranks * rates.cpu_per_byte("diff_cpu")
+        phases.append(Phase("trainer diff", diff, "trainer CPU per byte", False))
     phases.append(Phase("trainer encode + send", encode, "trainer CPU per byte", True))
 
     # Network: every host's NIC carries what leaves and what enters it; relays forward to k children.
     link = f.nic_gbit * 1e9 / 8 * rates.link_efficiency.value if f.nic_gbit is not None else 0.0
+
+    def crossing(nbytes: float) -> float:
+        """Seconds for `nbytes` to cross a link that starts idle."""
+        return max(nbytes - f.link_burst_bytes, 0.0) / link
+
     if link:
         out = wire / f.trainer_hosts * destinations
-        phases.append(Phase("trainer NIC", out / link, "trainer NIC", True))
+        phases.append(Phase("trainer NIC", crossing(out), "trainer NIC", True))
         per_host = wire * f.rollouts / f.rollout_hosts  # every rollout holds every byte
         if f.design == "process":  # one host of a rollout takes all of its bytes, however many hosts it spans
             per_host = max(per_host, wire)
         if relayed:
             children = min(f.relay_fanout, f.rollouts - 1)
-            phases.append(Phase("relay NIC", wire * children / link, "relay NIC (forwarding)", True))
-        phases.append(Phase("rollout NIC", per_host / link, "rollout NIC", True))
+            phases.append(Phase("relay NIC", crossing(wire * children), "relay NIC (forwarding)", True))
+        phases.append(Phase("rollout NIC", crossing(per_host), "rollout NIC", True))
 
     # Rollout: each receiving process checks and stages its bytes on one core.
     mine = wire / workers
@@ -157,7 +165,7 @@ def predict(fleet: Fleet, rates: Rates, kind: Kind = "full") -> Prediction:
         cores = f"{f.shared_cores:.2g} shared cores"
         phases.append(Phase("all CPU on shared cores", total / f.shared_cores, cores, True))
 
-    # After the last byte: a delta is applied, the weights load and swap, and a relay chain drains.
+    # After the last byte: a delta's last patches are applied, the weights load and swap, and a relay chain drains.
     shard = whole / f.gpus_per_rollout
     commit: list[Phase] = []
     if kind == "delta":
@@ -167,12 +175,15 @@ def predict(fleet: Fleet, rates: Rates, kind: Kind = "full") -> Prediction:
         if f.design == "process":  # the receiving process hands every worker its shard through host memory
             load += shard / (rates.handoff_gbps.value * 1e9)
         commit.append(Phase("load to GPUs", load, "host-to-GPU copy", False))
-    commit.append(Phase("swap", shard / GIB * rates.swap_s.value + rates.fixed_s.value, "swap + round trips", False))
+    swap = shard / GIB * rates.swap_s.value
+    commit.append(Phase("swap", swap + rates.fixed_s.value, "swap + round trips", False))
     phases += commit
     if relayed:
-        # A relay passes Commit on only once its own commit is done (rollout_side/update/core.py), so every hop
-        # below the root adds its apply, load and swap, besides storing and forwarding one chunk.
-        hop = rates.relay_hop_s.value + (f.chunk_bytes / link if link else 0.0) + sum(p.seconds for p in commit)
+        # A relay forwards a chunk once it holds and has checked it (a delta's patches applied: update/core.py)
+        # and passes Commit on once its own commit is done, so each hop below the root adds its last chunk's
+        # store and forward and its own apply, load and swap; the update's fixed cost is paid once.
+        forward = crossing(min(f.chunk_bytes, wire)) if link else 0.0
+        hop = rates.relay_hop_s.value + forward + sum(p.seconds for p in commit) - rates.fixed_s.value
         phases.append(Phase("relay drain", _depth(f.rollouts - 1, f.relay_fanout) * hop, "relay depth", False))
     return Prediction(fleet, kind, phases)
 

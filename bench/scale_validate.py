@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from bench.measure import machine
-from bench.netsim import Cluster, unavailable_reason
+from bench.netsim import Cluster, burst_bytes, unavailable_reason
 from bench.scale import RESULTS, measured_rates
 from bench.scale_model import GIB, Fleet, Rate, Rates, predict
 
@@ -96,6 +96,7 @@ def main(*, quick: bool = False, docs: bool = True) -> int:
                 nic_gbit=gbit,
                 relay_fanout=1 if int(n) > 1 else 0,
                 gpu=False,
+                link_burst_bytes=burst_bytes(cap),
             )
             name = f"relay chain of {n} at {cap}"
             cores = measured["cores"]
@@ -185,11 +186,11 @@ def _same_run_rates(committed: Rates, calibration: dict[str, Any], nbytes: int) 
     send = calibration["sender_cpu_s"] / gib
     receive = calibration["receiver_cpu_s"] / gib
     delta = calibration["delta"]
-    wire_s = delta["wire_bytes"] / GIB * (send + receive)
-    # What a delta costs beyond its fixed cost and its bytes, split between the sides as their CPU was.
-    extra = max(delta["seconds"] - calibration["fixed_s"]["1x1"] - wire_s, 0.0) / gib
-    trainer_share = delta["trainer_cpu_s"] / max(delta["trainer_cpu_s"] + delta["rollout_cpu_s"], 1e-9)
-    source = "this run: a 1 -> 1 delta on loopback, less its fixed cost and wire bytes, split as each side's CPU"
+    wire = delta["wire_bytes"] / GIB
+    # Each side's CPU for a delta beyond sending or receiving its wire bytes (the rollout's also beyond its swap).
+    diff = max(delta["trainer_cpu_s"] - wire * send, 0.0) / gib
+    apply = max(delta["rollout_cpu_s"] - wire * receive - calibration["swap_s"], 0.0) / gib
+    source = "this run: a 1 -> 1 delta on loopback, {} CPU less its wire bytes' send/receive (and swap)"
     return replace(
         committed,
         encode_cpu=Rate(0.0, "folded into send_cpu: one rank to one rollout, this run"),
@@ -197,8 +198,8 @@ def _same_run_rates(committed: Rates, calibration: dict[str, Any], nbytes: int) 
         receive_cpu=Rate(receive, "this run: 1 rank -> 1 rollout, rollout CPU"),
         swap_s=Rate(calibration["swap_s"] / gib, "this run: 1 rank -> 1 rollout, the rollout's commit"),
         fixed_s=Rate(calibration["fixed_s"]["1x1"], "this run: 1 -> 1 of models/tiny"),
-        diff_cpu=Rate(extra * trainer_share, source),
-        apply_cpu=Rate(extra * (1 - trainer_share), source),
+        diff_cpu=Rate(diff, source.format("the trainer's")),
+        apply_cpu=Rate(apply, source.format("the rollout's")),
     )
 
 

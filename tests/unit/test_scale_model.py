@@ -73,19 +73,37 @@ def test_a_relay_chain_sends_once_and_adds_a_hop_each() -> None:
 
 
 def test_each_relay_hop_waits_for_its_parent_to_commit() -> None:
-    """A relay passes Commit on once its own commit is done: a chain's drain adds every hop's swap and round trips."""
+    """A relay passes Commit on once its own commit is done: a chain's drain adds every hop's swap (and its
+    last chunk's store and forward); the update's fixed cost is paid once, not per hop."""
     f = Fleet(model_bytes=GIB, trainer_ranks=1, rollouts=4, rollout_hosts=4, relay_fanout=1, gpu=False)
     p = predict(f, rates(relay_hop_s=0.0, swap_s=0.25, fixed_s=0.05))
     swap = next(x for x in p.phases if x.name == "swap")
     assert swap.seconds == pytest.approx(0.3)  # 1 GiB x 0.25 s/GiB + 0.05 s
-    assert next(x for x in p.phases if x.name == "relay drain").seconds == pytest.approx(3 * 0.3)
+    assert next(x for x in p.phases if x.name == "relay drain").seconds == pytest.approx(3 * 0.25)
+
+
+def test_a_link_passes_its_burst_before_its_rate_applies() -> None:
+    """The simulated cluster's token bucket: a small delta crosses a hop faster than its bytes / rate."""
+    gbit = 8e-3  # 1 MB/s
+    f = Fleet(model_bytes=GIB, trainer_ranks=1, rollouts=2, rollout_hosts=2, relay_fanout=1, nic_gbit=gbit, gpu=False)
+    rated = rates(relay_hop_s=0.0, delta_ratio=1e-3)
+    drain = [
+        next(x for x in predict(replace(f, link_burst_bytes=burst), rated, "delta").phases if x.name == "relay drain")
+        for burst in (0, 250_000)
+    ]
+    chunk = 1 << 20  # the delta (1 GiB x 1e-3) spans more than one chunk: a hop forwards one
+    assert drain[0].seconds == pytest.approx(chunk / 1e6 + 0.5)  # its last chunk at 1 MB/s, then its patches
+    assert drain[0].seconds - drain[1].seconds == pytest.approx(0.25)  # 250 kB passed at once
 
 
 def test_a_delta_sends_its_ratio_and_diffs_and_applies_the_whole_model() -> None:
     f = Fleet(model_bytes=100 * GIB, trainer_ranks=1, gpu=False)
     p = predict(f, rates(), "delta")
-    trainer = next(x for x in p.phases if x.name.startswith("trainer"))
-    assert trainer.seconds == pytest.approx(1.0 + 25.0)  # 1 GiB sent, 100 GiB diffed
+    phases = {x.name: x for x in p.phases}
+    assert phases["trainer encode + send"].seconds == pytest.approx(1.0)  # 1 GiB sent
+    # Every tensor is diffed before the first patch goes out: 100 GiB diffed, before the stream, not beside it.
+    assert phases["trainer diff"].seconds == pytest.approx(25.0)
+    assert not phases["trainer diff"].streamed
     assert next(x for x in p.phases if x.name == "apply patches").seconds == pytest.approx(50.0)
 
 
