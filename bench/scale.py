@@ -199,11 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
     parser.add_argument("--validate", action="store_true", help="predict and measure this machine's runs")
     parser.add_argument("--quick", action="store_true", help="with --validate: fewer cases, one run each")
+    parser.add_argument(
+        "--rescore", action="store_true", help="with --validate: predict the committed run's measurements again"
+    )
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md and README.md")
     args = parser.parse_args(argv)
     if args.validate:
         from bench import scale_validate
 
+        if args.rescore:
+            return scale_validate.rescore(docs=not args.no_docs)
         return scale_validate.main(quick=args.quick, docs=not args.no_docs)
     rates = measured_rates(gpu=True)
     text, rows = table(rates)
