@@ -77,11 +77,11 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(row)
     lines += [
         "",
-        "Memory and swap (single rollout):",
+        "Memory and commit (single rollout; the swap pause itself: bench.verify):",
         "",
         "| model | rollout peak RSS during syncs | bound 2 x model + 256 MiB | runtime alone | "
-        "peak minus runtime | trainer RSS added by pushes | swap pause | swap / sync time | "
-        "verification (in the swap) | verification / push time |",
+        "peak minus runtime | trainer RSS added by pushes | commit to serving | commit / sync time | "
+        "verification (in the commit) | verification / push time |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     runtime = results.get("runtime_rss", 0)
