@@ -176,6 +176,7 @@ def predict(fleet: Fleet, rates: Rates, kind: Kind = "full") -> Prediction:
             load += shard / (rates.handoff_gbps.value * 1e9)
         commit.append(Phase("load to GPUs", load, "host-to-GPU copy", False))
     swap = shard / GIB * rates.swap_s.value
+    per_hop = sum(p.seconds for p in commit) + swap  # what each relay hop repeats of the commit
     commit.append(Phase("swap", swap + rates.fixed_s.value, "swap + round trips", False))
     phases += commit
     if relayed:
@@ -183,7 +184,7 @@ def predict(fleet: Fleet, rates: Rates, kind: Kind = "full") -> Prediction:
         # and passes Commit on once its own commit is done, so each hop below the root adds its last chunk's
         # store and forward and its own apply, load and swap; the update's fixed cost is paid once.
         forward = crossing(min(f.chunk_bytes, wire)) if link else 0.0
-        hop = rates.relay_hop_s.value + forward + sum(p.seconds for p in commit) - rates.fixed_s.value
+        hop = rates.relay_hop_s.value + forward + per_hop
         phases.append(Phase("relay drain", _depth(f.rollouts - 1, f.relay_fanout) * hop, "relay depth", False))
     return Prediction(fleet, kind, phases)
 

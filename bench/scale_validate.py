@@ -85,6 +85,9 @@ def main(*, quick: bool = False, docs: bool = True) -> int:
 def rescore(*, docs: bool = True) -> int:
     """Predicts the committed run's measurements again with today's model (after a fix to the model)."""
     report = json.loads((RESULTS / "scale_validation.json").read_text())
+    if "measured" not in report:
+        print("refused: the committed run predates stored measurements; run --validate", file=sys.stderr)
+        return 2
     report["predictions"] = (
         f"recomputed on {datetime.date.today()} from this run's measurements by the model of that day "
         "(`python -m bench.scale --validate --rescore`)"

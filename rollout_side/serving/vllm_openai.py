@@ -42,11 +42,11 @@ class Versions:
     OpenAIServingCompletion); a chat request has one prompt (its n choices are one engine request).
     """
 
-    def __init__(self, n: int, *, per_prompt: bool, spans: Served | None = None) -> None:
+    def __init__(self, n: int, *, per_prompt: bool, served: Served | None = None) -> None:
         self.n = max(n, 1)
         self.per_prompt = per_prompt
         # return_weight_versions: tag choices with spans of their token_ids and their version's lineage too
-        self.spans = spans
+        self.served = served
         self.by_prompt: dict[int, int] = {}
         self._emitted: dict[int, int] = {}  # streaming: tokens sent so far, by choice index
 
@@ -66,8 +66,8 @@ class Versions:
         for choice in choices:
             if isinstance(choice, dict) and isinstance(choice.get("index"), int):
                 choice["weight_version"] = self.of_choice(choice["index"], fallback)
-                if self.spans is not None:
-                    self._span(choice, self.spans)
+                if self.served is not None:
+                    self._span(choice, self.served)
         tagged = [c["weight_version"] for c in choices if isinstance(c, dict) and "weight_version" in c]
         return payload | {"weight_version": min(tagged, default=self.lowest(fallback))}
 
@@ -236,7 +236,7 @@ class VllmOpenAI:
         except ValidationError as error:
             raise HttpError(400, f"invalid request: {error}", "BAD_REQUEST") from None
         per_prompt = model.__name__ == "CompletionRequest"
-        versions = Versions(parsed.n or 1, per_prompt=per_prompt, spans=self.served if spans else None)
+        versions = Versions(parsed.n or 1, per_prompt=per_prompt, served=self.served if spans else None)
         token = _VERSIONS.set(versions)
         try:
             try:
