@@ -36,7 +36,7 @@ from rollout_side.update.compat import meta_param_specs, model_param_specs
 from weightsync.checkpoint import load_checkpoint
 from weightsync.errors import InstalledMismatch
 from weightsync.manifest import Manifest, TensorEntry
-from weightsync.memory import prefaulted_buffer
+from weightsync.memory import prefaulted_buffer, release_freed_memory
 from weightsync.metrics import Rollout as RolloutMetrics
 
 __all__ = ["TorchEngine"]
@@ -115,6 +115,7 @@ class TorchEngine(Engine):
         self.model = model.to(self.device).eval()
         if self.device.type == "cpu":
             self._live = _flatten_parameters(self.model)
+            release_freed_memory()  # the parameters as built, copied into the flat buffer: a model's size
         logger.info("torch engine up on %s (%s weights)", self.device, "real" if weights else "dummy")
 
     def param_specs(self) -> Mapping[str, ParamSpec]:
