@@ -287,9 +287,11 @@ class RolloutClient:
 
     def ready(self, timeout: float) -> bool:
         """Whether the channel connects within `timeout` (at once if it is connected)."""
+        future = grpc.channel_ready_future(self._channel)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            future.result(timeout=timeout)
         except grpc.FutureTimeoutError:
+            future.cancel()  # unsubscribes, or gRPC polls the channel until it closes
             return False
         return True
 
@@ -351,7 +353,19 @@ class RolloutClient:
             return describe(error)
 
     def close(self) -> None:
+        _wait_for_connectivity_poller(self._channel)
         self._channel.close()
+
+
+def _wait_for_connectivity_poller(channel: grpc.Channel, limit: float = 1.0) -> None:
+    """Lets gRPC's connectivity poller (started by `ready`) see it has no subscriber left and stop.
+
+    It checks every 0.2 s; a channel closed before then makes it raise "Channel closed!" in its thread.
+    """
+    state = getattr(channel, "_connectivity_state", None)  # grpc's own; absent: nothing to wait for
+    deadline = time.monotonic() + limit
+    while getattr(state, "polling", False) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 class _NotSent(Exception):
