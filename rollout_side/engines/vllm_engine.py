@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from rollout_side.engines.shm_staging import LayoutEntry
     from weightsync.manifest import Manifest
 
-__all__ = ["VllmEngine"]
+__all__ = ["VllmEngine", "engine_core_processes"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,12 @@ CPU_DEFAULT_KV_GIB = 1.0
 ENGINE_EXIT_WAIT = 1.0  # seconds a shutdown waits for EngineCore to exit before it is killed
 
 
+def engine_core_processes(llm: AsyncLLM) -> list[Any]:
+    """The EngineCore processes vLLM started for `llm` (multiprocessing processes; none if in-process)."""
+    manager = getattr(getattr(llm.engine_core, "resources", None), "engine_manager", None)
+    return list(getattr(manager, "processes", []))
+
+
 def _stop_engine_core(llm: AsyncLLM) -> None:
     """Ends EngineCore before vLLM's own shutdown, which then finds it gone and only closes sockets.
 
@@ -55,8 +61,7 @@ def _stop_engine_core(llm: AsyncLLM) -> None:
     a child that exits in between raises psutil.NoSuchProcess out of shutdown and leaves the rest
     running. Killing EngineCore alone is enough here: its own processes die with it (`die_with`).
     """
-    manager = getattr(getattr(llm.engine_core, "resources", None), "engine_manager", None)
-    processes = list(getattr(manager, "processes", []))
+    processes = engine_core_processes(llm)
     for process in processes:
         if process.is_alive():
             process.terminate()

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import psutil
-
+from bench.measure import rss
 from bench.models import TINY, make_model, model_bytes, random_state
 from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
@@ -23,7 +22,7 @@ def _rss_serving(model_dir: Path) -> tuple[int, int]:
         with Publisher([rollout.address], progress=False) as publisher:
             [result] = publisher.push(state, 1)
         assert result.ok, result.error
-        return psutil.Process(rollout.process.pid).memory_info().rss, model_bytes(state)
+        return rss(rollout.pid), model_bytes(state)
 
 
 def test_a_serving_torch_rollout_holds_two_copies_of_its_model(tmp_path: Path) -> None:

