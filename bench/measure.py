@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import torch
 
-__all__ = ["GB", "Cpu", "MiB", "cpu_seconds", "peak_rss", "reset_peak_rss", "rss", "summary"]
+__all__ = ["GB", "Cpu", "MiB", "cpu_seconds", "page_faults", "peak_rss", "reset_peak_rss", "rss", "summary"]
 
 GB = 1e9
 MiB = 1 << 20
@@ -35,6 +35,11 @@ def cpu_seconds(pid: int | str = "self") -> float:
     """CPU time (user + system, every thread) a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def page_faults(pid: int | str = "self") -> int:
+    """Minor page faults so far: pages mapped fresh. On this VM their cost moves with the host (docs/benchmarks.md)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])  # minflt
 
 
 @dataclass

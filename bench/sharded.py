@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.baselines import _sink_main
-from bench.measure import machine, peak_rss, reset_peak_rss, rss
+from bench.measure import cpu_seconds, machine, page_faults, peak_rss, reset_peak_rss, rss
 from bench.models import SIZES, make_model
 from bench.sync import Rollout
 from rollout_side.process import free_port
@@ -72,7 +72,7 @@ def _rank(rank: int, world: int, job: dict[str, Any], out: Any) -> None:
         state[name] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=t.shape, stride=t.stride())
     sinks = [socket.create_connection(("127.0.0.1", port)) for port in job["sinks"][rank]]
     publisher = Publisher(job["rollouts"], timeout=300, progress=False)
-    pushes, raws = [], []
+    pushes, raws, cpu, rollout_cpu, swaps, faults = [], [], [], [], [], []
     before = rss()
     reset_peak_rss()
     for version in range(job["first_version"], job["first_version"] + job["runs"] + 1):  # the first is a warm-up
@@ -81,13 +81,20 @@ def _rank(rank: int, world: int, job: dict[str, Any], out: Any) -> None:
         _send_all(sinks, mine)
         dist.barrier()
         raws.append(time.perf_counter() - started)
-        started = time.perf_counter()
+        started, mine_before, faulted = time.perf_counter(), cpu_seconds(), page_faults()
+        theirs_before = sum(cpu_seconds(pid) for pid in job["rollout_pids"]) if rank == 0 else 0.0
         results = publisher.push(state, version)
         pushes.append(time.perf_counter() - started)
+        cpu.append(cpu_seconds() - mine_before)
+        faults.append(page_faults() - faulted)
+        dist.barrier()  # every rank's push has returned: the rollouts' CPU of this push is all spent
+        if rank == 0:
+            rollout_cpu.append(sum(cpu_seconds(pid) for pid in job["rollout_pids"]) - theirs_before)
         if not all(r.ok for r in results):
             raise RuntimeError("; ".join(r.line() for r in results if not r.ok))
+        swaps.append(max(r.swap_seconds for r in results))
     growth = peak_rss() - before
-    out.put((rank, pushes[1:], raws[1:], growth))
+    out.put((rank, pushes[1:], raws[1:], growth, cpu[1:], rollout_cpu[1:], swaps[1:], faults[1:]))
     publisher.close()
     for s in sinks:
         s.close()
@@ -145,6 +152,7 @@ def run(
         "master_port": free_port(),
         "model": str(model),
         "rollouts": [r.address for r in rollouts],
+        "rollout_pids": [r.pid for r in rollouts],
         "sinks": ports,
         "runs": runs,
         "first_version": first_version,
@@ -159,6 +167,7 @@ def run(
     pushes = [max(r[1][i] for r in reports) for i in range(runs)]
     raws = [max(r[2][i] for r in reports) for i in range(runs)]
     push, raw = statistics.median(pushes), statistics.median(raws)
+    ranked = sorted(reports)
     return {
         "ranks": ranks,
         "rollouts": len(rollouts),
@@ -167,7 +176,12 @@ def run(
         "push_gbps": nbytes / push / 1e9,
         "raw_tcp_gbps": nbytes / raw / 1e9,
         "ratio": raw / push,
-        "rank_peak_rss_growth_mib": [r[3] / 2**20 for r in sorted(reports)],
+        "rank_peak_rss_growth_mib": [r[3] / 2**20 for r in ranked],
+        # CPU seconds of each push: every rank's together, and every rollout's together
+        "trainer_cpu_s": [sum(r[4][i] for r in reports) for i in range(runs)],
+        "rollout_cpu_s": ranked[0][5],
+        "swap_seconds": ranked[0][6],  # the slowest rollout's commit, as rank 0 heard it
+        "trainer_page_faults": [sum(r[7][i] for r in reports) for i in range(runs)],
     }
 
 
