@@ -11,11 +11,15 @@ scale markers). `--validate` predicts the runs this machine can do and measures 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from bench import report
 from bench.scale_model import GIB, Fleet, Prediction, Rate, Rates, predict
@@ -31,6 +35,14 @@ MODELS = {
     "70B": (70.6e9, 8, 8192, "Llama-3.1-70B config: 70.6B parameters; served at TP 8, one host"),
     "1T": (1.04e12, 16, 7168, "Kimi-K2 config: 1.04T parameters, FP8 targets sent as bf16; served on 16 GPUs"),
 }
+# The weight shapes (rows, columns) that hold most of each model's bytes: how FSDP's row shards meet the chunks.
+SHAPES = {
+    "7B": [(3584, 3584), (512, 3584), (512, 3584), (3584, 3584), (18944, 3584), (18944, 3584), (3584, 18944)],
+    "70B": [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192), (28672, 8192), (28672, 8192), (8192, 28672)],
+    "1T": [(2048, 7168), (2048, 7168), (7168, 2048)],  # one routed expert: 384 per layer hold ~97% of Kimi-K2
+}
+SHAPES_SOURCE = "one decoder layer's attention and MLP (7B, 70B), one routed expert (1T), from their configs"
+CHUNK_BYTES = 1 << 20  # the Publisher's default
 FLEETS = [(8, 8), (64, 32), (256, 128)]  # (trainer GPUs, rollout hosts)
 NICS = [100, 200, 400]
 GPUS_PER_HOST = 8
@@ -73,6 +85,7 @@ def measured_rates(*, gpu: bool) -> Rates:
         seconds = bench["transfer"][size]["weightsync"]["swap_seconds"]["median"]
         swap = Rate(seconds * GIB / nbytes, "bench.json weightsync swap_seconds (torch engine, CPU)")
     return Rates(
+        exchange_cpu=_exchange_cpu(cpu["raw_tcp"], per_gib),
         encode_cpu=Rate(max(sent - bare_sent, 0.0) * per_gib, "bench.json cpu: weightsync sender_ms - grpc_bare's"),
         send_cpu=Rate(bare_sent * per_gib, "bench.json cpu: grpc_bare sender_ms"),
         receive_cpu=Rate(cpu["weightsync"]["receiver_ms"] * per_gib, "bench.json cpu: weightsync receiver_ms"),
@@ -93,6 +106,48 @@ def measured_rates(*, gpu: bool) -> Rates:
     )
 
 
+def _exchange_cpu(raw_tcp: dict[str, float], per_gib: float) -> Rate:
+    """Trainer CPU per byte its ranks exchange: as the last validation measured it, else raw TCP's, both ends."""
+    validation = RESULTS / "scale_validation.json"
+    measured = json.loads(validation.read_text()).get("rates_same_run", {}) if validation.exists() else {}
+    if "exchange_cpu" in measured:
+        return Rate(measured["exchange_cpu"][0], "scale_validation.json rates_same_run: " + measured["exchange_cpu"][1])
+    both = (raw_tcp["sender_ms"] + raw_tcp["receiver_ms"]) * per_gib
+    return Rate(both, "assumption until --validate measures it: raw TCP's CPU, both ends (bench.json raw_tcp)")
+
+
+def exchanged_fraction(
+    shapes: Sequence[tuple[int, ...]], ranks: int, chunk_bytes: int = CHUNK_BYTES, *, repeat: int = 4
+) -> float:
+    """Of a collective push's bytes, those its ranks pass to another before sending (trainer_side/sharded/).
+
+    Each tensor is sharded by rows over `ranks` as FSDP2's Shard(0) does (torch.chunk); chunks are cut from the
+    full layout and sent by the rank that holds their first byte, so the rest of a chunk across a rank
+    boundary is exchanged. Computed with the push's own plan over `shapes` laid out in bf16, `repeat` times
+    over so that a few typical shapes start at several places within a chunk (1 for a whole model's shapes).
+    """
+    from trainer_side.sharded.plan import chunk_owners, spans_of
+    from weightsync.manifest import wire_layout
+
+    sources = [(f"t{i}", torch.empty(shape, device="meta")) for i, shape in enumerate([*shapes] * repeat)]
+    layout = wire_layout(sources)
+    rows: list[list[tuple[int, int, int]]] = [[] for _ in range(ranks)]
+    for tensor, (_, t) in enumerate(sources):
+        dim0 = t.shape[0] if t.dim() else 1
+        each = -(-dim0 // ranks)
+        for rank in range(ranks):
+            first = min(dim0, rank * each)
+            rows[rank].append((tensor, first, min(dim0, first + each) - first))
+    chunks = chunk_owners(spans_of(layout, rows), layout.total_bytes, chunk_bytes)
+    moved = sum(p.end - p.start for pieces in chunks for p in pieces if p.span.rank != pieces[0].span.rank)
+    return moved / layout.total_bytes
+
+
+@functools.cache
+def _exchanged(model: str, ranks: int) -> float:
+    return exchanged_fraction(SHAPES[model], ranks)
+
+
 def _bits(rate: str) -> float:
     for suffix, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
         if rate.endswith(suffix):
@@ -111,6 +166,7 @@ def fleet(model: str, trainer_gpus: int, rollout_hosts: int, nic: float, **chang
         rollout_hosts=rollout_hosts,
         nic_gbit=nic,
         adapter_ratio=2 * LORA_RANK / hidden,
+        exchanged=_exchanged(model, trainer_gpus),
         **changes,
     )
 
@@ -148,6 +204,7 @@ def table(rates: Rates) -> tuple[str, list[dict[str, Any]]]:
                         "trainer_gpus": trainers,
                         "rollout_hosts": hosts,
                         "nic_gbit": nic,
+                        "exchanged": base.exchanged,  # of the bytes, passed between trainer ranks first
                         **{k: {"seconds": p.seconds, "bound": p.bound, "phases": _phases(p)} for k, p in cells.items()},
                     }
                 )

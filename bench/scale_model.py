@@ -41,6 +41,7 @@ class Rates:
 
     encode_cpu: Rate  # trainer, once per byte: cast, hash, encode into chunk messages
     send_cpu: Rate  # trainer, per byte per destination: gRPC's send
+    exchange_cpu: Rate  # trainer, per byte one rank passes to another for a chunk it sends (gloo, both ends)
     receive_cpu: Rate  # rollout, per byte received: gRPC's receive, chunk check, staging copy, verify
     swap_s: Rate  # the swap at commit, seconds per GiB a process holds
     link_efficiency: Rate  # goodput / link rate on a capped link (TCP/IP and gRPC framing)
@@ -81,6 +82,9 @@ class Fleet:
     gpu: bool = True  # False: a CPU engine (this machine), no host-to-GPU load
     chunk_bytes: int = 1 << 20  # a relay forwards a chunk once all of it has arrived
     link_burst_bytes: int = 0  # what a link passes before its rate applies: the simulated cluster's token bucket
+    # Of the wire bytes, those the ranks pass to the rank that sends their chunk: a collective push cuts chunks
+    # from the full layout, so a chunk across a rank boundary is gathered first (bench.scale.exchanged_fraction).
+    exchanged: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +129,13 @@ def predict(fleet: Fleet, rates: Rates, kind: Kind = "full") -> Prediction:
     per_rank = wire / f.trainer_ranks
     phases: list[Phase] = []
 
-    # Trainer: each rank encodes its share once and sends it to every destination; one core per rank.
-    encode = per_rank * rates.cpu_per_byte("encode_cpu") + per_rank * destinations * rates.cpu_per_byte("send_cpu")
+    # Trainer: each rank encodes its share once, after gathering the other ranks' bytes of its chunks, and sends
+    # it to every destination; one core per rank.
+    encode = (
+        per_rank * rates.cpu_per_byte("encode_cpu")
+        + per_rank * f.exchanged * rates.cpu_per_byte("exchange_cpu")
+        + per_rank * destinations * rates.cpu_per_byte("send_cpu")
+    )
     if kind == "delta":
         # Every tensor is diffed before the first patch goes out (trainer_side/base_store.py): not streamed.
         diff = whole / f.trainer_ranks * rates.cpu_per_byte("diff_cpu")

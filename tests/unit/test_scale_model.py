@@ -11,10 +11,11 @@ from bench.scale_model import GIB, Fleet, Rate, Rates, _depth, predict
 
 
 def rates(**changes: float) -> Rates:
-    """Round numbers: 1 CPU second per GiB to send, 2 to receive, free encode, perfect links."""
+    """Round numbers: 1 CPU second per GiB to send, 2 to receive, 4 to exchange, free encode, perfect links."""
     values = {
         "encode_cpu": 0.0,
         "send_cpu": 1.0,
+        "exchange_cpu": 4.0,
         "receive_cpu": 2.0,
         "swap_s": 0.0,
         "link_efficiency": 1.0,
@@ -54,6 +55,24 @@ def test_shared_cores_add_every_process_cpu() -> None:
     p = predict(f, rates())
     # trainers 2 x (0.5 GiB x 2 destinations x 1 s) + rollouts 2 x (1 GiB x 2 s) = 6 CPU s on 2 cores
     assert p.bound == "2 shared cores" and p.seconds == pytest.approx(3.0)
+
+
+def test_bytes_the_ranks_exchange_cost_their_cores_beside_the_send() -> None:
+    f = Fleet(model_bytes=4 * GIB, trainer_ranks=2, rollouts=4, rollout_hosts=4, gpu=False)
+    assert predict(f, rates()).seconds == pytest.approx(8.0)  # each rank: 2 GiB x 4 destinations x 1 s
+    p = predict(replace(f, exchanged=0.5), rates())
+    # and 1 GiB of its 2 passed between ranks at 4 s/GiB
+    assert p.bound.startswith("trainer CPU") and p.seconds == pytest.approx(12.0)
+
+
+def test_exchanged_fraction_follows_the_shards_against_the_chunk() -> None:
+    from bench.scale import exchanged_fraction
+
+    shapes = [(1024, 1024)]  # 2 MiB in bf16: two 1 MiB chunks
+    assert exchanged_fraction(shapes, 1) == 0.0
+    assert exchanged_fraction(shapes, 2) == 0.0  # a rank's rows are exactly one chunk
+    assert exchanged_fraction(shapes, 4) == pytest.approx(0.5)  # each chunk: one rank's 512 KiB, the next's
+    assert exchanged_fraction(shapes, 256) > 0.99  # each chunk gathers 128 ranks' rows
 
 
 def test_per_worker_receive_splits_the_bytes_over_the_workers() -> None:
