@@ -7,10 +7,12 @@ Two sets of cases, each measured here and predicted by bench/scale_model.py:
   rates: relay chains of 1 to 4 rollouts, full and delta pushes (a delta is predicted from its own
   measured wire bytes: the time model is checked, not the delta ratio of one training step).
 Each case is predicted twice: from the rates committed in bench/results (other runs, other load) and
-from what this run measured before its cases (the baseline in the same run):
-- the CPU per byte of one rank to one rollout, and its commit (swap) time;
+from what this run measured before its cases (the baseline in the same run), on the collective path the
+loopback cases take (bench/sharded.py):
 - the fixed cost of an update, per ranks x rollouts: the same pushes of models/tiny (5 MB), whose time
   is round trips, collective steps and processes waking, not bytes;
+- CPU per byte beyond that push's: each side's of one rank to one rollout, and per byte exchanged between
+  ranks, from two ranks to one rollout (bench.scale.exchanged_fraction says which bytes each case exchanges);
 - a delta's costs per model byte (the diff against the trainer's base, the patch applied and each
   patched tensor verified): a 1 -> 1 delta on loopback, less its fixed cost and its wire bytes;
 - the cores free for it, two busy processes for a second: recorded only (see `_case`); every process
@@ -43,6 +45,7 @@ from bench.scale_model import GIB, Fleet, Rate, Rates, predict
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.25
+ARENAS = 1  # MALLOC_ARENA_MAX of the trainer ranks: see `_loopback`
 SIZE = "64MiB"
 MARKERS = ("<!-- scale-validation:begin -->", "<!-- scale-validation:end -->")
 
@@ -79,6 +82,7 @@ def main(*, quick: bool = False, docs: bool = True) -> int:
         "measured": {"loopback": local, "chains": networked},
         "seconds": time.perf_counter() - started,
     }
+    (RESULTS / "scale_validation.json").write_text(json.dumps(report, indent=1) + "\n")  # kept for --rescore
     return _score(report, docs=docs)
 
 
@@ -101,8 +105,17 @@ def _score(report: dict[str, Any], *, docs: bool) -> int:
     committed = measured_rates(gpu=False)
     same_run = _same_run_rates(committed, calibration, nbytes)
     cases = []
-    for ranks, rollouts, seconds in report["measured"]["loopback"]:
-        f = Fleet(model_bytes=nbytes, trainer_ranks=ranks, rollouts=rollouts, rollout_hosts=rollouts, gpu=False)
+    beyond = nbytes - calibration["tiny_bytes"]  # the tiny push's bytes are in its time: the fixed cost
+    for ranks, rollouts, seconds, *_ in report["measured"]["loopback"]:
+        exchanged = calibration["exchanged"][str(ranks)] - calibration["exchanged_tiny"][str(ranks)]
+        f = Fleet(
+            model_bytes=beyond,
+            trainer_ranks=ranks,
+            rollouts=rollouts,
+            rollout_hosts=rollouts,
+            gpu=False,
+            exchanged=exchanged / beyond,
+        )
         fixed = Rate(calibration["fixed_s"][f"{ranks}x{rollouts}"], f"this run: {ranks} -> {rollouts} of models/tiny")
         cases.append(
             _case(
@@ -178,7 +191,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['tolerance']:.0%} with this run's rates."
         + (f" Predictions {report['predictions']}." if report.get("predictions") else ""),
         "",
-        *_calibration_lines(report.get("calibration", {})),
+        *_calibration_lines(report),
         "| case | measured | predicted, committed rates | predicted, this run's rates | error | binding phase |",
         "|---|---:|---:|---:|---:|---|",
     ]
@@ -191,39 +204,63 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _calibration_lines(calibration: dict[str, Any]) -> list[str]:
+def _calibration_lines(report: dict[str, Any]) -> list[str]:
     """What this run measured before its cases, as the rates it predicted them with."""
-    if "fixed_s" not in calibration:
+    calibration = report.get("calibration", {})
+    if "tiny" not in calibration:
         return []
     fixed = ", ".join(f"{k.replace('x', ' -> ')} {v * 1e3:.0f} ms" for k, v in calibration["fixed_s"].items())
+    rates = report["rates_same_run"]
+    per_gib = ", ".join(f"{name} {rates[name][0]:.2f}" for name in ("send_cpu", "receive_cpu", "exchange_cpu"))
+    exchanged = ", ".join(
+        f"{r} ranks {v / report['model_bytes']:.0%}" for r, v in calibration["exchanged"].items() if int(r) > 1
+    )
     delta = calibration["delta"]
     return [
-        f"This run's rates: a fixed cost per update, ranks -> rollouts pushing models/tiny: {fixed}; a 1 -> 1 delta "
-        f"on loopback {delta['seconds'] * 1e3:.0f} ms for {delta['wire_bytes'] / 2**20:.1f} MiB on the wire; "
-        f"CPU per byte and commit of 1 -> 1 (bench/results/scale_validation.json, `calibration`).",
+        f"This run's rates: a fixed cost per update, ranks -> rollouts pushing models/tiny (5 MB): {fixed}; CPU "
+        f"seconds per GiB beyond that push's, on one core: {per_gib}; of the model's bytes, exchanged between "
+        f"ranks: {exchanged}; a 1 -> 1 delta on loopback {delta['seconds'] * 1e3:.0f} ms for "
+        f"{delta['wire_bytes'] / 2**20:.1f} MiB on the wire (bench/results/scale_validation.json, `calibration` "
+        "and `rates_same_run`).",
         "",
     ]
 
 
 def _same_run_rates(committed: Rates, calibration: dict[str, Any], nbytes: int) -> Rates:
-    """The committed rates with what this run measured in their place (see the module's docstring)."""
-    gib = nbytes / GIB
-    send = calibration["sender_cpu_s"] / gib
-    receive = calibration["receiver_cpu_s"] / gib
+    """The committed rates with what this run measured in their place (see the module's docstring).
+
+    CPU per byte is what a push of the model costs beyond the same push of models/tiny (whose cost, not
+    the bytes', is the update's fixed cost): one rank's per byte sent and received, then two ranks' beyond
+    one rank's per byte they exchanged.
+    """
+    tiny, full = calibration["tiny"], calibration["full"]
+    beyond = (nbytes - calibration["tiny_bytes"]) / GIB
+
+    def cpu(case: str, side: str) -> float:
+        return max(float(full[case][side] - tiny[case][side]), 0.0)
+
+    send = cpu("1x1", "trainer_cpu_s") / beyond
+    receive = cpu("1x1", "rollout_cpu_s") / beyond
+    exchanged = (calibration["exchanged"]["2"] - calibration["exchanged_tiny"]["2"]) / GIB
+    exchange = max(cpu("2x1", "trainer_cpu_s") - send * beyond, 0.0) / exchanged
     delta = calibration["delta"]
     wire_s = delta["wire_bytes"] / GIB * (send + receive)
     # A delta's wall time beyond its fixed cost and its bytes, split between the sides as their CPU was (their
     # CPU overstates their time: the diff runs on a thread pool, and the rollout brings its spare up to date
     # after Commit answered).
-    extra = max(delta["seconds"] - calibration["fixed_s"]["1x1"] - wire_s, 0.0) / gib
+    extra = max(delta["seconds"] - calibration["fixed_s"]["1x1"] - wire_s, 0.0) / (nbytes / GIB)
     trainer_share = delta["trainer_cpu_s"] / max(delta["trainer_cpu_s"] + delta["rollout_cpu_s"], 1e-9)
     source = "this run: a 1 -> 1 delta on loopback, less its fixed cost and wire bytes, split as each side's CPU"
+    beyond_tiny = "beyond the same push of models/tiny"
     return replace(
         committed,
         encode_cpu=Rate(0.0, "folded into send_cpu: one rank to one rollout, this run"),
-        send_cpu=Rate(send, "this run: 1 rank -> 1 rollout, trainer CPU"),
-        receive_cpu=Rate(receive, "this run: 1 rank -> 1 rollout, rollout CPU"),
-        swap_s=Rate(calibration["swap_s"] / gib, "this run: 1 rank -> 1 rollout, the rollout's commit"),
+        send_cpu=Rate(send, f"this run: 1 rank -> 1 rollout, trainer CPU {beyond_tiny}"),
+        receive_cpu=Rate(receive, f"this run: 1 rank -> 1 rollout, rollout CPU {beyond_tiny}"),
+        exchange_cpu=Rate(
+            exchange, f"this run: 2 ranks -> 1 rollout, trainer CPU {beyond_tiny} and 1 rank's, per byte exchanged"
+        ),
+        swap_s=Rate(full["1x1"]["swap_s"] / (nbytes / GIB), "this run: 1 rank -> 1 rollout, the rollout's commit"),
         fixed_s=Rate(calibration["fixed_s"]["1x1"], "this run: 1 -> 1 of models/tiny"),
         diff_cpu=Rate(extra * trainer_share, source),
         apply_cpu=Rate(extra * (1 - trainer_share), source),
@@ -258,45 +295,91 @@ def _case(
 
 def _loopback(
     model: Path, state: dict[str, torch.Tensor], nbytes: int, runs: int, quick: bool
-) -> tuple[dict[str, Any], list[tuple[int, int, list[float]]]]:
-    """The same-run calibration (CPU per byte, one rank to one rollout), then ranks x rollouts pushes."""
+) -> tuple[dict[str, Any], list[tuple[int, int, list[float], dict[str, Any]]]]:
+    """The same-run calibration, then ranks x rollouts pushes, each group with only its own rollouts alive.
+
+    The ranks run with MALLOC_ARENA_MAX=1, as docs/sharded.md tells users to and `train --ranks N` does: with
+    glibc's default arenas each push of 4 ranks mapped about 12,000 fresh pages (most of its bytes; about 100
+    with one arena), whose cost on this VM moves with the host's memory, so one case measured 0.18-0.66 s
+    from push to push. Idle rollouts of other cases are not part of a case's fleet either.
+    """
     from bench import sharded
-    from bench.baselines import SocketSink
-    from bench.sync import Rollout, measure_sync
+    from bench.models import TINY, model_bytes, random_state
+    from bench.sync import Rollout
 
     combos = [(1, 1), (2, 2), (4, 4), (1, 4), (4, 1)] if quick else [(r, n) for r in (1, 2, 4) for n in (1, 2, 4)]
-    rollouts = [Rollout(model) for _ in range(max(n for _, n in combos))]
+    tiny_bytes = model_bytes(random_state(TINY))
+    calibration: dict[str, Any] = {
+        "cores": cores_available(),
+        "tiny_bytes": tiny_bytes,
+        "exchanged": {str(r): _exchanged_bytes(model, r) for r in (1, 2, 4)},
+        "exchanged_tiny": {str(r): _exchanged_bytes(TINY, r) for r in (1, 2, 4)},
+        "tiny": {},
+        "full": {},
+    }
     out = []
-    try:
-        sink = SocketSink(nbytes)
-        try:
-            got = measure_sync(state, rollouts[:1], [sink], runs=runs, warmup=1)
+    version = 10_000
+
+    def push(path: Path, ranks: int, rollouts: list[Rollout], count: int, size: int) -> dict[str, Any]:
+        nonlocal version
+        row = sharded.run(path, ranks, rollouts, size, count, version, arenas=ARENAS)
+        version += count + 1
+        return row
+
+    for n in sorted({n for _, n in combos}):
+        cases = [r for r, m in combos if m == n]
+        tiny = [Rollout(TINY) for _ in range(n)]
+        try:  # the fixed cost of an update: the same pushes of a 5 MB model (1 and 2 ranks: the calibration's too)
+            for ranks in sorted({*cases, 1, 2} if n == 1 else set(cases)):
+                calibration["tiny"][f"{ranks}x{n}"] = _summary(push(TINY, ranks, tiny, runs * 2, tiny_bytes))
         finally:
-            sink.close()
-        calibration: dict[str, Any] = {
-            "sender_cpu_s": statistics.mean(got.cpu.sender),
-            "receiver_cpu_s": statistics.mean(got.cpu.receiver),
-            "seconds": statistics.median(got.seconds),
-            "swap_s": statistics.median(got.swap_seconds),
-            "cores": cores_available(),
-            "delta": _delta_on_loopback(state, rollouts[0], runs),
-            "fixed_s": _fixed(combos, runs),
-        }
-        version = 10_000
-        for ranks, n in combos:
-            try:
-                row = sharded.run(model, ranks, rollouts[:n], nbytes, runs, version)
-            except Exception as error:  # noqa: BLE001 (a case that cannot run here does not lose the others)
-                print(f"{ranks} rank(s) -> {n} rollout(s) did not run: {error}", file=sys.stderr, flush=True)
-                continue
-            finally:
-                version += runs + 1
-            out.append((ranks, n, row["push_seconds"]))
-            print(f"{ranks} rank(s) -> {n} rollout(s): {statistics.median(row['push_seconds']):.2f} s", flush=True)
-    finally:
-        for r in rollouts:
-            r.stop()
+            for r in tiny:
+                r.stop()
+        rollouts = [Rollout(model) for _ in range(n)]
+        try:
+            if n == 1:  # CPU per byte of each side and per exchanged byte: pushes of their own, before the cases
+                for ranks in (1, 2):
+                    calibration["full"][f"{ranks}x1"] = _summary(push(model, ranks, rollouts, runs * 3, nbytes))
+                calibration["delta"] = _delta_on_loopback(state, rollouts[0], runs, version)
+                version += 2 * (runs + 1) + 1
+            for ranks in cases:
+                try:
+                    row = push(model, ranks, rollouts, runs, nbytes)
+                except Exception as error:  # noqa: BLE001 (a case that cannot run here does not lose the others)
+                    print(f"{ranks} rank(s) -> {n} rollout(s) did not run: {error}", file=sys.stderr, flush=True)
+                    continue
+                # each push's CPU and page faults beside its time: recorded to say where a case went wrong, not used
+                cpu = {k: row[k] for k in ("trainer_cpu_s", "rollout_cpu_s", "trainer_page_faults")}
+                out.append((ranks, n, row["push_seconds"], cpu))
+                print(f"{ranks} rank(s) -> {n} rollout(s): {statistics.median(row['push_seconds']):.2f} s", flush=True)
+        finally:
+            for r in rollouts:
+                r.stop()
+    calibration["fixed_s"] = {k: v["seconds"] for k, v in calibration["tiny"].items()}
     return calibration, out
+
+
+def _summary(row: dict[str, Any]) -> dict[str, float]:
+    """A calibration's pushes: median wall time and commit; mean CPU (the clock ticks in 10 ms)."""
+    return {
+        "seconds": statistics.median(row["push_seconds"]),
+        "swap_s": statistics.median(row["swap_seconds"]),
+        "trainer_cpu_s": statistics.mean(row["trainer_cpu_s"]),
+        "rollout_cpu_s": statistics.mean(row["rollout_cpu_s"]),
+    }
+
+
+def _exchanged_bytes(model: Path, ranks: int) -> float:
+    """Bytes a collective push of `model` from `ranks` ranks passes between them (bench.scale.exchanged_fraction)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.scale import exchanged_fraction
+    from weightsync.manifest import wire_layout
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).state_dict()
+    sources = [(k, v) for k, v in meta.items() if k != "lm_head.weight"]  # tied: as the ranks send it
+    return exchanged_fraction([tuple(t.shape) for _, t in sources], ranks, repeat=1) * wire_layout(sources).total_bytes
 
 
 def cores_available(seconds: float = 1.0) -> float:
@@ -332,7 +415,7 @@ def _cpu(pid: int | None) -> float:
     return cpu_seconds(pid or "self")
 
 
-def _delta_on_loopback(state: dict[str, torch.Tensor], rollout: Any, runs: int) -> dict[str, float]:
+def _delta_on_loopback(state: dict[str, torch.Tensor], rollout: Any, runs: int, first_version: int) -> dict[str, float]:
     """A 1 -> 1 delta after a full push, as the chains' driver sends it: seconds, wire bytes, CPU per side."""
     from bench.measure import cpu_seconds
     from trainer_side.publisher import Publisher
@@ -340,7 +423,7 @@ def _delta_on_loopback(state: dict[str, torch.Tensor], rollout: Any, runs: int) 
     changed = _sparse_step(state)
     seconds, trainer, rollout_cpu, wire = [], [], [], 0
     with Publisher([rollout.address], progress=False, delta=True) as publisher:
-        version = 5_000
+        version = first_version
         for _ in range(runs + 1):  # the first is a warm-up
             version += 1
             _timed(publisher, state, version)
@@ -356,25 +439,6 @@ def _delta_on_loopback(state: dict[str, torch.Tensor], rollout: Any, runs: int) 
         "trainer_cpu_s": statistics.mean(trainer[1:]),
         "rollout_cpu_s": statistics.mean(rollout_cpu[1:]),
     }
-
-
-def _fixed(combos: list[tuple[int, int]], runs: int) -> dict[str, float]:
-    """Seconds of each ranks x rollouts push of models/tiny (5 MB): an update's cost that is not its bytes."""
-    from bench import sharded
-    from bench.models import TINY, model_bytes, random_state
-    from bench.sync import Rollout
-
-    rollouts = [Rollout(TINY) for _ in range(max(n for _, n in combos))]
-    nbytes = model_bytes(random_state(TINY))
-    out = {}
-    try:
-        for i, (ranks, n) in enumerate(combos):
-            row = sharded.run(TINY, ranks, rollouts[:n], nbytes, runs, 20_000 + i * (runs + 1))
-            out[f"{ranks}x{n}"] = statistics.median(row["push_seconds"])
-    finally:
-        for r in rollouts:
-            r.stop()
-    return out
 
 
 def _sparse_step(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
