@@ -31,15 +31,20 @@ def summary(samples: Sequence[float]) -> dict[str, object]:
     }
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command name (which may hold spaces): state is [0]."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int | str = "self") -> float:
     """CPU time (user + system, every thread) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def page_faults(pid: int | str = "self") -> int:
     """Minor page faults so far: pages mapped fresh. On this VM their cost moves with the host (docs/benchmarks.md)."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])  # minflt
+    return int(_stat(pid)[7])  # minflt
 
 
 @dataclass

@@ -59,15 +59,19 @@ def _param_bytes(config: dict[str, object]) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def random_state(model_dir: Path, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The trainer's tensors: a random bf16 state dict, tied lm_head left out (as Hugging Face saves it)."""
+def meta_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors on the meta device (shapes, no memory), tied lm_head left out (as Hugging Face saves it)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return {name: t for name, t in model.state_dict().items() if name != "lm_head.weight"}
+
+
+def random_state(model_dir: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The trainer's tensors: a random bf16 state dict of `meta_state`'s shapes."""
     generator = torch.Generator().manual_seed(seed)
     return {
         name: torch.randn(t.shape, generator=generator, dtype=torch.bfloat16)
-        for name, t in model.state_dict().items()
-        if name != "lm_head.weight"
+        for name, t in meta_state(model_dir).items()
     }
 
 

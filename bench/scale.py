@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     print(design)
     out = {"rates": rates.sources(), "assumptions": {k: v.source for k, v in ASSUMED.items()}, "rows": rows}
     out["models"] = {k: v[3] for k, v in MODELS.items()}
+    out["shapes"] = {"source": SHAPES_SOURCE, **SHAPES}  # what `exchanged` in each row was computed from
     (RESULTS / "scale.json").write_text(json.dumps(out, indent=1) + "\n")
     if not args.no_docs:
         report.update_readme(ROOT / "docs" / "benchmarks.md", text + "\n" + design, *TABLE)

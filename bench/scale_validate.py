@@ -371,14 +371,11 @@ def _summary(row: dict[str, Any]) -> dict[str, float]:
 
 def _exchanged_bytes(model: Path, ranks: int) -> float:
     """Bytes a collective push of `model` from `ranks` ranks passes between them (bench.scale.exchanged_fraction)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    from bench.models import meta_state
     from bench.scale import exchanged_fraction
     from weightsync.manifest import wire_layout
 
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).state_dict()
-    sources = [(k, v) for k, v in meta.items() if k != "lm_head.weight"]  # tied: as the ranks send it
+    sources = list(meta_state(model).items())  # tied lm_head left out, as the ranks send it
     return exchanged_fraction([tuple(t.shape) for _, t in sources], ranks, repeat=1) * wire_layout(sources).total_bytes
 
 

@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 
 from bench.baselines import _sink_main
 from bench.measure import cpu_seconds, machine, page_faults, peak_rss, reset_peak_rss, rss
-from bench.models import SIZES, make_model
+from bench.models import SIZES, make_model, meta_state
 from bench.sync import Rollout
 from rollout_side.process import free_port
 from weightsync.memory import start_with_environ
@@ -38,7 +38,6 @@ _CTX = mp.get_context("spawn")
 
 def _rank(rank: int, world: int, job: dict[str, Any], out: Any) -> None:
     """One trainer rank: its rows of every tensor, then `runs` x (raw TCP to its sinks, collective push)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from trainer_side.publisher import Publisher
     from weightsync.manifest import tensor_bytes
@@ -48,8 +47,7 @@ def _rank(rank: int, world: int, job: dict[str, Any], out: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["master_port"]))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(job["model"])).state_dict()
+    meta = meta_state(Path(job["model"]))
     generator = torch.Generator().manual_seed(rank)
     state: dict[str, torch.Tensor] = {}
     mine: list[memoryview] = []
@@ -60,8 +58,6 @@ def _rank(rank: int, world: int, job: dict[str, Any], out: Any) -> None:
 
         mesh = init_device_mesh("cpu", (world,))
     for name, t in meta.items():
-        if name == "lm_head.weight":
-            continue
         if world == 1:
             state[name] = torch.randn(t.shape, generator=generator, dtype=torch.bfloat16)
             mine.append(tensor_bytes(state[name]))
@@ -118,14 +114,8 @@ def _send_all(sinks: list[socket.socket], views: list[memoryview]) -> None:
 
 def _rank_bytes(model: Path, ranks: int) -> list[int]:
     """Bytes of each rank's rows (Shard(0) cuts dim 0 as torch.chunk does), tied lm_head left out."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).state_dict()
     out = [0] * ranks
-    for name, t in meta.items():
-        if name == "lm_head.weight":
-            continue
+    for t in meta_state(model).values():
         rows, row = t.shape[0], t[0].numel() * 2
         each = -(-rows // ranks)
         for r in range(ranks):
