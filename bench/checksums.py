@@ -5,8 +5,8 @@ combinable kind (Manifest.piece_bytes = chunk size, weightsync/manifest.py) take
 tensor as one piece, so its chunk hash is also its piece hash and each byte is hashed once per side.
 Measured here without sockets, on one thread, over a Qwen2-like set of bf16 tensors of N MiB:
 - trainer: `Outgoing.chunks` (hash, encode) over the whole version, as one push does;
-- rollout: per chunk the check `Incoming.check_chunk` makes (xxh3_64 over the chunk, recorded for the
-  combinable kind) and the copy into staging, then `Verifier.feed` over what arrived.
+- rollout: per chunk what `Incoming.take_chunk` does (the copy into staging, then xxh3_64 over the
+  staged copy, recorded for the combinable kind), then `Verifier.feed` over what arrived.
 Writes bench/results/checksums.json with the median of R runs.
 """
 
@@ -70,10 +70,10 @@ def rollout_side(state: dict[str, torch.Tensor], piece_bytes: int) -> float:
         for message in messages:
             chunk = wire.decode_chunk(message)
             start, end = wire.chunk_span(chunk.index, manifest.total_bytes, CHUNK)
-            assert wire.chunk_checksum(chunk.data) == chunk.checksum
+            view[start:end] = chunk.data
+            assert wire.chunk_checksum(view[start:end]) == chunk.checksum  # over the staged copy
             if verifier.piece_bytes:
                 verifier.chunk_digests[start] = (end - start, chunk.checksum)
-            view[start:end] = chunk.data
             verifier.feed(end)
         assert verifier.mismatch is None and verifier.checksums == [e.checksum for e in manifest]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -91,7 +91,9 @@ class FakeEngine(Engine):
         assert not self.started, "offered after the boot"
         self.offered.append(version)
 
-    async def load(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
+    async def load(
+        self, staging: torch.Tensor, manifest: Manifest, version: int, *, staged_sums: Sequence[str] = ()
+    ) -> torch.Tensor | None:
         if not self.started:
             raise EngineUnavailable("load before the engine is up")
         async with self._gate:

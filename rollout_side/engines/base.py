@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,9 +145,14 @@ class Engine(ABC):
         """A flat uint8 buffer where a receiver assembles one version before `load`."""
 
     @abstractmethod
-    async def load(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
+    async def load(
+        self, staging: torch.Tensor, manifest: Manifest, version: int, *, staged_sums: Sequence[str] = ()
+    ) -> torch.Tensor | None:
         """Swaps in the staged version; from its return every new request sees `version`.
 
+        `staged_sums`, if given: each tensor's checksum as taken over `staging` itself, where its bytes lie
+        (the receiver's, as they landed), equal to the manifest's. An engine that installs that memory as its
+        weights has it verified already; one that copies it elsewhere reads back the copy.
         Returns a buffer of the same size the receiver may reuse for the next staging
         (possibly `staging` itself), or None if it must allocate a new one.
         """

@@ -1,22 +1,24 @@
 """Installed-weight verification: what an engine holds after a load, read back and held to the trainer's checksums.
 
-Every byte of a version is checked twice on its way in: as it lands in staging (update/staging.py), and,
-after the engine has loaded it, as the engine holds it. The second check is this module's: each engine
-reads its tensors back under their Hugging Face names (vLLM undoes its own layout, worker by worker:
-vllm_readback.py) and hashes them as the trainer did; `compare` then names the tensors that differ or
-that the engine never received. Loads that lose weights silently (a name that no longer maps, a skipped
-tensor, a corrupted copy) are caught before the version serves.
+Every byte of a version is checked where it lands in staging (update/staging.py: each chunk is hashed
+after its copy, over the staged bytes), and again, after the engine has loaded it, as the engine holds it
+wherever that is other memory. The second check is this module's: each engine reads its tensors back
+under their Hugging Face names (vLLM undoes its own layout, worker by worker: vllm_readback.py) and hashes
+them as the trainer did; `compare` then names the tensors that differ or that the engine never received.
+Loads that lose weights silently (a name that no longer maps, a skipped tensor, a corrupted copy) are
+caught before the version serves.
 
-The torch engine on CPU installs the staging views themselves as its parameters (zero-copy), so it hashes
-those views before its swap, off the thread that generates, and after the swap only proves that each
-parameter is that very memory (`same_memory`, `sums_held`): the bytes it serves are the bytes hashed. A
-parameter that is other memory is hashed where it lies. What this cannot see is the hashed memory itself
-written between that hash and the swap, or after it: the staging buffer belongs to the engine from `load`
-on and nothing writes to it (a fault there shows at the next `status --verify`, which hashes everything).
+The torch engine on CPU installs the staging views themselves as its parameters (zero-copy): the
+receiver's sums, taken over that very memory as it landed, are its installed check, and after the swap it
+only proves that each parameter is that memory (`same_memory`, `sums_held`): the bytes it serves are the
+bytes hashed, at one hash pass per byte. A parameter that is other memory is hashed where it lies. What this
+cannot see is the hashed memory itself written after it landed: the staging buffer belongs to the update,
+then to the engine, and nothing else writes to it (a fault there shows at the next `status --verify`, which
+hashes everything).
 
-`Failpoints` are for tests only: read from WEIGHTSYNC_FAILPOINTS when an engine starts, they make a load
-skip one tensor, install one with a flipped byte, or flip a byte of one staged tensor before the engine's
-hash, so tests can prove the checks see each.
+`Failpoints` are for tests only: read from WEIGHTSYNC_FAILPOINTS when an engine (or receiver) starts, they
+make a load skip one tensor, install one with a flipped byte, flip a byte of one staged tensor after the
+receiver's checks, or land every chunk with a flipped byte, so tests can prove which check sees each.
 """
 
 from __future__ import annotations
@@ -213,17 +215,22 @@ class Failpoints:
     it installs a copy with one byte flipped instead: a parameter holding other bytes than were hashed, which
     only the check after the swap can see.
     `corrupt-staged[=NAME]`: one byte of tensor NAME in staging is flipped after the receiver's checks,
-    before the engine hashes what it is about to install (torch on CPU): the staged memory changed under it.
+    before the engine installs it: the staged memory changed after it was hashed (torch on CPU takes the
+    receiver's sums, so only `status --verify` sees it; an engine that copies hashes the copy).
+    `corrupt-landed`: the receiver flips one byte of each chunk in staging right after copying it there,
+    before checking it: what only a check over the staged bytes, not the message, can see.
     """
 
     skip: str | None = None
     corrupt: str | None = None
     corrupt_staged: str | None = None
+    corrupt_landed: bool = False
     unknown: tuple[str, ...] = field(default=())
 
     @classmethod
     def from_environ(cls) -> Failpoints:
         skip = corrupt = corrupt_staged = None
+        landed = False
         unknown = []
         for item in filter(None, (s.strip() for s in os.environ.get(FAILPOINTS_ENV, "").split(","))):
             key, _, arg = item.partition("=")
@@ -233,9 +240,13 @@ class Failpoints:
                 corrupt = arg
             elif key == "corrupt-staged":
                 corrupt_staged = arg
+            elif key == "corrupt-landed":
+                landed = True
             else:
                 unknown.append(item)
-        return cls(skip=skip, corrupt=corrupt, corrupt_staged=corrupt_staged, unknown=tuple(unknown))
+        return cls(
+            skip=skip, corrupt=corrupt, corrupt_staged=corrupt_staged, corrupt_landed=landed, unknown=tuple(unknown)
+        )
 
     def skipped(self, names: Sequence[str]) -> str | None:
         """The tensor a load of `names` leaves out, if any."""
@@ -246,7 +257,7 @@ class Failpoints:
         return _target(self.corrupt, names)
 
     def staged_corrupted(self, names: Sequence[str]) -> str | None:
-        """The tensor whose staged bytes a load of `names` corrupts before the engine hashes them, if any."""
+        """The tensor whose staged bytes a load of `names` corrupts before the engine installs them, if any."""
         return _target(self.corrupt_staged, names)
 
 

@@ -13,7 +13,7 @@ import math
 import threading
 import time
 import typing
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +61,10 @@ class TorchEngine(Engine):
 
     The swap runs on that same thread, between requests, so no request ever sees two versions.
     On CPU, parameters become views into the staging buffer that was committed: the swap copies nothing,
-    and the previous buffer goes back to the receiver for the next version. Those views are hashed before
-    the swap, while the old version goes on generating; the swap itself only checks that each parameter
-    is the memory hashed, so verification adds almost nothing to the pause generation sees.
+    and the previous buffer goes back to the receiver for the next version. Those views were hashed where
+    they lie as their chunks landed (the receiver's sums; others are hashed before the swap, while the old
+    version goes on generating); the swap itself only checks that each parameter is the memory hashed, so
+    verification adds almost nothing to the pause generation sees.
     """
 
     name = "torch"
@@ -128,8 +129,11 @@ class TorchEngine(Engine):
         # Mapped now, not page by page while chunks stream in (fresh pages take writes at ~1 GB/s).
         return prefaulted_buffer(nbytes)
 
-    async def load(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
-        staged = await asyncio.to_thread(self._stage, staging, manifest, version) if self.device.type == "cpu" else None
+    async def load(
+        self, staging: torch.Tensor, manifest: Manifest, version: int, *, staged_sums: Sequence[str] = ()
+    ) -> torch.Tensor | None:
+        cpu = self.device.type == "cpu"
+        staged = await asyncio.to_thread(self._stage, staging, manifest, version, staged_sums) if cpu else None
         swap = functools.partial(self._swap, staging, manifest, version, staged)
         if self.swap_policy == "drain":  # behind every request already queued on the worker thread
             return await self._run(swap)
@@ -140,10 +144,13 @@ class TorchEngine(Engine):
         self._worker.submit(self._run_pending_swap)
         return await asyncio.wrap_future(done)
 
-    def _stage(self, staging: torch.Tensor, manifest: Manifest, version: int) -> _Staged:
+    def _stage(self, staging: torch.Tensor, manifest: Manifest, version: int, staged_sums: Sequence[str]) -> _Staged:
         """Off the worker thread (CPU): the views `_swap` installs, hashed and held to `manifest` when verifying.
 
-        A mismatch raises StagedMismatch before anything changed: the old version keeps serving.
+        A view that is `staging`'s own memory takes its sum from `staged_sums` (hashed there as it landed,
+        and held to the manifest at commit): one pass per byte. Any other (a misaligned view's copy, or
+        staging whose sums nobody took) is hashed here. A mismatch raises StagedMismatch before anything
+        changed: the old version keeps serving.
         """
         views = list(manifest.views(staging))  # once: a misaligned view is a copy, and the copy is what is hashed
         if (flipped := self._failpoints.staged_corrupted([name for name, _ in views])) is not None:
@@ -151,9 +158,16 @@ class TorchEngine(Engine):
         if not self.verify_installed:
             return _Staged(views=views)
         started = time.perf_counter()
-        sums = installed.sums_of(
-            ((view, e.offset) for e, (_, view) in zip(manifest, views, strict=True)), manifest.piece_bytes
+        base = staging.data_ptr()
+        known = [
+            staged_sums[i] if staged_sums and view.data_ptr() == base + e.offset else ""
+            for i, (e, (_, view)) in enumerate(zip(manifest, views, strict=True))
+        ]
+        hashed = installed.sums_of(
+            ((None if k else view, e.offset) for k, e, (_, view) in zip(known, manifest, views, strict=True)),
+            manifest.piece_bytes,
         )
+        sums = [k or h for k, h in zip(known, hashed, strict=True)]
         verification = installed.compare(manifest, version, [sums], started)
         if not verification.ok:
             raise verification.error(staged=True)

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -291,7 +291,9 @@ class VllmEngine(Engine):
         """A uint8 tensor over a /dev/shm file, so vLLM's worker process can map the same pages."""
         return self._shm.allocate(nbytes)
 
-    async def load(self, staging: torch.Tensor, manifest: Manifest, version: int) -> torch.Tensor | None:
+    async def load(
+        self, staging: torch.Tensor, manifest: Manifest, version: int, *, staged_sums: Sequence[str] = ()
+    ) -> torch.Tensor | None:
         llm = self._require_llm()
         self._check(staging, manifest)
         shared, where = staging, self._shm.locate(staging)

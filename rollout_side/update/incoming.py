@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import xxhash
 
 from rollout_side.engines.base import ParamSpec
 from rollout_side.update.compat import check_manifest
@@ -51,6 +52,7 @@ class Incoming:
     streams: int = 0  # PushChunks streams feeding it now
     quiet_since: float = field(default_factory=time.monotonic)  # since when no stream has fed it
     interrupted: str = ""  # why its streams stopped without Commit, while it waits for a resume
+    flip_landed: bool = False  # tests only (failpoint corrupt-landed): each chunk lands with a byte flipped
 
     def resumes(
         self,
@@ -93,11 +95,15 @@ class Incoming:
         """Bytes the chunks carry: the manifest's total for a full update, less for a delta."""
         return self.plan.total_bytes
 
-    def check_chunk(self, index: int, checksum: int, data: memoryview) -> int | None:
-        """Where chunk `index` starts on the wire, if it belongs here and is intact; ChunkCorrupt if not.
+    def take_chunk(self, index: int, checksum: int, data: memoryview) -> int:
+        """Lands chunk `index` and checks it where it landed; returns its bytes (0: it arrived before).
 
-        None for a chunk that arrived before: a resumed trainer or a relay may send it again, and the bytes
-        that came first stay (commit checks them like any others).
+        The checksum is taken over the staged copy, not the message: that one pass verifies both the wire
+        and the copy, and it is over the memory the engine installs (the torch engine serves staging itself,
+        so it need not hash it again). A chunk that fails leaves unverified bytes where no verified chunk
+        lies; the receiver then aborts the update, and its staging's bytes count as unknown.
+        A chunk that arrived before is checked but not written: a resumed trainer or a relay may send it
+        again, and the bytes that came first stay (commit checks them like any others).
         """
         if self.file is not None:
             raise ChunkCorrupt("this update's bytes come from its shared-memory file, not in chunks")
@@ -106,17 +112,17 @@ class Incoming:
         start, end = chunk_span(index, self.wire_bytes, self.chunk_bytes)
         if data.nbytes != end - start:
             raise ChunkCorrupt(f"chunk {index} has {data.nbytes} bytes, expected {end - start}")
-        if chunk_checksum(data) != checksum:
-            raise ChunkCorrupt(f"chunk {index} failed its checksum")
         if self.received[index]:
-            return None
+            if chunk_checksum(data) != checksum:
+                raise ChunkCorrupt(f"chunk {index} failed its checksum")
+            return 0
+        landed = self.router.write(start, data)
+        if self.flip_landed:
+            landed[0][0] ^= 1
+        if _landed_checksum(landed) != checksum:
+            raise ChunkCorrupt(f"chunk {index} failed its checksum")
         if self.verifier.piece_bytes:  # the combinable checksum kind reuses it instead of hashing again
             self.verifier.chunk_digests[start] = (data.nbytes, checksum)
-        return start
-
-    def write_chunk(self, index: int, start: int, data: memoryview) -> None:
-        """Copies a checked chunk into place and checksums every tensor whose bytes are now all in."""
-        self.router.write(start, data)
         self.received[index] = 1
         self.received_chunks += 1
         self.received_bytes += data.nbytes
@@ -129,6 +135,7 @@ class Incoming:
         ready = min(self.contiguous * self.chunk_bytes, self.wire_bytes)
         if ready > self.verifier.position:
             self.verifier.feed(ready)
+        return data.nbytes
 
     def file_read(self, end: int) -> None:
         """Wire bytes [0, end) came from the file: checksum them; at the end, every chunk counts as in."""
@@ -191,6 +198,16 @@ def check_announcement(
         raise BadManifest("checksums_at_commit: the fingerprint comes with Commit, not BeginUpdate")
     if base_fingerprint or plan is not None:
         raise BadManifest("checksums_at_commit is for full versions, not deltas")
+
+
+def _landed_checksum(landed: Sequence[memoryview]) -> int:
+    """The chunk checksum of bytes that landed in one place or, across a delta's targets, in several."""
+    if len(landed) == 1:
+        return chunk_checksum(landed[0])
+    digest = xxhash.xxh3_64()
+    for part in landed:
+        digest.update(part)
+    return digest.intdigest()
 
 
 def check_finite(manifest: Manifest, staging: torch.Tensor) -> None:

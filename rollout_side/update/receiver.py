@@ -30,7 +30,7 @@ from typing import TypeVar
 import torch
 
 from rollout_side.engines.base import Engine
-from rollout_side.engines.installed import Verification
+from rollout_side.engines.installed import Failpoints, Verification
 from rollout_side.update import resume
 from rollout_side.update.adapter_base import AdapterBase
 from rollout_side.update.compat import check_adapter, check_manifest, max_update_bytes
@@ -119,6 +119,7 @@ class Receiver:
         self._reading_back: asyncio.Task[Verification] | None = None  # the on-demand read-back in flight
         self._specs = engine.param_specs()
         self._max_bytes = max_update_bytes(self._specs)
+        self.failpoints = Failpoints.from_environ()  # tests only: corrupt-landed
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -298,6 +299,7 @@ class Receiver:
             base_fingerprint=base_fingerprint,
             peer=peer,
             adapter=adapter,
+            flip_landed=self.failpoints.corrupt_landed,
         )
         self.lifecycle.move(Phase.RECEIVING, update)
         logger.info(
@@ -349,17 +351,14 @@ class Receiver:
         resume.stream_closed(self.lifecycle, update, error, self.idle_timeout)
 
     def put_chunk(self, update_id: str, index: int, checksum: int, data: memoryview) -> int:
-        """Verifies one chunk and copies it into staging; returns its bytes (0: it arrived before).
+        """Copies one chunk into staging and verifies it there; returns its bytes (0: it arrived before).
 
         A chunk that fails its checks aborts the whole update.
         """
         update = self.lifecycle.current(update_id)
-        start = self._or_abort(update, lambda: update.check_chunk(index, checksum, data))
-        if start is None:
-            return 0
-        update.write_chunk(index, start, data)
-        metrics.Rollout.received_bytes.inc(data.nbytes)
-        return data.nbytes
+        taken = self._or_abort(update, lambda: update.take_chunk(index, checksum, data))
+        metrics.Rollout.received_bytes.inc(taken)
+        return taken
 
     def open_file(self, update_id: str, name: str) -> None:
         """Takes the update's bytes from a co-located trainer's file (update/version_file.py), not chunks."""
@@ -533,7 +532,9 @@ class Receiver:
                 await self.engine.offer_at_boot(staging, manifest, update.version)
                 logger.info("update %s: verified; loading version %d once the engine is up", update.id, update.version)
                 await asyncio.shield(self._boot)
-            return staging, manifest, await self.engine.load(staging, manifest, update.version)
+            # Staged in place and verified there; an adapter's merge is other memory, which the engine hashes.
+            sums = update.verifier.checksums if update.adapter is None else ()
+            return staging, manifest, await self.engine.load(staging, manifest, update.version, staged_sums=sums)
         except BadManifest:
             raise  # refused before the engine touched its weights
         except InstalledMismatch as error:

@@ -6,6 +6,8 @@ PATCH payloads, which are collected aside and applied to the base bytes already 
 tensor's whole patch has arrived. Either way every tensor is checked against its manifest checksum
 over its final staged bytes, in layout order, while those bytes are still in cache; so commit only
 reads the result, and a patch applied to the wrong base, tampered or malformed is refused there.
+Every checksum here is taken over staging itself, never over a message: a chunk is checked where it
+landed (Incoming.take_chunk), so the sums hold for the memory an engine goes on to install.
 """
 
 from __future__ import annotations
@@ -56,17 +58,22 @@ class Router:
         self._segments = segments
         self._starts = [s.wire_start for s in segments]
 
-    def write(self, start: int, data: memoryview) -> None:
+    def write(self, start: int, data: memoryview) -> list[memoryview]:
+        """Copies wire bytes [start, start + len(data)) into place; returns where they landed, in order."""
         end = start + data.nbytes
         i = max(bisect.bisect_right(self._starts, start) - 1, 0)
+        landed = []
         while start < end:
             s = self._segments[i]
             stop = min(end, s.wire_end)
             at = s.target_start + start - s.wire_start
-            s.target[at : at + stop - start] = data[: stop - start]
+            target = s.target[at : at + stop - start]
+            target[:] = data[: stop - start]
+            landed.append(target)
             data = data[stop - start :]
             start = stop
             i += 1
+        return landed
 
 
 class Verifier:
@@ -81,8 +88,8 @@ class Verifier:
     a copy of the base up to date without copying whole tensors.
 
     A manifest of the combinable checksum kind (`Manifest.piece_bytes`) is hashed piece by piece; a piece
-    that arrived as one whole chunk is taken by the chunk checksum already checked (`chunk_digests`, wire
-    start -> (size, xxh3_64)), so its bytes are not hashed a second time.
+    that arrived as one whole chunk is taken by the chunk checksum already checked where it landed
+    (`chunk_digests`, wire start -> (size, xxh3_64)), so its bytes are not hashed a second time.
     """
 
     def __init__(

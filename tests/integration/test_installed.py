@@ -66,28 +66,48 @@ def test_failpoint_fails_the_commit_naming_the_tensor(failing_rollout: Rollout, 
     assert_refused_naming(failing_rollout, seeded_state(model_dir), 1, tensor)
 
 
-def test_staged_bytes_that_fail_the_hash_before_the_swap_leave_the_old_version_serving(
+def test_a_chunk_that_lands_other_bytes_than_it_carried_is_refused_and_the_old_version_serves(
     rollout: Rollout, model_dir: Path
 ) -> None:
-    """CPU: the engine hashes what it is about to install before its swap; a mismatch there refuses the commit,
-    naming the tensor, and the version served before goes on answering, with its own tokens."""
+    """Each chunk is hashed where it landed in staging, the memory the torch engine then serves: a byte that
+    changed in the copy fails the chunk, the update is aborted, and the version served before goes on
+    answering, with its own tokens. (A check over the message would pass it, and serve it.)"""
     state = seeded_state(model_dir)
     with Publisher([rollout.address], progress=False) as publisher:
         (first,) = publisher.push(state, 1)
         assert first.ok, first.line()
         request = pb.GenerateRequest(prompt="the cat sat", max_tokens=8)
         before = rollout.generate.Generate(request, timeout=30)
-        tensor = "model.layers.1.self_attn.o_proj.weight"
-        # As if set at start (WEIGHTSYNC_FAILPOINTS=corrupt-staged=...), from the second load on.
-        rollout.receiver.engine._failpoints = Failpoints(corrupt_staged=tensor)  # type: ignore[attr-defined]
+        # As if set at start (WEIGHTSYNC_FAILPOINTS=corrupt-landed), from the second update on.
+        rollout.receiver.failpoints = Failpoints(corrupt_landed=True)
         (second,) = publisher.push(nudged(state, ["model.norm.weight"]), 2)
-    assert not second.ok and second.reason == Reason.INSTALLED_MISMATCH, second.line()
-    assert tensor in second.error and "keeps serving" in second.error, second.error
+    assert not second.ok and second.reason == Reason.CHUNK_CORRUPT, second.line()
+    assert "failed its checksum" in second.error, second.error
     status = assert_verified(rollout, 1)  # the old version, as verified when it was committed
     assert status.state == pb.ROLLOUT_STATE_SERVING
     after = rollout.generate.Generate(request, timeout=30)
     assert (after.weight_version, list(after.token_ids)) == (1, list(before.token_ids))
     assert verification(rollout, verify=True).verification.ok  # the old version's memory is untouched
+
+
+def test_staged_bytes_changed_after_they_landed_are_what_status_verify_catches(
+    rollout: Rollout, model_dir: Path
+) -> None:
+    """The torch engine on CPU serves staging itself and takes the receiver's sums, taken as the bytes landed:
+    one hash pass per byte. Memory written after that (between landing and swap) is the window it leaves to
+    `status --verify`, which hashes every parameter as held, names the tensor and withdraws the version."""
+    state = seeded_state(model_dir)
+    tensor = "model.layers.1.self_attn.o_proj.weight"
+    # As if set at start (WEIGHTSYNC_FAILPOINTS=corrupt-staged=...).
+    rollout.receiver.engine._failpoints = Failpoints(corrupt_staged=tensor)  # type: ignore[attr-defined]
+    with Publisher([rollout.address], progress=False) as publisher:
+        (result,) = publisher.push(state, 1)
+    assert result.ok, result.line()
+    out = status_verify(rollout)
+    assert out.returncode == 1 and tensor in out.stdout, out.stdout
+    status = verification(rollout)
+    assert status.state == pb.ROLLOUT_STATE_FAILED and status.weight_version == 0
+    assert_gated(rollout)
 
 
 def test_a_tensor_changed_after_commit_fails_status_verify(rollout: Rollout, model_dir: Path) -> None:

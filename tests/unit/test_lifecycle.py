@@ -793,8 +793,8 @@ class AnswersDuringLoad(FakeEngine):
         self.generation: Generation | None = None
         self.answered: list[Any] = []
 
-    async def load(self, staging: Any, manifest: Manifest, version: int) -> Any:
-        spare = await super().load(staging, manifest, version)
+    async def load(self, staging: Any, manifest: Manifest, version: int, *, staged_sums: Any = ()) -> Any:
+        spare = await super().load(staging, manifest, version, staged_sums=staged_sums)
         if self.generation is not None:
             request = GenerationRequest(prompt_token_ids=[1], max_tokens=1)
             self.answered.append(await self.generation.generate(request))

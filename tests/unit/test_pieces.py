@@ -82,7 +82,7 @@ def test_verifier_checks_piece_checksums(with_digests: bool) -> None:
     manifest = manifest_of_state(state, piece_bytes=chunk)
     flat = torch.cat([t.view(torch.uint8).reshape(-1) for t in state.values()])
     verifier = Verifier(manifest, tensor_bytes(flat))
-    if with_digests:  # what Incoming.check_chunk records for a rollout of this kind
+    if with_digests:  # what Incoming.take_chunk records for a rollout of this kind
         for i in range(wire.chunk_count(manifest.total_bytes, chunk)):
             a, b = wire.chunk_span(i, manifest.total_bytes, chunk)
             verifier.chunk_digests[a] = (b - a, wire.chunk_checksum(tensor_bytes(flat)[a:b]))
