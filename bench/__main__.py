@@ -23,6 +23,7 @@ from bench.measure import GB, Cpu, MiB, machine, rss, summary
 from bench.models import make_model, model_bytes, random_state
 from bench.sync import Rollout, SyncRuns, measure_sync
 from trainer_side.publisher import DEFAULT_CHUNK_BYTES, DEFAULT_STREAMS
+from weightsync.manifest import tensor_bytes
 from weightsync.memory import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,15 +101,22 @@ def _transfer(
         return summary([nbytes / s / GB for s in seconds])
 
     sink = baselines.SocketSink(nbytes)
-    logger.info("weightsync over TCP, paired with raw TCP")
+    logger.info("weightsync over TCP, paired with raw TCP and with gRPC alone (pre-encoded messages, dropped)")
     rollout = Rollout(model_dir)
+    alone = baselines.GrpcAlone([tensor_bytes(t) for t in state.values()], nbytes)
     try:
-        tcp_runs = measure_sync(state, [rollout], [sink], runs=runs, warmup=warmup)
+        tcp_runs = measure_sync(state, [rollout], [sink], runs=runs, warmup=warmup, alone=alone)
     finally:
         rollout.stop()
+        alone.close()
     out["raw_tcp"] = rate(tcp_runs.socket_seconds)
     out["weightsync"] = _sync_summary(tcp_runs, nbytes, 1)
-    cpu = {"raw_tcp": _cpu_summary(tcp_runs.socket_cpu), "weightsync": _cpu_summary(tcp_runs.cpu)}
+    out["grpc_bare"] = rate(tcp_runs.alone_seconds)
+    cpu = {
+        "raw_tcp": _cpu_summary(tcp_runs.socket_cpu),
+        "weightsync": _cpu_summary(tcp_runs.cpu),
+        "grpc_bare": _cpu_summary(tcp_runs.alone_cpu),
+    }
     sink.close()
 
     logger.info("weightsync over a Unix socket, paired with a raw Unix socket")
@@ -139,10 +147,6 @@ def _transfer(
     out["gloo"] = rate(baselines.gloo_seconds(model_dir, runs, warmup))
     logger.info("naive protobuf gRPC")
     out["grpc_naive"] = rate(baselines.naive_grpc_seconds(model_dir, nbytes, runs, warmup)[0])
-    logger.info("gRPC alone: pre-encoded messages, received and dropped")
-    bare_seconds, bare_cpu = baselines.naive_grpc_seconds(model_dir, nbytes, runs, warmup, bare=True)
-    out["grpc_bare"] = rate(bare_seconds)
-    cpu["grpc_bare"] = _cpu_summary(bare_cpu)
     out["cpu"] = cpu
     logger.info("safetensors through /dev/shm")
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else work

@@ -25,7 +25,14 @@ from rollout_side.process import free_port
 from weightsync.manifest import tensor_bytes
 from weightsync.memory import prefaulted_buffer
 
-__all__ = ["SocketSink", "gloo_seconds", "naive_grpc_seconds", "safetensors_seconds", "socket_fanout_seconds"]
+__all__ = [
+    "GrpcAlone",
+    "SocketSink",
+    "gloo_seconds",
+    "naive_grpc_seconds",
+    "safetensors_seconds",
+    "socket_fanout_seconds",
+]
 
 _CTX = mp.get_context("spawn")
 _TIMEOUT = 600
@@ -264,14 +271,12 @@ def _naive_client(
     server_pid: int,
     model_dir: str,
     chunk_bytes: int,
-    bare: bool,
     runs: int,
     out: mp.Queue,  # type: ignore[type-arg]
 ) -> None:
     from weightsync import wire
-    from weightsync.channel import open_channel, raw_push_chunks
+    from weightsync.channel import open_channel
     from weightsync.manifest import wire_tensors
-    from weightsync.memory import keep_freed_memory
     from weightsync.v1 import weightsync_pb2 as pb
     from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -284,19 +289,11 @@ def _naive_client(
         for index, pieces in wire.iter_wire_payloads(payloads, chunk_bytes):
             yield pb.PushChunksRequest(update_id="naive", index=index, data=b"".join(pieces))
 
-    messages = requests
-    if bare:  # every message encoded before the clock starts: what is left is gRPC moving them
-        keep_freed_memory()
-        chunks = wire.iter_wire_payloads(payloads, chunk_bytes)
-        encoded = [wire.encode_chunk(b"bare", i, p) for i, p in chunks]
-        messages = lambda: iter(encoded)  # noqa: E731
-        push = raw_push_chunks(channel)
-
     seconds, cpu = [], Cpu()
     for _ in range(runs):
         sender, receiver = cpu_seconds(), cpu_seconds(server_pid)
         started = time.perf_counter()
-        push(messages(), timeout=_TIMEOUT)
+        push(requests(), timeout=_TIMEOUT)
         seconds.append(time.perf_counter() - started)
         cpu.sender.append(cpu_seconds() - sender)
         cpu.receiver.append(cpu_seconds(server_pid) - receiver)
@@ -305,20 +302,18 @@ def _naive_client(
 
 
 def naive_grpc_seconds(
-    model_dir: Path, nbytes: int, runs: int, warmup: int, chunk_bytes: int = 1 << 20, *, bare: bool = False
+    model_dir: Path, nbytes: int, runs: int, warmup: int, chunk_bytes: int = 1 << 20
 ) -> tuple[list[float], Cpu]:
     """A generated-protobuf PushChunks stream, both ends in fresh processes with default settings.
 
-    `bare`: gRPC's part alone, the ceiling of any sync through it: chunk messages encoded before the clock
-    starts, sent without a serializer, received as bytes and dropped (freed buffers kept warm on both ends).
     Returns each measured run's seconds, and the CPU time both ends used in it.
     """
     ready: mp.Queue = _CTX.Queue()  # type: ignore[type-arg]
-    server = _CTX.Process(target=_naive_server, args=(nbytes, chunk_bytes, bare, ready), daemon=True)
+    server = _CTX.Process(target=_naive_server, args=(nbytes, chunk_bytes, False, ready), daemon=True)
     server.start()
     port = ready.get(timeout=_TIMEOUT)
     out: mp.Queue = _CTX.Queue()  # type: ignore[type-arg]
-    args = (port, server.pid, str(model_dir), chunk_bytes, bare, runs + warmup, out)
+    args = (port, server.pid, str(model_dir), chunk_bytes, runs + warmup, out)
     client = _CTX.Process(target=_naive_client, args=args)
     client.start()
     try:
@@ -328,3 +323,35 @@ def naive_grpc_seconds(
         server.kill()
         server.join(10)
     return seconds[warmup:], Cpu(cpu.sender[warmup:], cpu.receiver[warmup:])
+
+
+class GrpcAlone:
+    """gRPC's part of a push alone, the ceiling of any sync through it, run beside each push it is compared to.
+
+    The same bytes as PushChunks messages encoded up front, sent from this process without a serializer
+    to a server process that receives them as bytes and drops them (freed buffers kept warm on both ends,
+    as weightsync's are): no checksums, no staging. Pairing each run with a push, seconds apart, in the same
+    process, keeps the ratio of the two from riding on the host's mood of the minute.
+    """
+
+    def __init__(self, views: Sequence[memoryview], nbytes: int, chunk_bytes: int = 1 << 20) -> None:
+        from weightsync import wire
+        from weightsync.channel import open_channel, raw_push_chunks
+
+        ready: mp.Queue = _CTX.Queue()  # type: ignore[type-arg]
+        self.process = _CTX.Process(target=_naive_server, args=(nbytes, chunk_bytes, True, ready), daemon=True)
+        self.process.start()
+        port = ready.get(timeout=_TIMEOUT)
+        self._messages = [wire.encode_chunk(b"bare", i, p) for i, p in wire.iter_wire_payloads(views, chunk_bytes)]
+        self._channel = open_channel(f"127.0.0.1:{port}")
+        self._push = raw_push_chunks(self._channel)
+
+    def seconds(self) -> float:
+        started = time.perf_counter()
+        self._push(iter(self._messages), timeout=_TIMEOUT)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self._channel.close()
+        self.process.kill()
+        self.process.join(10)

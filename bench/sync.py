@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench.baselines import SocketSink, socket_fanout_seconds
+from bench.baselines import GrpcAlone, SocketSink, socket_fanout_seconds
 from bench.measure import Cpu, cpu_seconds, peak_rss, reset_peak_rss, rss
 from rollout_side.process import RolloutProcess
 from trainer_side.publisher import Publisher
@@ -49,6 +49,8 @@ class SyncRuns:
     trainer_rss_added: int = 0  # peak during all pushes (warm-up included) minus RSS before them
     cpu: Cpu = field(default_factory=Cpu)  # this process while it pushes; the rollouts together
     socket_cpu: Cpu = field(default_factory=Cpu)  # this process while it sends; the sinks together
+    alone_seconds: list[float] = field(default_factory=list)  # gRPC alone beside each push, if asked for
+    alone_cpu: Cpu = field(default_factory=Cpu)  # this process while it sends; gRPC alone's receiver
 
 
 _versions = itertools.count(1)
@@ -65,8 +67,10 @@ def measure_sync(
     streams: int | None = None,
     shared_memory: Path | None = None,
     on_run: Callable[[int, float, float], None] | None = None,
+    alone: GrpcAlone | None = None,
 ) -> SyncRuns:
-    """Pushes `state` to every rollout `warmup + runs` times; pairs each with a socket fan-out."""
+    """Pushes `state` to every rollout `warmup + runs` times; pairs each with a socket fan-out, and with
+    gRPC alone moving the same bytes (`alone`), each just before the push."""
     options: dict[str, object] = {"shared_memory": shared_memory}
     if chunk_bytes:
         options["chunk_bytes"] = chunk_bytes
@@ -86,6 +90,8 @@ def measure_sync(
             before = _cpu(rollouts, sinks)
             socket_s = socket_fanout_seconds(sinks, views)
             sent = _cpu(rollouts, sinks)
+            beside = _alone(alone) if alone is not None else None
+            ready = _cpu(rollouts, sinks)
             version = next(_versions)
             started = time.perf_counter()
             results = publisher.push(state, version)
@@ -101,13 +107,26 @@ def measure_sync(
                 out.verify_seconds.append(_verify_seconds(publisher))
                 out.socket_cpu.sender.append(sent[0] - before[0])
                 out.socket_cpu.receiver.append(sent[2] - before[2])
-                out.cpu.sender.append(pushed[0] - sent[0])
-                out.cpu.receiver.append(pushed[1] - sent[1])
+                out.cpu.sender.append(pushed[0] - ready[0])
+                out.cpu.receiver.append(pushed[1] - ready[1])
+                if beside is not None:
+                    out.alone_seconds.append(beside[0])
+                    out.alone_cpu.sender.append(beside[1])
+                    out.alone_cpu.receiver.append(beside[2])
                 if on_run:
                     on_run(i - warmup, seconds, socket_s)
         out.rollout_peak_rss = [peak_rss(r.pid) for r in rollouts]
         out.trainer_rss_added = max(0, peak_rss() - trainer_before)
     return out
+
+
+def _alone(alone: GrpcAlone) -> tuple[float, float, float]:
+    """One run of gRPC alone: its seconds, and the CPU seconds this process and its receiver used."""
+    server = alone.process.pid
+    assert server is not None
+    sender, receiver = cpu_seconds(), cpu_seconds(server)
+    seconds = alone.seconds()
+    return seconds, cpu_seconds() - sender, cpu_seconds(server) - receiver
 
 
 def _verify_seconds(publisher: Publisher) -> float:
