@@ -25,6 +25,7 @@ from rollout_side.update.staging import Verifier
 from trainer_side.outgoing import Outgoing
 from weightsync import wire
 from weightsync.manifest import tensor_bytes
+from weightsync.memory import prefaulted_buffer
 
 CHUNK = 1 << 20
 RESULTS = Path(__file__).parent / "results" / "checksums.json"
@@ -62,7 +63,7 @@ def rollout_side(state: dict[str, torch.Tensor], piece_bytes: int) -> float:
     messages = list(outgoing.chunks("bench", CHUNK))
     manifest = outgoing.manifest
     assert manifest is not None
-    staged = torch.empty(manifest.total_bytes, dtype=torch.uint8)
+    staged = prefaulted_buffer(manifest.total_bytes)  # as the rollout's staging is: no page faults counted
     view = tensor_bytes(staged)
 
     def receive() -> None:
