@@ -34,6 +34,7 @@ __all__ = [
     "iter_wire_payloads",
     "manifest_from_proto",
     "manifest_to_proto",
+    "pieces_checksum",
     "plan_from_proto",
     "plan_to_proto",
 ]
@@ -155,6 +156,16 @@ def chunk_checksum(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
+def pieces_checksum(pieces: Sequence[memoryview]) -> int:
+    """The chunk checksum of bytes held in pieces (a chunk across tensors, or across a delta's targets)."""
+    if len(pieces) == 1:
+        return chunk_checksum(pieces[0])
+    digest = xxhash.xxh3_64()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.intdigest()
+
+
 def iter_wire_payloads(
     payloads: Sequence[memoryview], chunk_bytes: int, sizes: Sequence[int] | None = None
 ) -> Iterator[tuple[int, list[memoryview]]]:
@@ -187,10 +198,7 @@ def encode_chunk(update_id: bytes, index: int, pieces: Sequence[memoryview], che
     """Serializes one PushChunksRequest with a single copy of the payload (`checksum`: its xxh3_64, if known)."""
     size = sum(p.nbytes for p in pieces)
     if checksum is None:
-        digest = xxhash.xxh3_64()
-        for piece in pieces:
-            digest.update(piece)
-        checksum = digest.intdigest()
+        checksum = pieces_checksum(pieces)
     header = _with_update_id(update_id)
     if index:
         header.append(_TAG_INDEX)

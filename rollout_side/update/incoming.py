@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import xxhash
 
 from rollout_side.engines.base import ParamSpec
 from rollout_side.update.compat import check_manifest
@@ -22,7 +21,7 @@ from weightsync.adapter import AdapterConfig
 from weightsync.delta import TransferPlan
 from weightsync.errors import BadManifest, ChecksumMismatch, ChunkCorrupt, IncompleteUpdate, NonFiniteWeights, Reason
 from weightsync.manifest import Manifest
-from weightsync.wire import chunk_checksum, chunk_span
+from weightsync.wire import chunk_checksum, chunk_span, pieces_checksum
 
 __all__ = ["Incoming", "check_announcement", "check_finite"]
 
@@ -119,7 +118,7 @@ class Incoming:
         landed = self.router.write(start, data)
         if self.flip_landed:
             landed[0][0] ^= 1
-        if _landed_checksum(landed) != checksum:
+        if pieces_checksum(landed) != checksum:
             raise ChunkCorrupt(f"chunk {index} failed its checksum")
         if self.verifier.piece_bytes:  # the combinable checksum kind reuses it instead of hashing again
             self.verifier.chunk_digests[start] = (data.nbytes, checksum)
@@ -198,16 +197,6 @@ def check_announcement(
         raise BadManifest("checksums_at_commit: the fingerprint comes with Commit, not BeginUpdate")
     if base_fingerprint or plan is not None:
         raise BadManifest("checksums_at_commit is for full versions, not deltas")
-
-
-def _landed_checksum(landed: Sequence[memoryview]) -> int:
-    """The chunk checksum of bytes that landed in one place or, across a delta's targets, in several."""
-    if len(landed) == 1:
-        return chunk_checksum(landed[0])
-    digest = xxhash.xxh3_64()
-    for part in landed:
-        digest.update(part)
-    return digest.intdigest()
 
 
 def check_finite(manifest: Manifest, staging: torch.Tensor) -> None:
