@@ -7,6 +7,7 @@ peak growth of its resident memory during the push, and how it ended.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -94,6 +95,8 @@ def rank_main(rank: int, world: int, job: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     report: dict[str, Any] = {"rank": rank}
+    warnings = _Warnings()
+    logging.getLogger("trainer_side").addHandler(warnings)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -125,8 +128,20 @@ def rank_main(rank: int, world: int, job: dict[str, Any]) -> None:
         time.sleep(job.get("linger", 0.0))
         publisher.close()
     finally:
+        report["warnings"] = warnings.messages
         Path(job["out"], f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
+
+
+class _Warnings(logging.Handler):
+    """The warnings the trainer's loggers emit in a rank, for its report."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def _step(publisher: Any, state: dict[str, torch.Tensor], step: Mapping[str, Any], rank: int, job: Any) -> Any:

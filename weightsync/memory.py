@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["keep_freed_memory", "prefaulted_buffer", "release_freed_memory", "start_with_environ"]
+__all__ = ["arenas_unbounded", "keep_freed_memory", "prefaulted_buffer", "release_freed_memory", "start_with_environ"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,15 @@ def prefaulted_buffer(nbytes: int) -> torch.Tensor:
     tensor = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` (the mapping) alive
     tensor[:: mmap.PAGESIZE].zero_()  # one write per page maps them all now, not mid-transfer
     return tensor
+
+
+def arenas_unbounded() -> bool:
+    """Whether glibc may give each thread of this process its own malloc arena (MALLOC_ARENA_MAX unset).
+
+    Each arena keeps its own freed chunk buffers, so a collective push's gRPC threads hold more than the
+    bound docs/sharded.md states. Read from the environment, as glibc reads it at the process's start.
+    """
+    return "MALLOC_ARENA_MAX" not in os.environ
 
 
 def start_with_environ(processes: Iterable[Any], extra: Mapping[str, str] | None) -> None:

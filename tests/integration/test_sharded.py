@@ -187,7 +187,7 @@ def test_memory_per_rank_stays_per_shard(rollouts, tmp_path) -> None:  # type: i
     encoded chunks (16 x 1 MiB) and a bucket's boundary bytes, not by the model. The 24 tensors are not
     chunk-aligned, so most of them have a chunk across the rank boundary that needs bytes of both ranks.
     To 2 rollouts the ranks run with MALLOC_ARENA_MAX=1, as docs/sharded.md says: without it each gRPC
-    thread's malloc arena keeps its own freed chunk buffers warm (see there)."""
+    thread's malloc arena keeps its own freed chunk buffers warm (see there), and rank 0 says so."""
     from rollout_side.server import create_server
     from rollout_side.update.receiver import Receiver
 
@@ -213,6 +213,8 @@ def test_memory_per_rank_stays_per_shard(rollouts, tmp_path) -> None:  # type: i
         for result in _same_results(reports):
             assert result["ok"], result["error"]
         bound = 3 * 16 * (1 << 20) + (24 << 20)  # window + a bucket's boundary bytes each way + gRPC buffers
+        arena_warned = [any("MALLOC_ARENA_MAX=1" in w for w in report["warnings"]) for report in reports]
+        assert arena_warned == ([False, False] if rollouts > 1 else [True, False])
         for report in reports:
             print(f"rss growth {report['rss_growth'] / 2**20:.0f} MiB")
             assert report["rss_growth"] < bound, (report["rss_growth"] / 2**20, "MiB")

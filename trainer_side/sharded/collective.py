@@ -61,6 +61,7 @@ from trainer_side.sharded.rank_base import RankBase
 from trainer_side.sharded.transport import commit_all, held_bytes, stream_chunks
 from weightsync.errors import Reason
 from weightsync.manifest import to_wire
+from weightsync.memory import arenas_unbounded
 
 __all__ = ["Collective", "in_collective_job"]
 
@@ -81,6 +82,12 @@ class Collective:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.mover = PieceMover(self.group, self.rank, timeout)
+        if self.rank == 0 and arenas_unbounded():  # once per job, not once per rank
+            logger.warning(
+                "MALLOC_ARENA_MAX is not set: each gRPC thread's malloc arena keeps its own freed chunk "
+                "buffers, so a rank's memory grows past its bound (shards + 3 x window x chunk); launch the "
+                "ranks with MALLOC_ARENA_MAX=1 in their environment (docs/sharded.md, memory per rank)"
+            )
 
     def push(
         self,
