@@ -21,6 +21,7 @@ import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from log_lines import LogLines
 
 from rollout_side.process import free_port
 from weightsync.memory import start_with_environ
@@ -95,7 +96,7 @@ def rank_main(rank: int, world: int, job: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     report: dict[str, Any] = {"rank": rank}
-    warnings = _Warnings()
+    warnings = LogLines(logging.WARNING)  # the trainer's, for the report
     logging.getLogger("trainer_side").addHandler(warnings)
     try:
         from torch.distributed.device_mesh import init_device_mesh
@@ -128,20 +129,9 @@ def rank_main(rank: int, world: int, job: dict[str, Any]) -> None:
         time.sleep(job.get("linger", 0.0))
         publisher.close()
     finally:
-        report["warnings"] = warnings.messages
+        report["warnings"] = warnings.lines
         Path(job["out"], f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
-
-
-class _Warnings(logging.Handler):
-    """The warnings the trainer's loggers emit in a rank, for its report."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def _step(publisher: Any, state: dict[str, torch.Tensor], step: Mapping[str, Any], rank: int, job: Any) -> Any:

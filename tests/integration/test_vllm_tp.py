@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from log_lines import LogLines
 
 from trainer_side.publisher import Publisher
 from weightsync.manifest import PIECE_BYTES
@@ -43,23 +44,12 @@ CHUNK = 256 << 10  # the tiny model is a few MiB: enough chunks to stop halfway
 BOOT_PUSH_TIMEOUT = 600.0
 
 
-class Lines(logging.Handler):
-    """The rollout's own log lines (this process), to tell how a version was loaded."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 @dataclass
 class TpRollout:
     rollout: Rollout
     http: HttpServer
     boot: Future[None]
-    log: Lines
+    log: LogLines  # the rollout's own log lines (this process), to tell how a version was loaded
 
     @property
     def base_url(self) -> str:
@@ -70,7 +60,7 @@ class TpRollout:
 def tp(loop_thread: LoopThread, model_dir: Path) -> Iterator[TpRollout]:
     """`serve --engine vllm --tensor-parallel-size 2 --http-port 0`: a real rollout server on loopback,
     listening (gRPC and HTTP) while its engine boots."""
-    log, logger = Lines(), logging.getLogger("rollout_side")
+    log, logger = LogLines(), logging.getLogger("rollout_side")
     level = logger.level
     logger.addHandler(log)
     logger.setLevel(logging.INFO)
