@@ -91,6 +91,7 @@ def grpo(model_dir: Path, state: dict[str, torch.Tensor], rollout_func: Any, out
         use_cpu=True,
         bf16=False,
         seed=0,
+        generation_kwargs={"seed": 0},  # the rollout's sampling too: the same tokens, so the same gaps, every run
     )
 
     def reward_length(completions: list[str], **kwargs: Any) -> list[float]:
