@@ -228,7 +228,8 @@ def _naive_server(nbytes: int, chunk_bytes: int, bare: bool, ready: mp.Queue) ->
     from weightsync.v1 import weightsync_pb2 as pb
     from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
-    staging = tensor_bytes(prefaulted_buffer(nbytes))
+    # Only the naive server stores what it receives; gRPC alone drops it and holds no staging.
+    staging = tensor_bytes(prefaulted_buffer(nbytes)) if not bare else memoryview(b"")
 
     async def drop(request_iterator, context):  # type: ignore[no-untyped-def]
         size = 0
@@ -264,6 +265,14 @@ def _naive_server(nbytes: int, chunk_bytes: int, bare: bool, ready: mp.Queue) ->
         await server.wait_for_termination()
 
     asyncio.run(serve())
+
+
+def _start_server(nbytes: int, chunk_bytes: int, *, bare: bool) -> tuple[mp.process.BaseProcess, int]:
+    """A `_naive_server` process, started and listening; returns it and its port."""
+    ready: mp.Queue = _CTX.Queue()  # type: ignore[type-arg]
+    server = _CTX.Process(target=_naive_server, args=(nbytes, chunk_bytes, bare, ready), daemon=True)
+    server.start()
+    return server, ready.get(timeout=_TIMEOUT)
 
 
 def _naive_client(
@@ -308,10 +317,7 @@ def naive_grpc_seconds(
 
     Returns each measured run's seconds, and the CPU time both ends used in it.
     """
-    ready: mp.Queue = _CTX.Queue()  # type: ignore[type-arg]
-    server = _CTX.Process(target=_naive_server, args=(nbytes, chunk_bytes, False, ready), daemon=True)
-    server.start()
-    port = ready.get(timeout=_TIMEOUT)
+    server, port = _start_server(nbytes, chunk_bytes, bare=False)
     out: mp.Queue = _CTX.Queue()  # type: ignore[type-arg]
     args = (port, server.pid, str(model_dir), chunk_bytes, runs + warmup, out)
     client = _CTX.Process(target=_naive_client, args=args)
@@ -338,10 +344,7 @@ class GrpcAlone:
         from weightsync import wire
         from weightsync.channel import open_channel, raw_push_chunks
 
-        ready: mp.Queue = _CTX.Queue()  # type: ignore[type-arg]
-        self.process = _CTX.Process(target=_naive_server, args=(nbytes, chunk_bytes, True, ready), daemon=True)
-        self.process.start()
-        port = ready.get(timeout=_TIMEOUT)
+        self.process, port = _start_server(nbytes, chunk_bytes, bare=True)
         self._messages = [wire.encode_chunk(b"bare", i, p) for i, p in wire.iter_wire_payloads(views, chunk_bytes)]
         self._channel = open_channel(f"127.0.0.1:{port}")
         self._push = raw_push_chunks(self._channel)

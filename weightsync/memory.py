@@ -100,7 +100,8 @@ def arenas_unbounded() -> bool:
     """Whether glibc may give each thread of this process its own malloc arena (MALLOC_ARENA_MAX unset).
 
     Each arena keeps its own freed chunk buffers, so a collective push's gRPC threads hold more than the
-    bound docs/sharded.md states. Read from the environment, as glibc reads it at the process's start.
+    bound docs/sharded.md states. Read from os.environ: a value set there after the process started
+    shows here, though glibc, which read it at the start, ignores it.
     """
     return "MALLOC_ARENA_MAX" not in os.environ
 

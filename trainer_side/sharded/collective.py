@@ -82,7 +82,7 @@ class Collective:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.mover = PieceMover(self.group, self.rank, timeout)
-        if self.rank == 0 and arenas_unbounded():  # once per job, not once per rank
+        if self.rank == 0 and arenas_unbounded():  # rank 0 speaks for the job: one line, not one per rank
             logger.warning(
                 "MALLOC_ARENA_MAX is not set: each gRPC thread's malloc arena keeps its own freed chunk "
                 "buffers, so a rank's memory grows past its bound (shards + 3 x window x chunk); launch the "
